@@ -1,0 +1,181 @@
+"""Architecture adapters. What a family looks like is data (architectures/*.json);
+this module only reads that data and resolves it on a loaded model."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+
+from torch import nn
+
+from .errors import UnsupportedArchitectureError
+
+HOW_TO_ADD = (
+    "To add a family, write ffmerge_onnx/architectures/<name>.json (stacks, FF projection "
+    "names, layout, bias, config keys) and a tiny test model in tests/tiny_models.py."
+)
+
+
+@dataclass(frozen=True)
+class Role:
+    """One FF tensor: where it lives and which axis runs over the FF hidden units."""
+
+    name: str  # e.g. "fc_in.weight"
+    projection: str  # "in" | "gate" | "out"
+    attr: str  # "weight" | "bias"
+    hidden_axis: int | None  # None: lives in model space (b_out), never permuted
+
+
+@dataclass(frozen=True)
+class Adapter:
+    name: str
+    description: str
+    model_types: tuple[str, ...]
+    task: str
+    stacks: dict[str, tuple[str, ...]]  # stack name -> candidate paths under base_model
+    projections: dict[str, tuple[str, ...] | None]  # in/gate/out -> candidate paths in a layer
+    layout: str  # "linear" ([out, in]) or "conv1d" ([in, out])
+    bias: bool
+    config_keys: dict
+
+    @classmethod
+    def from_json(cls, data: dict) -> Adapter:
+        ff = data["ff"]
+        return cls(
+            name=data["name"],
+            description=data.get("description", ""),
+            model_types=tuple(data["model_types"]),
+            task=data["task"],
+            stacks={k: tuple(v) for k, v in data["stacks"].items()},
+            projections={k: (tuple(v) if v else None) for k, v in ff.items()},
+            layout=data["layout"],
+            bias=bool(data["bias"]),
+            config_keys=data["config_keys"],
+        )
+
+    @property
+    def gated(self) -> bool:
+        return self.projections.get("gate") is not None
+
+    def roles(self) -> list[Role]:
+        """Every FF tensor of one layer, with its hidden axis in PyTorch layout."""
+        w_in_axis, w_out_axis = (0, 1) if self.layout == "linear" else (1, 0)
+        roles = []
+        names = {"in": "fc_in", "gate": "gate", "out": "fc_out"}
+        for proj in ("in", "gate", "out"):
+            if self.projections.get(proj) is None:
+                continue
+            axis = w_out_axis if proj == "out" else w_in_axis
+            roles.append(Role(f"{names[proj]}.weight", proj, "weight", axis))
+            if self.bias:
+                roles.append(Role(f"{names[proj]}.bias", proj, "bias", None if proj == "out" else 0))
+        return roles
+
+    # -- resolving on a model -------------------------------------------------------
+    def stack_names(self) -> list[str]:
+        return list(self.stacks)
+
+    def layers(self, model: nn.Module, stack: str) -> nn.ModuleList:
+        if stack not in self.stacks:
+            raise UnsupportedArchitectureError(
+                f"{self.name} models have stacks {self.stack_names()}, not {stack!r}."
+            )
+        base = getattr(model, "base_model", model)
+        for path in self.stacks[stack]:
+            found = _get(base, path)
+            if isinstance(found, nn.ModuleList):
+                return found
+        raise UnsupportedArchitectureError(
+            f"Could not find the {stack} layers of this {self.name} model at any of "
+            f"{list(self.stacks[stack])}. The model code may have changed; {HOW_TO_ADD}"
+        )
+
+    def stack_path(self, model: nn.Module, stack: str) -> str:
+        """Qualified name of a stack's ModuleList inside the full model."""
+        target = self.layers(model, stack)
+        for name, module in model.named_modules():
+            if module is target:
+                return name
+        raise UnsupportedArchitectureError(f"{stack} stack is not part of the model")
+
+    def projection(self, layer: nn.Module, proj: str) -> nn.Module:
+        for path in self.projections[proj] or ():
+            found = _get(layer, path)
+            if isinstance(found, nn.Module):
+                return found
+        raise UnsupportedArchitectureError(
+            f"Layer {type(layer).__name__} has no FF projection at {self.projections[proj]}. "
+            f"{HOW_TO_ADD}"
+        )
+
+    def projection_path(self, layer: nn.Module, proj: str) -> str:
+        target = self.projection(layer, proj)
+        for name, module in layer.named_modules():
+            if module is target:
+                return name
+        raise UnsupportedArchitectureError(f"projection {proj} not found")
+
+    def ff_params(self, layer: nn.Module) -> dict[str, nn.Parameter]:
+        """Role name -> Parameter for one layer's FF sublayer."""
+        out = {}
+        for role in self.roles():
+            module = self.projection(layer, role.projection)
+            param = getattr(module, role.attr, None)
+            if param is None:
+                raise UnsupportedArchitectureError(
+                    f"{self.name}: {role.name} is missing on {type(module).__name__}"
+                )
+            out[role.name] = param
+        return out
+
+    def ff_dim(self, layer: nn.Module) -> int:
+        w = self.projection(layer, "in").weight
+        return w.shape[0] if self.layout == "linear" else w.shape[1]
+
+    def num_layers(self, model: nn.Module, stack: str) -> int:
+        return len(self.layers(model, stack))
+
+    def layer_count_key(self, stack: str) -> str:
+        return self.config_keys["num_layers"][stack]
+
+
+def _get(root: nn.Module, path: str):
+    obj = root
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+@lru_cache(maxsize=1)
+def registry() -> dict[str, Adapter]:
+    """All families shipped in ffmerge_onnx/architectures, by name."""
+    adapters = {}
+    for entry in resources.files("ffmerge_onnx.architectures").iterdir():
+        if entry.name.endswith(".json"):
+            adapter = Adapter.from_json(json.loads(entry.read_text()))
+            adapters[adapter.name] = adapter
+    return dict(sorted(adapters.items()))
+
+
+def supported_model_types() -> list[str]:
+    return sorted(t for a in registry().values() for t in a.model_types)
+
+
+def adapter_for(model_or_type) -> Adapter:
+    """The adapter for a model (or a config.model_type string)."""
+    if isinstance(model_or_type, str):
+        model_type = model_or_type
+    else:
+        config = getattr(model_or_type, "config", None)
+        model_type = getattr(config, "model_type", None) or type(model_or_type).__name__
+    for adapter in registry().values():
+        if model_type in adapter.model_types:
+            return adapter
+    raise UnsupportedArchitectureError(
+        f"Model type {model_type!r} is not supported. Supported: "
+        f"{', '.join(supported_model_types())}. {HOW_TO_ADD}"
+    )

@@ -1,0 +1,65 @@
+"""Typed errors. Each one says what went wrong and what to do next.
+
+Exit codes of the CLI: 0 ok, 1 validation failed, 2 usage / bad input, 3 internal error,
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_VALIDATION = 1
+EXIT_USAGE = 2
+EXIT_INTERNAL = 3
+EXIT_INTERRUPTED = 130
+
+
+class FFMergeError(Exception):
+    """Base class for every error the tool raises on purpose."""
+
+    exit_code = EXIT_USAGE
+
+
+class InputError(FFMergeError):
+    """A path, model, file or option given by the user is not usable."""
+
+
+class UnsupportedArchitectureError(InputError):
+    """The model's family has no adapter."""
+
+
+class WindowError(InputError):
+    """A merge window is out of range, overlapping or too small."""
+
+
+class CalibrationError(InputError):
+    """Calibration data is missing, empty, too short or of the wrong kind."""
+
+
+class ManifestError(InputError):
+    """A manifest is malformed or does not match the model it is applied to."""
+
+
+class OutputExistsError(InputError):
+    """The output folder already exists."""
+
+
+class UnsafeModelError(InputError):
+    """An ONNX or checkpoint file asks for something unsafe (e.g. paths outside its folder)."""
+
+
+class GraphError(FFMergeError):
+    """A graph pass found the ONNX graph in a state it cannot handle."""
+
+    exit_code = EXIT_INTERNAL
+
+
+class PostconditionError(FFMergeError):
+    """A pass finished but its promised result does not hold."""
+
+    exit_code = EXIT_INTERNAL
+
+
+class ValidationFailed(FFMergeError):
+    """An exported model does not pass validation."""
+
+    exit_code = EXIT_VALIDATION
