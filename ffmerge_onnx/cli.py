@@ -142,10 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     except (typer.BadParameter, typer.Abort) as e:
         console.print(f"[red]error:[/red] {e}")
         return errors.EXIT_USAGE
-    except Exception as e:  # click usage errors
-        import click
-
-        if isinstance(e, click.ClickException):
+    except Exception as e:  # click usage errors (typer vendors click, so match by shape)
+        if hasattr(e, "show") and isinstance(getattr(e, "exit_code", None), int):
             e.show()
             return errors.EXIT_USAGE
         raise

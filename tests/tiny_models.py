@@ -44,8 +44,14 @@ TINY = {
 }
 
 
-def build(model_type: str, seed: int = 0, scale: float = 0.2):
-    """A tiny model with every parameter random (biases and norms too), in eval mode."""
+EMBEDDING_HINTS = ("embed", "wte", "wpe", "patch", "cls_token", "distillation_token", "position")
+
+
+def build(model_type: str, seed: int = 0, scale: float = 0.2, gentle: bool = False):
+    """A tiny model with every parameter random (biases and norms too), in eval mode.
+
+    gentle: small layer weights under large embeddings, so each layer changes the residual
+    stream a little, as in trained models (adjacent layers then see similar inputs)."""
     _, make_config, cls = TINY[model_type]
     torch.manual_seed(seed)
     config = make_config()
@@ -53,10 +59,13 @@ def build(model_type: str, seed: int = 0, scale: float = 0.2):
     model = cls(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name.lower() and name.endswith("weight"):
+            is_norm = "norm" in name.lower() or ".ln_" in name
+            if is_norm and name.endswith("weight"):
                 p.uniform_(0.5, 1.5)
+            elif gentle and any(h in name for h in EMBEDDING_HINTS):
+                p.normal_(0.0, 1.0)
             else:
-                p.normal_(0.0, scale)
+                p.normal_(0.0, 0.05 if gentle else scale)
     return model
 
 
