@@ -127,6 +127,105 @@ def analyze_cmd(model: ModelArg = None, calibration: CalOpt = None,
     console.print(f"wrote {output}/similarity.json and heatmaps")
 
 
+class Mode(str, Enum):
+    fold = "fold"
+    gather = "gather"
+
+
+class Simplifier(str, Enum):
+    onnxslim = "onnxslim"
+    onnxsim = "onnxsim"
+    none = "none"
+
+
+@app.command("convert")
+def convert_cmd(model: ModelArg = None, output: Annotated[Path, typer.Option("-o", "--output", help="Output folder.")] = Path("out"),
+                layers: LayersOpt = None, stack: StackOpt = None, anchor: AnchorOpt = Anchor.first,
+                align: AlignOpt = Align.correlation, calibration: CalOpt = None, calibration_tokens: TokensOpt = 10_000,
+                permutations: Annotated[Mode, typer.Option("--permutations", help="fold (default, no runtime cost) or gather.")] = Mode.fold,
+                simplifier: Annotated[Simplifier, typer.Option("--simplifier")] = Simplifier.onnxslim,
+                no_simplify: Annotated[bool, typer.Option("--no-simplify", help="Skip the simplifier.")] = False,
+                providers: Annotated[str, typer.Option("--providers", help="cpu and/or cuda, comma separated.")] = "cpu",
+                external_data: Annotated[bool, typer.Option("--external-data", help="Weights in a .data file at any size.")] = False,
+                no_reference: Annotated[bool, typer.Option("--no-reference", help="Do not keep the merged checkpoint in OUT/reference.")] = False,
+                no_compare: Annotated[bool, typer.Option("--no-compare", help="Skip the side-by-side unmerged export.")] = False,
+                overwrite: OverwriteOpt = False, trust_remote_code: RemoteOpt = False):
+    """Merge, export to ONNX with one shared initializer per merged FF, simplify and validate."""
+    from .merge import merge
+    from .pipeline import ConvertOptions, convert
+
+    if output.exists() and not overwrite:
+        raise errors.OutputExistsError(f"{output} already exists. Choose another -o or pass --overwrite.")
+    spec, m, pre = _load(model, trust_remote_code)
+    windows = _windows(m, layers, stack)
+    cal = _calibration(calibration, m, pre, calibration_tokens, needed=align is Align.correlation)
+    merge(m, windows, anchor=anchor.value, align=align.value, calibration=cal, source=spec)
+    if permutations is Mode.gather:
+        console.print("[yellow]note:[/yellow] mode gather needs the session settings in ort_session_settings.json "
+                      "(ConstantFolding off); mode fold needs none.")
+    options = ConvertOptions(mode=permutations.value, simplifier="none" if no_simplify else simplifier.value,
+                             external_data=external_data, keep_reference=not no_reference,
+                             providers=tuple(p.strip() for p in providers.split(",") if p.strip()),
+                             compare=not no_compare, overwrite=overwrite)
+    report = convert(m, output, options, preprocessor=pre, log=lambda s: console.print(s))
+    _print_report(report)
+    console.print(f"wrote {output} (report.md, report.json, model files, {'reference/, ' if not no_reference else ''}ffmerge.json)")
+
+
+def _print_report(report: dict) -> None:
+    for c in report["checks"]:
+        color = {"pass": "green", "fail": "red", "skipped": "yellow"}[c["status"]]
+        console.print(f"[{color}]{c['status']:>7}[/{color}] {c['name']}")
+        d = c["detail"]
+        if c["name"] == "sharing":
+            extra = (f", file/unique params {d['file_over_params']:.4f}, initializers/params "
+                     f"{d['initializers_over_params']:.4f}") if "file_over_params" in d else ""
+            console.print(f"         file bytes {d['file_bytes']:,}, duplicated tensors {d['duplicated_tensors']}{extra}")
+        if c["name"] == "size_vs_unmerged":
+            for part, r in d["parts"].items():
+                console.print(f"         {part}: file saving/merged-away {r['file_saving_over_away']:.4f}, "
+                              f"RSS saving/merged-away {r['rss_saving_over_away']:.3f}, latency ratio {r['latency_ratio']:.3f}")
+        if c["status"] == "fail" and "rows" in d:
+            for r in d["rows"]:
+                if not r.get("ok"):
+                    console.print(f"         {r}")
+
+
+@app.command("validate")
+def validate_cmd(path: Annotated[Path, typer.Argument(help="Folder written by convert.")],
+                 reference: Annotated[Optional[Path], typer.Option("--reference", help="Merged checkpoint folder (default PATH/reference).")] = None,
+                 providers: Annotated[str, typer.Option("--providers")] = "cpu",
+                 json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the report as JSON here.")] = None,
+                 no_compare: Annotated[bool, typer.Option("--no-compare", help="Skip the side-by-side unmerged export.")] = False):
+    """Check outputs, sharing, memory and latency; exit 0 only if everything passes."""
+    import json
+
+    from .validate import validate
+
+    if not path.is_dir():
+        raise errors.InputError(f"{path} is not a folder written by convert.")
+    report = validate(path, reference=reference, providers=tuple(p.strip() for p in providers.split(",")),
+                      compare=not no_compare)
+    _print_report(report)
+    if json_out:
+        json_out.write_text(json.dumps(report, indent=2))
+    if not report["ok"]:
+        raise errors.ValidationFailed("validation failed")
+
+
+@app.command("share")
+def share_cmd(path: Annotated[Path, typer.Argument(help="An ONNX model.")],
+              output: Annotated[Path, typer.Option("-o", "--output", help="Output .onnx file.")],
+              simplifier: Annotated[Simplifier, typer.Option("--simplifier")] = Simplifier.none,
+              overwrite: OverwriteOpt = False):
+    """Without a manifest: share initializers that are equal or equal up to a permutation."""
+    from .share_file import share_file
+
+    counts = share_file(path, output, simplifier=simplifier.value, overwrite=overwrite)
+    console.print(f"shared {counts.get('duplicates_shared', 0)} exact and {counts.get('permuted_shared', 0)} permuted copies; "
+                  f"{counts['bytes_before']:,} -> {counts['bytes_after']:,} bytes; wrote {output}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: maps typed errors to exit codes (see errors.py)."""
     try:

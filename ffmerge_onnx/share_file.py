@@ -1,0 +1,55 @@
+"""`share`: detect and share duplicated initializers of any ONNX file (no manifest needed)."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+
+from .errors import InputError, OutputExistsError
+from .passes.detect import DetectShared
+from .passes.simplify import SharingSafeSimplify
+from .passes.transposes import FoldWeightTransposes
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.parent.glob(path.name + "*"))
+
+
+def load_checked(path: Path) -> ir.Model:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path} is not a file. Give an .onnx model.")
+    try:
+        onnx.checker.check_model(str(path))
+        return ir.load(path)
+    except Exception as e:  # noqa: BLE001 - onnx raises many kinds for bad files
+        raise InputError(f"{path} is not a valid ONNX model ({type(e).__name__}: {str(e)[:200]}).") from e
+
+
+def share_file(path, output, *, simplifier: str = "none", overwrite: bool = False) -> dict:
+    path, output = Path(path), Path(output)
+    if output.exists() and not overwrite:
+        raise OutputExistsError(f"{output} exists. Choose another -o or pass --overwrite.")
+    if output.resolve() == path.resolve():
+        raise InputError("The output must not overwrite the input; choose another -o.")
+    model = load_checked(path)
+    counts = {"bytes_before": _size(path)}
+    for p in (FoldWeightTransposes(), DetectShared(), SharingSafeSimplify(simplifier)):
+        model = p(model).model
+        counts.update(p.counts)
+    with tempfile.TemporaryDirectory(dir=output.parent if output.parent.exists() else None) as tmp:
+        tmp_path = Path(tmp) / output.name
+        size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+        if size > 2 * 2**30:
+            ir.save(model, tmp_path, external_data=output.name + ".data")
+        else:
+            ir.save(model, tmp_path)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        for f in Path(tmp).iterdir():
+            shutil.move(str(f), output.parent / f.name)
+    counts["bytes_after"] = _size(output)
+    return counts

@@ -1,0 +1,245 @@
+"""Validate an exported folder: outputs against PyTorch, sharing, memory and latency.
+
+Output tolerance (fp32): |onnx - torch| <= 1e-4 + 1e-5 * max|torch| per output. The relative
+part covers float32 re-association on large logits (e.g. vocab logits around 30)."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from .adapters import adapter_for
+from .errors import InputError
+from .export import parts_for
+from .inspect_onnx import sharing
+from .memprobe import measure
+from .onnx_build import INFO, SESSION_SETTINGS, BuildOptions, build, untied_copy
+
+ATOL, RTOL = 1e-4, 1e-5
+MIN_MEASURABLE_BYTES = 4 * 2**20  # below this, page granularity and allocator noise swamp RSS
+CONSTANT_SLACK = 64 * 2**10  # fixed graph constants (shape vectors, gather indices) in the size gates
+REFERENCE = "reference"
+
+
+@dataclass
+class Check:
+    name: str
+    status: str  # "pass" | "fail" | "skipped"
+    detail: dict = field(default_factory=dict)
+
+
+def _cases(model) -> list[tuple[int, int]]:
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 512)
+    return [(1, min(7, limit)), (2, min(16, limit)), (3, min(33, limit))]
+
+
+def feeds_for(model, part, batch: int, seq: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed + 31 * batch + seq)
+    feeds = {}
+    for name, example in part.example.items():
+        if name == "pixel_values":
+            feeds[name] = torch.randn((batch, *example.shape[1:]), generator=g)
+        elif name == "encoder_hidden_states":
+            ids = torch.randint(3, max(4, min(model.config.vocab_size, 1000)), (batch, seq), generator=g)
+            with torch.no_grad():
+                feeds[name] = model.get_encoder()(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+        elif name == "encoder_attention_mask":
+            feeds[name] = torch.ones(batch, seq, dtype=torch.long)
+        elif name == "input_ids":
+            n = max(2, seq // 2) if "encoder_hidden_states" in part.example else seq
+            feeds[name] = torch.randint(3, max(4, min(model.config.vocab_size, 1000)), (batch, n), generator=g)
+        elif name == "attention_mask":
+            feeds[name] = torch.ones(batch, seq, dtype=torch.long)
+    return feeds
+
+
+def _session(path: Path, provider: str, entries: dict[str, str]):
+    so = ort.SessionOptions()
+    for k, v in entries.items():
+        so.add_session_config_entry(k, v)
+    providers = [("CUDAExecutionProvider", {"use_tf32": 0}), "CPUExecutionProvider"] if provider == "cuda" else ["CPUExecutionProvider"]
+    return ort.InferenceSession(str(path), so, providers=providers)
+
+
+def check_outputs(folder: Path, model, provider: str, entries: dict[str, str]) -> Check:
+    rows, ok = [], True
+    for part in parts_for(model):
+        sess = _session(folder / part.filename, provider, entries)
+        if provider == "cuda" and sess.get_providers()[0] != "CUDAExecutionProvider":
+            return Check(f"outputs[{provider}]", "skipped", {"reason": "CUDA provider fell back to CPU"})
+        for batch, seq in _cases(model):
+            feeds = feeds_for(model, part, batch, seq)
+            with torch.no_grad():
+                ref = part.module(**feeds)
+            refs = [ref] if isinstance(ref, torch.Tensor) else list(ref)
+            got = sess.run(None, {k: v.numpy() for k, v in feeds.items()})
+            names = [o.name for o in sess.get_outputs()]
+            if names != part.outputs:
+                ok = False
+                rows.append({"part": part.filename, "error": f"outputs {names} != {part.outputs}"})
+                continue
+            for name, r, o in zip(names, refs, got):
+                r = r.numpy()
+                if r.shape != o.shape:
+                    ok = False
+                    rows.append({"part": part.filename, "output": name, "case": [batch, seq],
+                                 "error": f"shape {o.shape} != {r.shape}"})
+                    continue
+                diff = float(np.abs(r - o).max())
+                rel = float(diff / max(np.abs(r).max(), 1e-12))
+                tol = ATOL + RTOL * float(np.abs(r).max())
+                passed = bool(np.isfinite(o).all() and diff <= tol)
+                ok &= passed
+                rows.append({"part": part.filename, "output": name, "case": [batch, seq], "shape": list(o.shape),
+                             "max_abs": diff, "max_rel": rel, "tolerance": tol, "ok": passed})
+    return Check(f"outputs[{provider}]", "pass" if ok else "fail", {"rows": rows})
+
+
+def merged_away_bytes(model, stacks: list[str] | None = None) -> int:
+    adapter = adapter_for(model)
+    total = 0
+    for w in model.ffmerge_manifest.windows:
+        if stacks is None or w.stack in stacks:
+            params = adapter.ff_params(adapter.layers(model, w.stack)[w.start])
+            total += (w.end - w.start) * sum(p.numel() * p.element_size() for p in params.values())
+    return total
+
+
+def unique_param_bytes(model) -> int:
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel() * p.element_size()
+    return total
+
+
+def _stacks_of(filename: str, model) -> list[str]:
+    names = adapter_for(model).stack_names()
+    if filename.startswith("encoder_"):
+        return ["encoder"]
+    if filename.startswith("decoder_"):
+        return ["decoder"]
+    return names
+
+
+def validate(folder, *, reference=None, providers=("cpu",), compare=True, runs: int = 20) -> dict:
+    """Run every check; `report["ok"]` is True only if none failed."""
+    from .storage import load_merged
+
+    folder = Path(folder)
+    info_path = folder / INFO
+    if not info_path.exists():
+        raise InputError(f"{folder} has no {INFO}: give a folder written by `ffmerge-onnx convert`.")
+    info = json.loads(info_path.read_text())
+    ref_dir = Path(reference) if reference else folder / REFERENCE
+    if not ref_dir.exists():
+        raise InputError(f"No reference model at {ref_dir}: pass --reference MODEL_DIR (a folder written by merge).")
+    model = load_merged(ref_dir)
+    settings = json.loads((folder / SESSION_SETTINGS).read_text()) if (folder / SESSION_SETTINGS).exists() else {}
+    entries = settings.get("session_config_entries", {})
+    checks = [check_outputs(folder, model, "cpu", entries)]
+    for p in providers:
+        if p == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                checks.append(Check("outputs[cuda]", "skipped", {"reason": "onnxruntime has no CUDA provider here"}))
+            else:
+                checks.append(check_outputs(folder, model, "cuda", entries))
+    parts = parts_for(model)
+    share_rows = {}
+    for part in parts:
+        files = [f for f in info["files"] if f.startswith(part.filename)]
+        share_rows[part.filename] = sharing(folder / part.filename, files)
+    file_bytes = sum(r["file_bytes"] for r in share_rows.values())
+    dups = sum(r["duplicated_tensors"] for r in share_rows.values())
+    sharing_detail = {"files": share_rows, "file_bytes": file_bytes, "duplicated_tensors": dups}
+    if len(parts) == 1:  # seq2seq parts each hold only some of the parameters
+        params = unique_param_bytes(model)
+        init = sum(r["unique_bytes"] for r in share_rows.values())
+        sharing_detail.update(unique_param_bytes=params, file_over_params=file_bytes / params,
+                              initializers_over_params=init / params)
+    ok = dups == 0 and (len(parts) > 1 or init <= 1.01 * params + CONSTANT_SLACK)
+    checks.append(Check("sharing", "pass" if ok else "fail", sharing_detail))
+    if compare and model.ffmerge_manifest.windows:
+        checks += compare_unmerged(folder, model, info, entries, runs)
+    report = {"folder": str(folder), "mode": info.get("mode"), "checks": [asdict(c) for c in checks]}
+    report["ok"] = all(c.status != "fail" for c in checks)
+    return report
+
+
+def compare_unmerged(folder: Path, model, info: dict, entries: dict[str, str], runs: int) -> list[Check]:
+    """Export the same weights untied (k copies) and measure both side by side."""
+    with tempfile.TemporaryDirectory(prefix="ffmerge-unmerged-") as tmp:
+        tmp = Path(tmp)
+        base = build(untied_copy(model), tmp / "unmerged", BuildOptions(simplifier=info.get("simplifier", "onnxslim"), share=False))
+        rows, mem_ok, size_ok, lat, measurable = {}, True, True, [], False
+        for part in parts_for(model):
+            feeds = feeds_for(model, part, 1, _cases(model)[1][1])
+            np.savez(tmp / "feeds.npz", **{k: v.numpy() for k, v in feeds.items()})
+            merged = measure(folder / part.filename, tmp / "feeds.npz", entries, runs)
+            unmerged = measure(tmp / "unmerged" / part.filename, tmp / "feeds.npz", {}, runs)
+            away = merged_away_bytes(model, _stacks_of(part.filename, model))
+            files_m = [f for f in info["files"] if f.startswith(part.filename)]
+            files_u = [f for f in base.files if f.startswith(part.filename)]
+            size_m = sum((folder / f).stat().st_size for f in files_m)
+            size_u = sum((tmp / "unmerged" / f).stat().st_size for f in files_u)
+            row = {
+                "merged_away_bytes": away,
+                "file_bytes": {"merged": size_m, "unmerged": size_u},
+                "file_saving_over_away": (size_u - size_m) / away if away else None,
+                "rss_session": {"merged": merged["session_bytes"], "unmerged": unmerged["session_bytes"]},
+                "rss_first_run": {"merged": merged["first_run_bytes"], "unmerged": unmerged["first_run_bytes"]},
+                "rss_saving_over_away": (unmerged["first_run_bytes"] - merged["first_run_bytes"]) / away if away else None,
+                "latency_ms": {"merged": merged["latency_ms"], "unmerged": unmerged["latency_ms"]},
+                "latency_ratio": merged["latency_ms"] / unmerged["latency_ms"],
+            }
+            if away:
+                size_ok &= size_u - size_m >= 0.99 * away - CONSTANT_SLACK
+                if away >= MIN_MEASURABLE_BYTES:
+                    mem_ok &= row["rss_saving_over_away"] >= 0.90
+            measurable = measurable or away >= MIN_MEASURABLE_BYTES
+            lat.append(row["latency_ratio"])
+            rows[part.filename] = row
+    return [
+        Check("size_vs_unmerged", "pass" if size_ok else "fail", {"target": ">= 0.99 of merged-away bytes", "parts": rows}),
+        Check("memory_vs_unmerged", ("pass" if mem_ok else "fail") if measurable else "skipped",
+              {"target": ">= 0.90 of merged-away bytes",
+               "saving_over_away": {p: r["rss_saving_over_away"] for p, r in rows.items()},
+               **({} if measurable else {"reason": f"merged-away bytes under {MIN_MEASURABLE_BYTES:,}: too small for RSS"})}),
+        Check("latency_vs_unmerged", "pass", {"ratio": max(lat), "note": "reported, not gated (timing noise)"}),
+    ]
+
+
+def summary(report: dict) -> str:
+    """A readable report.md."""
+    lines = [f"# ffmerge-onnx validation: {'PASS' if report['ok'] else 'FAIL'}", "",
+             f"folder `{report['folder']}`, mode `{report['mode']}`", ""]
+    for c in report["checks"]:
+        lines.append(f"## {c['name']}: {c['status']}")
+        d = c["detail"]
+        if c["name"].startswith("outputs") and "rows" in d:
+            lines += ["| part | output | case | max abs | tolerance | ok |", "|---|---|---|---|---|---|"]
+            lines += [f"| {r['part']} | {r.get('output', '')} | {r.get('case', '')} | {r.get('max_abs', float('nan')):.2e} | "
+                      f"{r.get('tolerance', float('nan')):.2e} | {'✓' if r.get('ok') else '✗ ' + r.get('error', '')} |"
+                      for r in d["rows"]]
+        elif c["name"] == "sharing":
+            lines.append(f"file bytes {d['file_bytes']:,}; duplicated tensors {d['duplicated_tensors']}"
+                         + (f"; file / unique parameter bytes {d['file_over_params']:.4f}; initializer / parameter "
+                            f"bytes {d['initializers_over_params']:.4f} (gate <= 1.01)" if "file_over_params" in d else ""))
+        elif c["name"] == "size_vs_unmerged":
+            for part, r in d["parts"].items():
+                lines.append(f"- {part}: merged-away {r['merged_away_bytes']:,} B; file saving / merged-away "
+                             f"{r['file_saving_over_away']:.4f}; RSS saving / merged-away {r['rss_saving_over_away']:.3f} "
+                             f"(RSS after first run {r['rss_first_run']['merged']:,} vs {r['rss_first_run']['unmerged']:,}); "
+                             f"latency {r['latency_ms']['merged']:.2f} ms vs {r['latency_ms']['unmerged']:.2f} ms "
+                             f"(ratio {r['latency_ratio']:.3f})")
+        elif d:
+            lines.append("```\n" + json.dumps(d, indent=1)[:1500] + "\n```")
+        lines.append("")
+    return "\n".join(lines)
