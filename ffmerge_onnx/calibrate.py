@@ -125,19 +125,25 @@ def collect(
     groups = plan_passes(dims, pairs, max_bytes)
     for i, group in enumerate(groups):
         streams = [Stream.parse(k) for k in sorted({k for p in group for k in p})]
-        moments = Moments({s.key: dims[s.key] for s in streams}, group)
+        by_stack: dict[str, Moments] = {}  # encoder and decoder see different tokens
+        for stack in {s.stack for s in streams}:
+            pairs_here = [(a, b) for a, b in group if Stream.parse(a).stack == stack]
+            if any(Stream.parse(b).stack != stack for _, b in pairs_here):
+                raise ValueError("a pair must not cross stacks")
+            by_stack[stack] = Moments({s.key: dims[s.key] for s in streams if s.stack == stack}, pairs_here)
         recorder = _Recorder(model, adapter, streams)
         try:
             label = "calibrating" + (f" (pass {i + 1}/{len(groups)})" if len(groups) > 1 else "")
             for batch in track(calibration.batches, label, enabled=progress):
                 recorder.features.clear()
-                for stack in {s.stack for s in streams}:
+                for stack in by_stack:
                     recorder.masks[stack] = token_mask(batch, stack, _tokens_per_item(model, batch, stack))
                 _run(model, batch)
-                moments.update({s.key: recorder.features[s.key] for s in streams})
+                for stack, moments in by_stack.items():
+                    moments.update({k: recorder.features[k] for k in moments.dims})
         finally:
             recorder.close()
-        results.append(moments)
+        results.extend(by_stack.values())
     model.train(was_training)
     return results
 

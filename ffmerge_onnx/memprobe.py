@@ -12,7 +12,18 @@ import time
 from pathlib import Path
 
 
+def _trim() -> None:
+    """Return freed heap pages to the OS, so RSS shows live memory rather than allocator slack."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _rss() -> int:
+    _trim()
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith("VmRSS:"):
@@ -45,14 +56,19 @@ def probe(model: str, feeds: str, entries: dict[str, str], runs: int, provider: 
 
 
 def measure(model: Path, feeds: Path, entries: dict[str, str] | None = None, runs: int = 20,
-            provider: str = "CPUExecutionProvider", timeout: float = 900) -> dict:
-    """Run `probe` in a fresh interpreter so nothing else shares its memory."""
+            provider: str = "CPUExecutionProvider", timeout: float = 900, repeats: int = 3) -> dict:
+    """Run `probe` in `repeats` fresh interpreters; the median of each number."""
     cmd = [sys.executable, "-m", "ffmerge_onnx.memprobe", str(model), str(feeds), "--runs", str(runs),
            "--provider", provider, "--entries", json.dumps(entries or {})]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    if out.returncode != 0:
-        raise RuntimeError(f"memory probe failed: {out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    results = []
+    for _ in range(repeats):
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        if out.returncode != 0:
+            raise RuntimeError(f"memory probe failed: {out.stderr[-2000:]}")
+        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    merged = {k: statistics.median(r[k] for r in results) for k in results[0] if k != "providers"}
+    merged["providers"] = results[0]["providers"]
+    return merged
 
 
 def main() -> None:

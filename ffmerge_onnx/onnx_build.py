@@ -153,15 +153,25 @@ def build(model: nn.Module, folder: Path, options: BuildOptions) -> BuildResult:
     return result
 
 
+PREPACKING_OFF = {"session.disable_prepacking": "1"}
+FOLDING_OFF = {"optimization.disable_specified_optimizers": "ConstantFolding"}
+
+
 def session_settings(mode: str) -> dict:
-    """What an ONNX Runtime server needs to load the model as shipped."""
+    """What an ONNX Runtime server needs so the shared weights stay shared in memory.
+
+    On CPU, onnxruntime prepacks each MatMul's constant weight into a private buffer, so a
+    weight read by k layers would be packed k times and the memory saving would vanish."""
+    entries = dict(PREPACKING_OFF)
+    why = ["session.disable_prepacking=1: onnxruntime's CPU kernels otherwise pack a private copy "
+           "of a shared weight for every layer that reads it."]
     if mode == "gather":
-        return {
-            "session_config_entries": {"optimization.disable_specified_optimizers": "ConstantFolding"},
-            "why": "Keeps Gather(shared weight, order) unfolded; without it onnxruntime folds each "
-                   "into a per-layer copy at load and the memory saving is lost.",
-        }
-    return {"session_config_entries": {}, "why": "Mode fold needs no special session settings."}
+        entries.update(FOLDING_OFF)
+        why.append("ConstantFolding off: keeps Gather(shared weight, order) unfolded; otherwise onnxruntime "
+                   "folds each into a per-layer copy at load.")
+    else:
+        why.append("Mode fold needs no graph-optimizer settings (no Gather on weights).")
+    return {"session_config_entries": entries, "why": why}
 
 
 def write_info(folder: Path, model: nn.Module, options: BuildOptions, result: BuildResult) -> None:

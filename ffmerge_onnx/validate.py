@@ -19,7 +19,7 @@ from .errors import InputError
 from .export import parts_for
 from .inspect_onnx import sharing
 from .memprobe import measure
-from .onnx_build import INFO, SESSION_SETTINGS, BuildOptions, build, untied_copy
+from .onnx_build import INFO, PREPACKING_OFF, SESSION_SETTINGS, BuildOptions, build, untied_copy
 
 ATOL, RTOL = 1e-4, 1e-5
 MIN_MEASURABLE_BYTES = 4 * 2**20  # below this, page granularity and allocator noise swamp RSS
@@ -183,7 +183,10 @@ def compare_unmerged(folder: Path, model, info: dict, entries: dict[str, str], r
             feeds = feeds_for(model, part, 1, _cases(model)[1][1])
             np.savez(tmp / "feeds.npz", **{k: v.numpy() for k, v in feeds.items()})
             merged = measure(folder / part.filename, tmp / "feeds.npz", entries, runs)
-            unmerged = measure(tmp / "unmerged" / part.filename, tmp / "feeds.npz", {}, runs)
+            # same prepacking setting as the merged model, so the comparison isolates the sharing
+            base_entries = {k: v for k, v in entries.items() if k in PREPACKING_OFF}
+            unmerged = measure(tmp / "unmerged" / part.filename, tmp / "feeds.npz", base_entries, runs)
+            default = measure(tmp / "unmerged" / part.filename, tmp / "feeds.npz", {}, runs, repeats=1)
             away = merged_away_bytes(model, _stacks_of(part.filename, model))
             files_m = [f for f in info["files"] if f.startswith(part.filename)]
             files_u = [f for f in base.files if f.startswith(part.filename)]
@@ -198,6 +201,7 @@ def compare_unmerged(folder: Path, model, info: dict, entries: dict[str, str], r
                 "rss_saving_over_away": (unmerged["first_run_bytes"] - merged["first_run_bytes"]) / away if away else None,
                 "latency_ms": {"merged": merged["latency_ms"], "unmerged": unmerged["latency_ms"]},
                 "latency_ratio": merged["latency_ms"] / unmerged["latency_ms"],
+                "unmerged_default_settings": {"rss_first_run": default["first_run_bytes"], "latency_ms": default["latency_ms"]},
             }
             if away:
                 size_ok &= size_u - size_m >= 0.99 * away - CONSTANT_SLACK
@@ -238,7 +242,9 @@ def summary(report: dict) -> str:
                              f"{r['file_saving_over_away']:.4f}; RSS saving / merged-away {r['rss_saving_over_away']:.3f} "
                              f"(RSS after first run {r['rss_first_run']['merged']:,} vs {r['rss_first_run']['unmerged']:,}); "
                              f"latency {r['latency_ms']['merged']:.2f} ms vs {r['latency_ms']['unmerged']:.2f} ms "
-                             f"(ratio {r['latency_ratio']:.3f})")
+                             f"(ratio {r['latency_ratio']:.3f}); unmerged with onnxruntime defaults: "
+                             f"RSS {r['unmerged_default_settings']['rss_first_run']:,}, "
+                             f"latency {r['unmerged_default_settings']['latency_ms']:.2f} ms")
         elif d:
             lines.append("```\n" + json.dumps(d, indent=1)[:1500] + "\n```")
         lines.append("")

@@ -1,0 +1,138 @@
+"""ONNX pipeline on every family's tiny model: sharing survives simplification, outputs match."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import tiny_models as tm
+import torch
+
+from ffmerge_onnx import Window, adapter_for, merge
+from ffmerge_onnx.cli import main
+from ffmerge_onnx.errors import EXIT_VALIDATION, OutputExistsError
+from ffmerge_onnx.inspect_onnx import sharing
+from ffmerge_onnx.onnx_build import BuildOptions, build, untied_copy
+from ffmerge_onnx.pipeline import ConvertOptions, convert
+from ffmerge_onnx.validate import validate
+
+FAMILIES = ["gpt2", "vit", "bert", "marian", "llama"]
+
+
+def merged(model_type, windows=((1, 3),)):
+    model = tm.build(model_type)
+    adapter = adapter_for(model)
+    merge(model, [Window(s, a, b) for s in adapter.stack_names() for a, b in windows],
+          calibration=tm.calibration(model), progress=False)
+    return model
+
+
+def shared_names(model):
+    return {name for w in model.ffmerge_manifest.windows for name in w.shared.values()}
+
+
+@pytest.mark.parametrize("mode", ["fold", "gather"])
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_each_merged_tensor_exists_once_and_outputs_match(model_type, mode, tmp_path):
+    model = merged(model_type)
+    result = build(model, tmp_path, BuildOptions(mode=mode))
+    assert all("SharingSafeSimplify" in c for c in result.passes.values())
+    names_needed = shared_names(model)
+    found = set()
+    for f in [f for f in result.files if f.endswith(".onnx")]:
+        stats = sharing(tmp_path / f)
+        assert stats["duplicated_tensors"] == 0
+        inits = {t.name for t in onnx.load(str(tmp_path / f)).graph.initializer}
+        found |= {n for n in names_needed if n in inits or n + ".T" in inits}
+        if mode == "gather":
+            assert stats["gathers_on_shared"] > 0
+    assert found == names_needed
+    # outputs (CPU) against PyTorch in both modes, through the validator
+    from ffmerge_onnx.validate import check_outputs
+    from ffmerge_onnx.onnx_build import session_settings
+
+    check = check_outputs(tmp_path, model, "cpu", session_settings(mode)["session_config_entries"])
+    assert check.status == "pass", check.detail
+    assert max(r["max_abs"] for r in check.detail["rows"]) < 1e-4
+
+
+def test_unmerged_export_keeps_k_copies_and_detect_shares_them(tmp_path):
+    """The paper's practice (k equal copies) and how `share` repairs it without a manifest."""
+    model = merged("gpt2")
+    build(untied_copy(model), tmp_path / "u", BuildOptions(share=False))
+    assert sharing(tmp_path / "u" / "model.onnx")["duplicated_tensors"] == 2 * 2  # 2 FF weights x (k-1); biases are under the 1024-element threshold
+    assert main(["share", str(tmp_path / "u" / "model.onnx"), "-o", str(tmp_path / "s.onnx")]) == 0
+    assert sharing(tmp_path / "s.onnx")["duplicated_tensors"] == 0
+    assert (tmp_path / "s.onnx").stat().st_size < (tmp_path / "u" / "model.onnx").stat().st_size
+
+
+def test_detect_finds_permuted_copies(tmp_path):
+    """A checkpoint whose layers store the shared FF in their own neuron order."""
+    import onnxruntime as ort
+
+    from ffmerge_onnx.merge import permute_ff
+
+    model = merged("llama")
+    clone = untied_copy(model)
+    adapter = adapter_for(clone)
+    perm = torch.randperm(48, generator=torch.Generator().manual_seed(5))
+    permute_ff(adapter, adapter.layers(clone, "decoder")[2], perm)
+    build(clone, tmp_path / "u", BuildOptions(share=False))
+    assert main(["share", str(tmp_path / "u" / "model.onnx"), "-o", str(tmp_path / "s.onnx")]) == 0
+    x = tm.inputs(model)
+    feed = {k: v.numpy() for k, v in x.items()}
+    a = ort.InferenceSession(str(tmp_path / "u" / "model.onnx")).run(None, feed)[0]
+    b = ort.InferenceSession(str(tmp_path / "s.onnx")).run(None, feed)[0]
+    np.testing.assert_array_equal(a, b)
+    g = onnx.load(str(tmp_path / "s.onnx")).graph
+    assert sum(1 for n in g.node if n.op_type == "Gather" and n.input[1].endswith(".order")) == 3
+    assert sharing(tmp_path / "s.onnx")["duplicated_tensors"] == 0
+
+
+def test_convert_writes_folder_and_validate_passes_then_fails_on_broken_graph(tmp_path):
+    model = merged("bert")
+    out = tmp_path / "out"
+    report = convert(model, out, ConvertOptions(mode="gather"), log=lambda s: None)
+    assert report["ok"]
+    for name in ("model.onnx", "report.json", "report.md", "ffmerge.json", "ort_session_settings.json", "reference"):
+        assert (out / name).exists(), name
+    settings = json.loads((out / "ort_session_settings.json").read_text())
+    assert settings["session_config_entries"] == {"optimization.disable_specified_optimizers": "ConstantFolding",
+                                                  "session.disable_prepacking": "1"}
+    assert main(["validate", str(out), "--json", str(tmp_path / "v.json"), "--providers", "cpu,cuda"]) == 0
+    checks = {c["name"]: c["status"] for c in json.loads((tmp_path / "v.json").read_text())["checks"]}
+    assert checks["outputs[cpu]"] == "pass" and checks["sharing"] == "pass"
+    assert checks.get("outputs[cuda]") in ("skipped", "pass")
+    # break the graph: perturb one shared weight above tolerance
+    m = onnx.load(str(out / "model.onnx"))
+    t = next(t for t in m.graph.initializer if t.name.startswith("ffmerge.") and "fc_out.weight" in t.name)
+    a = onnx.numpy_helper.to_array(t).copy()
+    a[0, 0] += 0.5
+    t.CopyFrom(onnx.numpy_helper.from_array(a, t.name))
+    onnx.save(m, str(out / "model.onnx"))
+    assert main(["validate", str(out), "--no-compare"]) == EXIT_VALIDATION
+
+
+def test_convert_refuses_existing_output_and_leaves_nothing_on_failure(tmp_path):
+    model = merged("gpt2")
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(OutputExistsError):
+        convert(model, tmp_path / "exists", ConvertOptions(), log=lambda s: None)
+    assert list((tmp_path / "exists").iterdir()) == []
+    leftovers = [p for p in tmp_path.iterdir() if p.name != "exists"]
+    assert leftovers == []
+
+
+def test_external_data_forced(tmp_path):
+    model = merged("gpt2")
+    result = build(model, tmp_path, BuildOptions(external_data=True))
+    assert result.files == ["model.onnx", "model.onnx.data"]
+    assert (tmp_path / "model.onnx").stat().st_size < 50_000
+    check = validate_outputs(tmp_path, model)
+    assert check.status == "pass"
+
+
+def validate_outputs(folder, model):
+    from ffmerge_onnx.validate import check_outputs
+
+    return check_outputs(folder, model, "cpu", {})
