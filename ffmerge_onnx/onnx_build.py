@@ -118,7 +118,8 @@ def run_passes(ir_model: ir.Model, model: nn.Module, part: Part, options: BuildO
         passes.append(ShareMerged(tgts))
         if options.mode == "gather":
             passes.append(PermuteGather(tgts, layer_orders(model, stacks)))
-    passes.append(SharingSafeSimplify(options.simplifier))
+    if options.simplifier != "none":
+        passes.append(SharingSafeSimplify(options.simplifier))
     assert [type(p).__name__ for p in passes] == [n for n in PASS_ORDER if n in {type(p).__name__ for p in passes}]
     counts = {}
     for p in passes:
@@ -133,7 +134,8 @@ def save(ir_model: ir.Model, path: Path, external: bool) -> list[str]:
     size = sum(v.const_value.nbytes for v in ir_model.graph.initializers.values() if v.const_value is not None)
     if external or size > EXTERNAL_DATA_THRESHOLD:
         data = path.name + ".data"
-        ir.save(ir_model, path, external_data=data, size_threshold_bytes=0 if external else 1024)
+        # tensors under 1 KB (shape constants) stay inline: onnxruntime's shape inference reads them
+        ir.save(ir_model, path, external_data=data, size_threshold_bytes=1024)
         return [path.name, data]
     ir.save(ir_model, path)
     return [path.name]

@@ -38,7 +38,10 @@ def share_file(path, output, *, simplifier: str = "none", overwrite: bool = Fals
         raise InputError("The output must not overwrite the input; choose another -o.")
     model = load_checked(path)
     counts = {"bytes_before": _size(path)}
-    for p in (FoldWeightTransposes(), DetectShared(), SharingSafeSimplify(simplifier)):
+    passes = [FoldWeightTransposes(), DetectShared()]
+    if simplifier != "none":
+        passes.append(SharingSafeSimplify(simplifier))
+    for p in passes:
         model = p(model).model
         counts.update(p.counts)
     with tempfile.TemporaryDirectory(dir=output.parent if output.parent.exists() else None) as tmp:

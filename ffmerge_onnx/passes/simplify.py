@@ -13,7 +13,7 @@ import onnx_ir as ir
 from ..errors import GraphError
 from .base import GraphPass, array, digest
 
-SIMPLIFIERS = ("onnxslim", "onnxsim", "none")
+SIMPLIFIERS = ("onnxslim", "onnxsim")
 
 
 class SharingSafeSimplify(GraphPass):
@@ -44,8 +44,6 @@ class SharingSafeSimplify(GraphPass):
         return names
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        if self.simplifier == "none":
-            return ir.passes.PassResult(model, modified=False)
         graph = model.graph
         names = self._protected_names(graph)
         self.protected = {n: digest(array(graph.initializers[n])) for n in names}
@@ -95,8 +93,6 @@ class SharingSafeSimplify(GraphPass):
 
     def ensures(self, model: ir.Model) -> None:
         """No protected tensor gained a copy (folded Gather/Transpose would add one)."""
-        if self.simplifier == "none":
-            return
         after = self._digest_counts(model.graph)
         for name, d in self.protected.items():
             if after.get(d, 0) > self.before.get(d, 0):
