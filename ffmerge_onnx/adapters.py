@@ -94,11 +94,7 @@ class Adapter:
 
     def stack_path(self, model: nn.Module, stack: str) -> str:
         """Qualified name of a stack's ModuleList inside the full model."""
-        target = self.layers(model, stack)
-        for name, module in model.named_modules():
-            if module is target:
-                return name
-        raise UnsupportedArchitectureError(f"{stack} stack is not part of the model")
+        return _qualified_name(model, self.layers(model, stack))
 
     def projection(self, layer: nn.Module, proj: str) -> nn.Module:
         for path in self.projections[proj] or ():
@@ -111,11 +107,7 @@ class Adapter:
         )
 
     def projection_path(self, layer: nn.Module, proj: str) -> str:
-        target = self.projection(layer, proj)
-        for name, module in layer.named_modules():
-            if module is target:
-                return name
-        raise UnsupportedArchitectureError(f"projection {proj} not found")
+        return _qualified_name(layer, self.projection(layer, proj))
 
     def ff_params(self, layer: nn.Module) -> dict[str, nn.Parameter]:
         """Role name -> Parameter for one layer's FF sublayer."""
@@ -139,6 +131,13 @@ class Adapter:
 
     def layer_count_key(self, stack: str) -> str:
         return self.config_keys["num_layers"][stack]
+
+
+def _qualified_name(root: nn.Module, target: nn.Module) -> str:
+    for name, module in root.named_modules():
+        if module is target:
+            return name
+    raise UnsupportedArchitectureError(f"{type(target).__name__} is not part of {type(root).__name__}")
 
 
 def _get(root: nn.Module, path: str):

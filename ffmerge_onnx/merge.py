@@ -167,18 +167,22 @@ def merge(
             scores={str(i): matches[w][i].score for i in w.layers},
             shared={role.name: f"{w.prefix()}.{role.name}" for role in adapter.roles()},
         ))
+    _attach(model, adapter, source, permutations, method="merge", windows=records,
+            calibration=dict(calibration.description) if calibration is not None else {})
+    return model
+
+
+def _attach(model: nn.Module, adapter: Adapter, source: str, permutations: dict, **fields) -> None:
+    """Record how the model was changed: manifest and permutations travel with it."""
     model.ffmerge_manifest = Manifest(
         source=source or getattr(model.config, "_name_or_path", ""),
         adapter=adapter.name,
         model_type=model.config.model_type,
-        method="merge",
         stacks={s: adapter.num_layers(model, s) for s in adapter.stacks},
-        windows=records,
-        calibration=dict(calibration.description) if calibration is not None else {},
         fingerprint=fingerprint(model),
+        **fields,
     )
     model.ffmerge_permutations = permutations
-    return model
 
 
 # -- layer dropping baseline ---------------------------------------------------------------
@@ -205,16 +209,7 @@ def drop_layers(model: nn.Module, stack: str, layers: list[int], source: str = "
     layer_types = getattr(model.config, "layer_types", None)
     if isinstance(layer_types, list) and len(layer_types) == n:
         model.config.layer_types = [t for i, t in enumerate(layer_types) if i not in set(layers)]
-    model.ffmerge_manifest = Manifest(
-        source=source or getattr(model.config, "_name_or_path", ""),
-        adapter=adapter.name,
-        model_type=model.config.model_type,
-        method="drop",
-        stacks={s: adapter.num_layers(model, s) for s in adapter.stacks},
-        dropped={stack: sorted(set(layers))},
-        fingerprint=fingerprint(model),
-    )
-    model.ffmerge_permutations = {}
+    _attach(model, adapter, source, {}, method="drop", dropped={stack: sorted(set(layers))})
     return model
 
 
