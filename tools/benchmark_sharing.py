@@ -50,6 +50,10 @@ def main() -> None:
     config = T.GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024,
                           architectures=["GPT2LMHeadModel"])
     model = T.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():  # trained models have non-zero biases; fresh GPT-2 biases are all zero
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.02)
     start, end = map(int, a.layers.split("-"))
     merge(model, [Window("decoder", start, end)], align="none", progress=False)
     away = merged_away_bytes(model)
