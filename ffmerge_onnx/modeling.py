@@ -6,7 +6,6 @@ remote code only when the user asks for it.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import transformers
@@ -79,7 +78,7 @@ def load_model(spec: str, *, trust_remote_code: bool = False) -> nn.Module:
     adapter_for(config.model_type)  # fail early with the list of supported families
     cls = model_class(config)
     try:
-        model = cls.from_pretrained(where, use_safetensors=None if not gguf else None, **kwargs)
+        model = cls.from_pretrained(where, **kwargs)  # safetensors first by default
     except (OSError, ValueError) as e:
         raise InputError(f"Could not load model weights from {spec}: {e}") from e
     model.eval()
@@ -98,6 +97,3 @@ def load_preprocessor(spec: str):
             continue
     return None
 
-
-def offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE") == "1"

@@ -43,10 +43,11 @@ class BuildResult:
     passes: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
-def _part_stacks(part: Part, stacks: list[str]) -> list[str]:
-    if part.filename.startswith("encoder_"):
+def part_stacks(filename: str, stacks: list[str]) -> list[str]:
+    """Which stacks an export file holds (seq2seq files hold one each)."""
+    if filename.startswith("encoder_"):
         return ["encoder"]
-    if part.filename.startswith("decoder_"):
+    if filename.startswith("decoder_"):
         return ["decoder"]
     return stacks
 
@@ -111,7 +112,7 @@ def untied_copy(model: nn.Module) -> nn.Module:
 
 
 def run_passes(ir_model: ir.Model, model: nn.Module, part: Part, options: BuildOptions) -> tuple[ir.Model, dict]:
-    stacks = _part_stacks(part, adapter_for(model).stack_names())
+    stacks = part_stacks(part.filename, adapter_for(model).stack_names())
     passes = [FoldWeightTransposes()]
     if options.share:
         tgts = targets(model, stacks)

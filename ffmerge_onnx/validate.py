@@ -19,7 +19,7 @@ from .errors import InputError
 from .export import parts_for
 from .inspect_onnx import sharing
 from .memprobe import measure
-from .onnx_build import INFO, PREPACKING_OFF, SESSION_SETTINGS, BuildOptions, build, untied_copy
+from .onnx_build import INFO, PREPACKING_OFF, part_stacks, SESSION_SETTINGS, BuildOptions, build, untied_copy
 
 ATOL, RTOL = 1e-4, 1e-5
 MIN_MEASURABLE_BYTES = 4 * 2**20  # below this, page granularity and allocator noise swamp RSS
@@ -120,15 +120,6 @@ def unique_param_bytes(model) -> int:
     return total
 
 
-def _stacks_of(filename: str, model) -> list[str]:
-    names = adapter_for(model).stack_names()
-    if filename.startswith("encoder_"):
-        return ["encoder"]
-    if filename.startswith("decoder_"):
-        return ["decoder"]
-    return names
-
-
 def validate(folder, *, reference=None, providers=("cpu",), compare=True, runs: int = 20) -> dict:
     """Run every check; `report["ok"]` is True only if none failed."""
     from .storage import load_merged
@@ -187,7 +178,7 @@ def compare_unmerged(folder: Path, model, info: dict, entries: dict[str, str], r
             base_entries = {k: v for k, v in entries.items() if k in PREPACKING_OFF}
             unmerged = measure(tmp / "unmerged" / part.filename, tmp / "feeds.npz", base_entries, runs)
             default = measure(tmp / "unmerged" / part.filename, tmp / "feeds.npz", {}, runs, repeats=1)
-            away = merged_away_bytes(model, _stacks_of(part.filename, model))
+            away = merged_away_bytes(model, part_stacks(part.filename, adapter_for(model).stack_names()))
             files_m = [f for f in info["files"] if f.startswith(part.filename)]
             files_u = [f for f in base.files if f.startswith(part.filename)]
             size_m = sum((folder / f).stat().st_size for f in files_m)
