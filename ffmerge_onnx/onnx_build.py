@@ -35,6 +35,7 @@ class BuildOptions:
     simplifier: str = "onnxslim"
     external_data: bool = False  # force external data at any size
     share: bool = True  # False: the unmerged baseline
+    kv_cache: bool = False  # decoders take and return past key/values
 
 
 @dataclass
@@ -148,7 +149,7 @@ def build(model: nn.Module, folder: Path, options: BuildOptions) -> BuildResult:
     folder.mkdir(parents=True, exist_ok=True)
     result = BuildResult(files=[])
     with torch.no_grad():
-        for part in parts_for(model):
+        for part in parts_for(model, options.kv_cache):
             ir_model = export_part(part, folder / part.filename)
             ir_model, counts = run_passes(ir_model, model, part, options)
             result.files += save(ir_model, folder / part.filename, options.external_data)
@@ -179,6 +180,7 @@ def session_settings(mode: str) -> dict:
 
 def write_info(folder: Path, model: nn.Module, options: BuildOptions, result: BuildResult) -> None:
     info = {"task": adapter_for(model).task, "mode": options.mode, "simplifier": options.simplifier,
-            "files": result.files, "parts": [p.filename for p in parts_for(model)], "passes": result.passes}
+            "kv_cache": options.kv_cache, "files": result.files,
+            "parts": [p.filename for p in parts_for(model, options.kv_cache)], "passes": result.passes}
     (Path(folder) / INFO).write_text(json.dumps(info, indent=2))
     (Path(folder) / SESSION_SETTINGS).write_text(json.dumps(session_settings(options.mode), indent=2))

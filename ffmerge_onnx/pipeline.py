@@ -22,6 +22,7 @@ class ConvertOptions:
     mode: str = "fold"
     simplifier: str = "onnxslim"
     external_data: bool = False
+    kv_cache: bool = False
     keep_reference: bool = True
     providers: tuple[str, ...] = ("cpu",)
     compare: bool = True
@@ -39,9 +40,13 @@ def convert(merged: nn.Module, output: Path, options: ConvertOptions, preprocess
         shutil.copy(tmp / REFERENCE / MANIFEST_NAME, tmp / MANIFEST_NAME)
         log("exporting to ONNX and rewriting")
         build_options = BuildOptions(mode=options.mode, simplifier=options.simplifier,
-                                     external_data=options.external_data)
+                                     external_data=options.external_data, kv_cache=options.kv_cache)
         result = build(merged, tmp, build_options)
         write_info(tmp, merged, build_options, result)
+        # config next to the ONNX files, so optimum's ORTModel classes load the folder as it is
+        merged.config.save_pretrained(tmp)
+        if getattr(merged, "generation_config", None) is not None:
+            merged.generation_config.save_pretrained(tmp)
         if preprocessor is not None:
             preprocessor.save_pretrained(tmp)
         log("validating on onnxruntime")

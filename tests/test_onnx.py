@@ -136,3 +136,92 @@ def validate_outputs(folder, model):
     from ffmerge_onnx.validate import check_outputs
 
     return check_outputs(folder, model, "cpu", {})
+
+
+def _greedy_onnx(folder, model, prompt, steps):
+    """Greedy decoding through the with-past files, the way an ORTModel drives them; each step's logits."""
+    import onnxruntime as ort
+
+    def sess(name):
+        return ort.InferenceSession(str(folder / name))
+
+    ids = prompt.numpy()
+    out = []
+    if adapter_for(model).task == "causal-lm":
+        s = sess("model.onnx")
+        past_names = [i.name for i in s.get_inputs() if i.name.startswith("past_key_values.")]
+        shape = {i.name: i.shape for i in s.get_inputs()}
+        past = {n: np.zeros((1, shape[n][1], 0, shape[n][3]), np.float32) for n in past_names}
+        length, step = 0, ids
+        for _ in range(steps):
+            n = step.shape[1]
+            feeds = {"input_ids": step, "attention_mask": np.ones((1, length + n), np.int64),
+                     "position_ids": np.arange(length, length + n)[None], **past}
+            logits, *present = s.run(None, feeds)
+            past = dict(zip(past_names, present))
+            length += n
+            step = logits[:, -1:].argmax(-1)
+            out.append(logits[0, -1])
+        return out
+    enc, first, later = sess("encoder_model.onnx"), sess("decoder_model.onnx"), sess("decoder_with_past_model.onnx")
+    mask = np.ones_like(ids)
+    hidden = enc.run(None, {"input_ids": ids, "attention_mask": mask})[0]
+    step = np.array([[model.config.decoder_start_token_id]])
+    logits, *present = first.run(None, {"input_ids": step, "encoder_attention_mask": mask, "encoder_hidden_states": hidden})
+    names = [i.name for i in later.get_inputs() if i.name.startswith("past_key_values.")]
+    past = dict(zip(names, present))
+    for _ in range(steps):
+        step = logits[:, -1:].argmax(-1)
+        out.append(logits[0, -1])
+        logits, *present_dec = later.run(None, {"input_ids": step, "encoder_attention_mask": mask, **past})
+        for n, v in zip([n for n in names if ".decoder." in n], present_dec):
+            past[n] = v
+    return out
+
+
+def _greedy_torch_without_cache(model, prompt, steps):
+    out = []
+    seq = prompt if adapter_for(model).task == "causal-lm" else torch.tensor([[model.config.decoder_start_token_id]])
+    with torch.no_grad():
+        for _ in range(steps):
+            if adapter_for(model).task == "causal-lm":
+                logits = model(input_ids=seq, use_cache=False).logits
+            else:
+                logits = model(input_ids=prompt, decoder_input_ids=seq, use_cache=False).logits
+            nxt = logits[:, -1:].argmax(-1)
+            out.append(logits[0, -1].numpy())
+            seq = torch.cat([seq, nxt], dim=1)
+    return out
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama", "marian"])
+def test_kv_cache_export_matches_and_greedy_decoding_agrees(model_type, tmp_path):
+    from ffmerge_onnx.onnx_build import session_settings
+    from ffmerge_onnx.validate import check_outputs
+
+    model = merged(model_type)
+    result = build(model, tmp_path, BuildOptions(kv_cache=True))
+    files = [f for f in result.files if f.endswith(".onnx")]
+    assert files == (["model.onnx"] if model_type != "marian" else
+                     ["encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx"])
+    for f in files:
+        assert sharing(tmp_path / f)["duplicated_tensors"] == 0
+    layers = model.config.num_hidden_layers if model_type != "marian" else model.config.decoder_layers
+    inputs = [i.name for i in onnx.load(str(tmp_path / files[-1])).graph.input]
+    outputs = [o.name for o in onnx.load(str(tmp_path / files[-1])).graph.output]
+    if model_type == "marian":
+        assert inputs[:2] == ["input_ids", "encoder_attention_mask"]
+        assert f"past_key_values.{layers - 1}.encoder.value" in inputs
+        assert outputs == ["logits"] + [f"present.{i}.decoder.{kv}" for i in range(layers) for kv in ("key", "value")]
+    else:
+        assert inputs[:3] == ["input_ids", "attention_mask", "position_ids"]
+        assert f"past_key_values.{layers - 1}.value" in inputs
+        assert outputs == ["logits"] + [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    check = check_outputs(tmp_path, model, "cpu", session_settings("fold")["session_config_entries"], kv_cache=True)
+    assert check.status == "pass", check.detail
+    assert {tuple(r["case"]) for r in check.detail["rows"]} >= {(1, 7, 0), (3, 1, 32)}  # empty past and one-token steps
+    prompt = torch.randint(3, 90, (1, 6), generator=torch.Generator().manual_seed(1))
+    expected = _greedy_torch_without_cache(model, prompt, 8)
+    got = _greedy_onnx(tmp_path, model, prompt, 8)
+    assert [int(a.argmax()) for a in got] == [int(a.argmax()) for a in expected]
+    np.testing.assert_allclose(np.stack(got), np.stack(expected), atol=1e-4, rtol=0)

@@ -21,7 +21,7 @@ import torch
 import transformers as T
 
 from ffmerge_onnx import Window, merge
-from ffmerge_onnx.export import parts_for
+from ffmerge_onnx.export import dynamic_shapes, parts_for
 from ffmerge_onnx.memprobe import measure
 from ffmerge_onnx.onnx_build import BuildOptions, build, session_settings, untied_copy
 from ffmerge_onnx.validate import merged_away_bytes, unique_param_bytes
@@ -29,11 +29,10 @@ from ffmerge_onnx.validate import merged_away_bytes, unique_param_bytes
 
 def paper_practice(model, folder: Path) -> Path:
     part = parts_for(model)[0]
-    dims = {k: {ax: torch.export.Dim(n.replace("_", ""), min=1, max=1024) for ax, n in v.items()}
-            for k, v in part.dynamic.items()}
-    with torch.no_grad():
-        prog = torch.onnx.export(part.module, (), kwargs=part.example, dynamo=True, opset_version=18,
-                                 input_names=list(part.example), output_names=part.outputs, dynamic_shapes=dims)
+    with torch.no_grad():  # the exporter's defaults, optimizer included
+        prog = torch.onnx.export(part.module, part.args(part.example), dynamo=True, opset_version=18,
+                                 input_names=list(part.example), output_names=part.outputs,
+                                 dynamic_shapes=dynamic_shapes(part))
     folder.mkdir(parents=True, exist_ok=True)
     prog.save(str(folder / "raw.onnx"))
     onnxslim.slim(str(folder / "raw.onnx"), str(folder / "model.onnx"))
