@@ -147,6 +147,7 @@ def convert_cmd(model: ModelArg = None, output: Annotated[Path, typer.Option("-o
                 no_simplify: Annotated[bool, typer.Option("--no-simplify", help="Skip the simplifier.")] = False,
                 providers: Annotated[str, typer.Option("--providers", help="cpu and/or cuda, comma separated.")] = "cpu",
                 external_data: Annotated[bool, typer.Option("--external-data", help="Weights in a .data file at any size.")] = False,
+                kv_cache: Annotated[bool, typer.Option("--kv-cache", help="Decoders take past_key_values.* and return present.* (optimum's with-past layout).")] = False,
                 no_reference: Annotated[bool, typer.Option("--no-reference", help="Do not keep the merged checkpoint in OUT/reference.")] = False,
                 no_compare: Annotated[bool, typer.Option("--no-compare", help="Skip the side-by-side unmerged export.")] = False,
                 overwrite: OverwriteOpt = False, trust_remote_code: RemoteOpt = False):
@@ -164,7 +165,7 @@ def convert_cmd(model: ModelArg = None, output: Annotated[Path, typer.Option("-o
         console.print("[yellow]note:[/yellow] mode gather needs the session settings in ort_session_settings.json "
                       "(ConstantFolding off); mode fold needs none.")
     options = ConvertOptions(mode=permutations.value, simplifier="none" if no_simplify else simplifier.value,
-                             external_data=external_data, keep_reference=not no_reference,
+                             external_data=external_data, kv_cache=kv_cache, keep_reference=not no_reference,
                              providers=tuple(p.strip() for p in providers.split(",") if p.strip()),
                              compare=not no_compare, overwrite=overwrite)
     report = convert(m, output, options, preprocessor=pre, log=lambda s: console.print(s))
@@ -226,27 +227,53 @@ def share_cmd(path: Annotated[Path, typer.Argument(help="An ONNX model.")],
                   f"{counts['bytes_before']:,} -> {counts['bytes_after']:,} bytes; wrote {output}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point: maps typed errors to exit codes (see errors.py)."""
+def run(argv: list[str] | None = None) -> tuple[int, BaseException | None]:
+    """Run the CLI; returns (exit code, the error that ended it or None). See errors.py."""
+    import errno
+
     try:
-        app(args=argv, standalone_mode=False)
+        rv = app(args=argv, standalone_mode=False)
+        if rv == errors.EXIT_INTERRUPTED:  # typer turns Ctrl-C into a return value of 130
+            raise KeyboardInterrupt
     except errors.FFMergeError as e:
         console.print(f"[red]error:[/red] {e}")
-        return e.exit_code
-    except KeyboardInterrupt:
+        return e.exit_code, e
+    except KeyboardInterrupt as e:
         console.print("[yellow]interrupted[/yellow]: no output was written")
-        return errors.EXIT_INTERRUPTED
+        return errors.EXIT_INTERRUPTED, e
+    except MemoryError as e:
+        console.print("[red]error:[/red] out of memory. Lower --calibration-tokens, merge a smaller model, "
+                      "or use a machine with more memory; no output was written.")
+        return errors.EXIT_RESOURCES, e
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            console.print(f"[red]error:[/red] no space left on the device ({e.filename}); free disk space. "
+                          "No output was written.")
+            return errors.EXIT_RESOURCES, e
+        console.print(f"[red]error:[/red] {e}")
+        return errors.EXIT_USAGE, e
     except typer.Exit as e:
-        return e.exit_code
+        return e.exit_code, None
     except (typer.BadParameter, typer.Abort) as e:
         console.print(f"[red]error:[/red] {e}")
-        return errors.EXIT_USAGE
-    except Exception as e:  # click usage errors (typer vendors click, so match by shape)
+        return errors.EXIT_USAGE, e
+    except Exception as e:  # noqa: BLE001
+        # click usage errors (typer vendors click, so match by shape)
         if hasattr(e, "show") and isinstance(getattr(e, "exit_code", None), int):
             e.show()
-            return errors.EXIT_USAGE
-        raise
-    return errors.EXIT_OK
+            return errors.EXIT_USAGE, e
+        import traceback
+
+        traceback.print_exc()
+        console.print(f"[red]internal error[/red] ({type(e).__name__}): this is a bug in ffmerge-onnx; "
+                      "please report it with the traceback above. No output was written.")
+        return errors.EXIT_INTERNAL, e
+    return errors.EXIT_OK, None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: maps typed errors to exit codes (see errors.py)."""
+    return run(argv)[0]
 
 
 def entry() -> None:

@@ -134,16 +134,20 @@ def from_images(path: Path, processor, budget: int, tokens_per_image: int, batch
 
 def from_tensors(path: Path, budget: int | None, batch_size: int = 8, seq2seq: bool = False) -> Calibration:
     """A .pt/.safetensors/.npy file: a dict of model inputs, or a bare input_ids / pixel_values tensor."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        data = load_file(str(path))
-    elif path.suffix == ".npy":
-        import numpy as np
+            data = load_file(str(path))
+        elif path.suffix == ".npy":
+            import numpy as np
 
-        data = torch.from_numpy(np.load(path, allow_pickle=False))
-    else:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+            data = torch.from_numpy(np.load(path, allow_pickle=False))
+        else:  # pickle: tensors only, never code
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - each format raises its own kinds
+        raise CalibrationError(f"Cannot read calibration tensors from {path} ({type(e).__name__}: {str(e)[:200]}). "
+                               "Give a .pt/.safetensors/.npy file of input tensors.") from e
     if isinstance(data, torch.Tensor):
         key = "pixel_values" if data.is_floating_point() else "input_ids"
         data = {key: data}
@@ -176,7 +180,13 @@ def load_calibration(path, *, model, tokenizer=None, processor=None, budget: int
     is_vision = hasattr(config, "image_size") and hasattr(config, "patch_size")
     suffixes = {p.suffix.lower() for p in path.rglob("*")} if path.is_dir() else {path.suffix.lower()}
     if suffixes & TENSOR_SUFFIXES and not path.is_dir():
-        return from_tensors(path, budget, batch_size, seq2seq)
+        cal = from_tensors(path, budget, batch_size, seq2seq)
+        first = next(iter(cal), {})
+        if is_vision and "pixel_values" not in first:
+            raise CalibrationError(f"{path} holds no pixel_values but the model is an image model.")
+        if not is_vision and "input_ids" not in first:
+            raise CalibrationError(f"{path} holds no input_ids (integer token ids) but the model takes text.")
+        return cal
     if suffixes & IMAGE_SUFFIXES:
         if not is_vision:
             raise CalibrationError(f"{path} holds images but the model takes text.")

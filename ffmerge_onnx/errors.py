@@ -1,7 +1,7 @@
 """Typed errors. Each one says what went wrong and what to do next.
 
 Exit codes of the CLI: 0 ok, 1 validation failed, 2 usage / bad input, 3 internal error,
-130 interrupted.
+4 out of memory or disk, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ EXIT_OK = 0
 EXIT_VALIDATION = 1
 EXIT_USAGE = 2
 EXIT_INTERNAL = 3
+EXIT_RESOURCES = 4
 EXIT_INTERRUPTED = 130
 
 
@@ -43,6 +44,10 @@ class OutputExistsError(InputError):
     """The output folder already exists."""
 
 
+class CorruptModelError(InputError):
+    """A model file is truncated, corrupted, or declares sizes its data does not have."""
+
+
 class UnsafeModelError(InputError):
     """An ONNX or checkpoint file asks for something unsafe (e.g. paths outside its folder)."""
 
@@ -63,3 +68,9 @@ class ValidationFailed(FFMergeError):
     """An exported model does not pass validation."""
 
     exit_code = EXIT_VALIDATION
+
+
+class ResourceError(FFMergeError):
+    """The machine ran out of memory or disk space."""
+
+    exit_code = EXIT_RESOURCES

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import onnx
 from onnx import numpy_helper
 
+from .onnx_files import load_onnx
 from .passes.base import digest
 
 DUPLICATE_MIN_ELEMENTS = 1024  # smaller constants (shape vectors, scalars) are not weights
@@ -14,7 +14,7 @@ DUPLICATE_MIN_ELEMENTS = 1024  # smaller constants (shape vectors, scalars) are 
 
 def sharing(path: Path, files: list[str] | None = None) -> dict:
     path = Path(path)
-    model = onnx.load(str(path), load_external_data=True)
+    model = load_onnx(path)
     total = unique = 0
     groups: dict[str, list[str]] = {}
     for t in model.graph.initializer:

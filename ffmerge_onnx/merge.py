@@ -57,6 +57,8 @@ def check_windows(model: nn.Module, adapter: Adapter, windows: list[Window]) -> 
             raise WindowError(f"{adapter.name} models have stacks {adapter.stack_names()}; got {w.stack!r}.")
         n = adapter.num_layers(model, w.stack)
         if w.size < 2:
+            if w.end < w.start:
+                raise WindowError(f"Window {w.start}-{w.end} is reversed; write it as {w.end}-{w.start}.")
             raise WindowError(f"Window {w.start}-{w.end} has {max(w.size, 0)} layer(s); a merge needs at least 2.")
         if w.start < 0 or w.end >= n:
             raise WindowError(f"Window {w.start}-{w.end} is out of range: the {w.stack} has layers 0-{n - 1}.")

@@ -6,10 +6,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import onnx
 import onnx_ir as ir
 
 from .errors import InputError, OutputExistsError
+from .onnx_files import load_ir
 from .passes.detect import DetectShared
 from .passes.simplify import SharingSafeSimplify
 from .passes.transposes import FoldWeightTransposes
@@ -19,24 +19,13 @@ def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.parent.glob(path.name + "*"))
 
 
-def load_checked(path: Path) -> ir.Model:
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path} is not a file. Give an .onnx model.")
-    try:
-        onnx.checker.check_model(str(path))
-        return ir.load(path)
-    except Exception as e:  # noqa: BLE001 - onnx raises many kinds for bad files
-        raise InputError(f"{path} is not a valid ONNX model ({type(e).__name__}: {str(e)[:200]}).") from e
-
-
 def share_file(path, output, *, simplifier: str = "none", overwrite: bool = False) -> dict:
     path, output = Path(path), Path(output)
     if output.exists() and not overwrite:
         raise OutputExistsError(f"{output} exists. Choose another -o or pass --overwrite.")
     if output.resolve() == path.resolve():
         raise InputError("The output must not overwrite the input; choose another -o.")
-    model = load_checked(path)
+    model = load_ir(path)
     counts = {"bytes_before": _size(path)}
     passes = [FoldWeightTransposes(), DetectShared()]
     if simplifier != "none":

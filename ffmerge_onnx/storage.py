@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .errors import InputError, ManifestError
+from .errors import CorruptModelError, InputError, ManifestError
 from .fsutil import atomic_dir
 from .manifest import Manifest, fingerprint, load_permutations
 
@@ -74,14 +74,21 @@ def load_merged(folder, *, device: str = "cpu") -> nn.Module:
         raise InputError(f"{folder} has no {WEIGHTS_NAME}; was it written by save_merged()?")
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(folder)
-    model = model_class(config)._from_config(config)
-    state = load_file(str(weights), device=device)
+    try:
+        config = AutoConfig.from_pretrained(folder)
+        model = model_class(config)._from_config(config)
+        state = load_file(str(weights), device=device)
+    except (OSError, ValueError, KeyError) as e:
+        raise CorruptModelError(f"Cannot read the merged checkpoint in {folder} ({type(e).__name__}: "
+                                f"{str(e)[:200]}); re-run the merge.") from e
     for alias, canonical in manifest.aliases.items():
         if canonical not in state:
             raise ManifestError(f"Manifest alias {alias} -> {canonical}, but {canonical} is not in {WEIGHTS_NAME}.")
         state[alias] = state[canonical]
-    model.load_state_dict(state, strict=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ManifestError(f"The weights in {folder} do not fit its config: {str(e)[:300]}") from e
     _retie(model, manifest.aliases)
     model.eval()
     if manifest.fingerprint and fingerprint(model) != manifest.fingerprint:

@@ -15,10 +15,11 @@ import onnxruntime as ort
 import torch
 
 from .adapters import adapter_for
-from .errors import InputError
+from .errors import CorruptModelError, InputError
 from .export import parts_for
 from .inspect_onnx import sharing
 from .memprobe import measure
+from .onnx_files import check_onnx
 from .onnx_build import INFO, PREPACKING_OFF, part_stacks, SESSION_SETTINGS, BuildOptions, build, untied_copy
 
 ATOL, RTOL = 1e-4, 1e-5
@@ -34,29 +35,70 @@ class Check:
     detail: dict = field(default_factory=dict)
 
 
-def _cases(model) -> list[tuple[int, int]]:
+def _cases(model) -> list[tuple[int, int, int]]:
+    """(batch, new tokens, past tokens): a prompt, a longer prompt after a past, one decoding step."""
     limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 512)
-    return [(1, min(7, limit)), (2, min(16, limit)), (3, min(33, limit))]
+    cases = [(1, 7, 0), (2, 16, 5), (3, 1, 32)]
+    return [(b, min(s, limit), min(p, max(0, limit - s))) for b, s, p in cases]
 
 
-def feeds_for(model, part, batch: int, seq: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed + 31 * batch + seq)
+def _axis_sizes(batch: int, seq: int, past: int, has_past: bool) -> dict[str, int]:
+    # parts without a past see the whole sequence at once
+    total = seq + past
+    return {"batch_size": batch, "sequence_length": seq if has_past else total,
+            "total_sequence_length": total, "past_sequence_length": past,
+            "encoder_sequence_length": total, "decoder_sequence_length": seq if has_past else max(2, total // 2),
+            "past_decoder_sequence_length": past}
+
+
+def feeds_for(model, part, batch: int, seq: int, past: int = 0, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random named inputs for a part, every dynamic axis sized from (batch, seq, past)."""
+    g = torch.Generator().manual_seed(seed + 31 * batch + seq + 7 * past)
+    sizes = _axis_sizes(batch, seq, past, bool(part.past))
+    vocab = max(4, min(getattr(model.config, "vocab_size", 4), 1000))
     feeds = {}
     for name, example in part.example.items():
-        if name == "pixel_values":
-            feeds[name] = torch.randn((batch, *example.shape[1:]), generator=g)
+        shape = list(example.shape)
+        for axis, axis_name in part.dynamic.get(name, {}).items():
+            shape[axis] = sizes[axis_name]
+        if name == "input_ids":
+            feeds[name] = torch.randint(3, vocab, shape, generator=g)
+        elif name.endswith("attention_mask"):
+            feeds[name] = torch.ones(shape, dtype=torch.long)
+        elif name == "position_ids":
+            feeds[name] = torch.arange(past, past + shape[1]).expand(shape).contiguous()
         elif name == "encoder_hidden_states":
-            ids = torch.randint(3, max(4, min(model.config.vocab_size, 1000)), (batch, seq), generator=g)
+            ids = torch.randint(3, vocab, shape[:2], generator=g)
             with torch.no_grad():
                 feeds[name] = model.get_encoder()(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
-        elif name == "encoder_attention_mask":
-            feeds[name] = torch.ones(batch, seq, dtype=torch.long)
-        elif name == "input_ids":
-            n = max(2, seq // 2) if "encoder_hidden_states" in part.example else seq
-            feeds[name] = torch.randint(3, max(4, min(model.config.vocab_size, 1000)), (batch, n), generator=g)
-        elif name == "attention_mask":
-            feeds[name] = torch.ones(batch, seq, dtype=torch.long)
+        else:  # pixel values; past key/values are replaced below
+            feeds[name] = torch.randn(shape, generator=g, dtype=example.dtype)
+    if part.past:
+        feeds.update(_model_past(model, part, feeds, past, g))
     return feeds
+
+
+def _model_past(model, part, feeds, past: int, g) -> dict[str, torch.Tensor]:
+    """Past key/values the model itself produces for a random prefix (random values are not a
+    state a model can be in, and they amplify float32 rounding unrealistically)."""
+    from .export import _Seq2SeqDecoder
+
+    names = list(part.example)[-part.past:]
+    batch = feeds["input_ids"].shape[0]
+    vocab = max(4, min(getattr(model.config, "vocab_size", 4), 1000))
+    prefix = torch.randint(3, vocab, (batch, max(past, 1)), generator=g)
+    if "position_ids" in part.example:  # causal LM: run the part itself from an empty past
+        empty = {n: feeds[n][:, :, :0] for n in names}
+        first = {"input_ids": prefix, "attention_mask": torch.ones_like(prefix),
+                 "position_ids": torch.arange(prefix.shape[1]).expand_as(prefix).contiguous(), **empty}
+        present = part.run(first)[1:]
+    else:  # seq2seq: the first decoder step gives self and cross key/values
+        enc_mask = feeds["encoder_attention_mask"]
+        src = torch.randint(3, vocab, enc_mask.shape, generator=g)
+        with torch.no_grad():
+            hidden = model.get_encoder()(input_ids=src, attention_mask=enc_mask).last_hidden_state
+            present = list(_Seq2SeqDecoder(model, cache=True)(prefix, enc_mask, hidden))[1:]
+    return {n: (t[:, :, :past] if ".encoder." not in n else t).contiguous() for n, t in zip(names, present)}
 
 
 def _session(path: Path, provider: str, entries: dict[str, str]):
@@ -64,21 +106,38 @@ def _session(path: Path, provider: str, entries: dict[str, str]):
     for k, v in entries.items():
         so.add_session_config_entry(k, v)
     providers = [("CUDAExecutionProvider", {"use_tf32": 0}), "CPUExecutionProvider"] if provider == "cuda" else ["CPUExecutionProvider"]
-    return ort.InferenceSession(str(path), so, providers=providers)
+    try:
+        return ort.InferenceSession(str(path), so, providers=providers)
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own kinds for bad graphs
+        raise CorruptModelError(f"onnxruntime cannot load {path}: {str(e)[:300]}") from e
 
 
-def check_outputs(folder: Path, model, provider: str, entries: dict[str, str]) -> Check:
+def _session_entries(path: Path) -> dict[str, str]:
+    if not path.exists():
+        return {}
+    try:
+        entries = json.loads(path.read_text())["session_config_entries"]
+        return {str(k): str(v) for k, v in entries.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise InputError(f"{path} is not valid ({type(e).__name__}); re-run `ffmerge-onnx convert`.") from e
+
+
+def check_outputs(folder: Path, model, provider: str, entries: dict[str, str], kv_cache: bool = False) -> Check:
     rows, ok = [], True
-    for part in parts_for(model):
+    for part in parts_for(model, kv_cache):
         sess = _session(folder / part.filename, provider, entries)
         if provider == "cuda" and sess.get_providers()[0] != "CUDAExecutionProvider":
             return Check(f"outputs[{provider}]", "skipped", {"reason": "CUDA provider fell back to CPU"})
-        for batch, seq in _cases(model):
-            feeds = feeds_for(model, part, batch, seq)
-            with torch.no_grad():
-                ref = part.module(**feeds)
-            refs = [ref] if isinstance(ref, torch.Tensor) else list(ref)
-            got = sess.run(None, {k: v.numpy() for k, v in feeds.items()})
+        for batch, seq, past in _cases(model):
+            feeds = feeds_for(model, part, batch, seq, past)
+            refs = part.run(feeds)
+            try:
+                got = sess.run(None, {k: v.numpy() for k, v in feeds.items()})
+            except Exception as e:  # noqa: BLE001 - a graph that loads but cannot run fails validation
+                ok = False
+                rows.append({"part": part.filename, "case": [batch, seq, past],
+                             "error": f"onnxruntime failed to run: {str(e)[:200]}"})
+                continue
             names = [o.name for o in sess.get_outputs()]
             if names != part.outputs:
                 ok = False
@@ -88,7 +147,7 @@ def check_outputs(folder: Path, model, provider: str, entries: dict[str, str]) -
                 r = r.numpy()
                 if r.shape != o.shape:
                     ok = False
-                    rows.append({"part": part.filename, "output": name, "case": [batch, seq],
+                    rows.append({"part": part.filename, "output": name, "case": [batch, seq, past],
                                  "error": f"shape {o.shape} != {r.shape}"})
                     continue
                 diff = float(np.abs(r - o).max())
@@ -96,7 +155,7 @@ def check_outputs(folder: Path, model, provider: str, entries: dict[str, str]) -
                 tol = ATOL + RTOL * float(np.abs(r).max())
                 passed = bool(np.isfinite(o).all() and diff <= tol)
                 ok &= passed
-                rows.append({"part": part.filename, "output": name, "case": [batch, seq], "shape": list(o.shape),
+                rows.append({"part": part.filename, "output": name, "case": [batch, seq, past], "shape": list(o.shape),
                              "max_abs": diff, "max_rel": rel, "tolerance": tol, "ok": passed})
     return Check(f"outputs[{provider}]", "pass" if ok else "fail", {"rows": rows})
 
@@ -128,21 +187,28 @@ def validate(folder, *, reference=None, providers=("cpu",), compare=True, runs: 
     info_path = folder / INFO
     if not info_path.exists():
         raise InputError(f"{folder} has no {INFO}: give a folder written by `ffmerge-onnx convert`.")
-    info = json.loads(info_path.read_text())
+    try:
+        info = json.loads(info_path.read_text())
+        files = [str(f) for f in info["files"]]
+    except (ValueError, KeyError, TypeError) as e:
+        raise InputError(f"{info_path} is not valid ({type(e).__name__}); re-run `ffmerge-onnx convert`.") from e
+    for f in files:
+        if f.endswith(".onnx"):
+            check_onnx(folder / f)  # before onnxruntime sees it: safe paths, sizes that match
     ref_dir = Path(reference) if reference else folder / REFERENCE
     if not ref_dir.exists():
         raise InputError(f"No reference model at {ref_dir}: pass --reference MODEL_DIR (a folder written by merge).")
     model = load_merged(ref_dir)
-    settings = json.loads((folder / SESSION_SETTINGS).read_text()) if (folder / SESSION_SETTINGS).exists() else {}
-    entries = settings.get("session_config_entries", {})
-    checks = [check_outputs(folder, model, "cpu", entries)]
+    entries = _session_entries(folder / SESSION_SETTINGS)
+    kv_cache = bool(info.get("kv_cache", False))
+    checks = [check_outputs(folder, model, "cpu", entries, kv_cache)]
     for p in providers:
         if p == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 checks.append(Check("outputs[cuda]", "skipped", {"reason": "onnxruntime has no CUDA provider here"}))
             else:
-                checks.append(check_outputs(folder, model, "cuda", entries))
-    parts = parts_for(model)
+                checks.append(check_outputs(folder, model, "cuda", entries, kv_cache))
+    parts = parts_for(model, kv_cache)
     share_rows = {}
     for part in parts:
         files = [f for f in info["files"] if f.startswith(part.filename)]
@@ -168,10 +234,12 @@ def compare_unmerged(folder: Path, model, info: dict, entries: dict[str, str], r
     """Export the same weights untied (k copies) and measure both side by side."""
     with tempfile.TemporaryDirectory(prefix="ffmerge-unmerged-") as tmp:
         tmp = Path(tmp)
-        base = build(untied_copy(model), tmp / "unmerged", BuildOptions(simplifier=info.get("simplifier", "onnxslim"), share=False))
+        kv_cache = bool(info.get("kv_cache", False))
+        base = build(untied_copy(model), tmp / "unmerged",
+                     BuildOptions(simplifier=info.get("simplifier", "onnxslim"), share=False, kv_cache=kv_cache))
         rows, mem_ok, size_ok, lat, measurable = {}, True, True, [], False
-        for part in parts_for(model):
-            feeds = feeds_for(model, part, 1, _cases(model)[1][1])
+        for part in parts_for(model, kv_cache):
+            feeds = feeds_for(model, part, 1, *_cases(model)[1][1:])
             np.savez(tmp / "feeds.npz", **{k: v.numpy() for k, v in feeds.items()})
             merged = measure(folder / part.filename, tmp / "feeds.npz", entries, runs)
             # same prepacking setting as the merged model, so the comparison isolates the sharing

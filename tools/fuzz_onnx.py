@@ -1,0 +1,175 @@
+"""Fuzz `validate` and `share` with mutated and truncated ONNX files.
+
+Every case must end in a pass, a failed validation report, or a typed ffmerge error; an
+uncaught exception is a crash and a case over --timeout seconds a hang. Prints the counts;
+exits 1 on any crash or hang.
+
+    .venv/bin/python tools/fuzz_onnx.py --cases 200 --seed 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import random
+import shutil
+import signal
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+import onnx
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Hang(Exception):
+    pass
+
+
+def _alarm(signum, frame):
+    raise Hang
+
+
+def tiny_converted(folder: Path) -> Path:
+    sys.path.insert(0, str(ROOT / "tests"))
+    import tiny_models as tm
+
+    from ffmerge_onnx import Window, merge
+    from ffmerge_onnx.pipeline import ConvertOptions, convert
+
+    model = tm.build("bert")
+    merge(model, [Window("encoder", 1, 3)], calibration=tm.calibration(model), progress=False)
+    convert(model, folder, ConvertOptions(compare=False, external_data=True), log=lambda s: None)
+    return folder
+
+
+def byte_mutation(data: bytes, rng: random.Random) -> tuple[str, bytes]:
+    b = bytearray(data)
+    kind = rng.choice(["flip", "truncate", "zero", "insert", "duplicate"])
+    if kind == "flip":
+        for _ in range(rng.randint(1, 16)):
+            i = rng.randrange(len(b))
+            b[i] ^= 1 << rng.randrange(8)
+    elif kind == "truncate":
+        b = b[: rng.randrange(len(b))]
+    elif kind == "zero":
+        i = rng.randrange(len(b))
+        b[i : i + rng.randint(1, 256)] = bytes(min(len(b) - i, 256))[: len(b[i : i + 256])]
+    elif kind == "insert":
+        i = rng.randrange(len(b))
+        b[i:i] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 64)))
+    else:
+        i, j = sorted(rng.randrange(len(b)) for _ in range(2))
+        b[j:j] = b[i : i + 64]
+    return kind, bytes(b)
+
+
+def proto_mutation(model: onnx.ModelProto, rng: random.Random) -> str:
+    g = model.graph
+    kind = rng.choice(["dims", "dtype", "location", "offset", "drop_node", "rename_input", "drop_initializer", "attr"])
+    inits = list(g.initializer)
+    if kind == "dims" and inits:
+        t = rng.choice(inits)
+        if t.dims:
+            t.dims[rng.randrange(len(t.dims))] = rng.choice([0, 1, 3, 2**31 - 1, 10**12])
+    elif kind == "dtype" and inits:
+        rng.choice(inits).data_type = rng.randint(0, 25)
+    elif kind in ("location", "offset"):
+        ext = [t for t in inits if t.external_data]
+        if ext:
+            t = rng.choice(ext)
+            for e in t.external_data:
+                if kind == "location" and e.key == "location":
+                    e.value = rng.choice(["../../etc/passwd", "/etc/passwd", "missing.bin", "", "model.onnx",
+                                          "sub/../../x", "model.onnx.data\x00x"])
+                if kind == "offset" and e.key in ("offset", "length"):
+                    e.value = str(rng.choice([-1, 0, 3, 2**40, 10**6]))
+    elif kind == "drop_node" and g.node:
+        del g.node[rng.randrange(len(g.node))]
+    elif kind == "rename_input" and g.node:
+        n = rng.choice(list(g.node))
+        if n.input:
+            n.input[rng.randrange(len(n.input))] = rng.choice(["", "nope", g.input[0].name])
+    elif kind == "drop_initializer" and inits:
+        del g.initializer[rng.randrange(len(inits))]
+    elif kind == "attr":
+        nodes = [n for n in g.node if n.attribute]
+        if nodes:
+            a = rng.choice(nodes).attribute[0]
+            if a.type == onnx.AttributeProto.INT:
+                a.i = rng.choice([-(2**40), -1, 0, 7, 2**40])
+            else:
+                a.name = "bogus"
+    return kind
+
+
+def run_case(target: str, folder: Path, work: Path) -> str:
+    from ffmerge_onnx.errors import FFMergeError
+    from ffmerge_onnx.share_file import share_file
+    from ffmerge_onnx.validate import validate
+
+    try:
+        if target == "validate":
+            report = validate(folder, compare=False)
+            return "pass" if report["ok"] else "validation failed"
+        share_file(folder / "model.onnx", work / "shared.onnx", overwrite=True)
+        return "pass"
+    except FFMergeError as e:
+        return type(e).__name__
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cases", type=int, default=100, help="cases per target (validate, share)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--timeout", type=int, default=60)
+    a = ap.parse_args()
+    rng = random.Random(a.seed)
+    signal.signal(signal.SIGALRM, _alarm)
+    outcomes: dict[str, collections.Counter] = {"validate": collections.Counter(), "share": collections.Counter()}
+    crashes = []
+    with tempfile.TemporaryDirectory(prefix="ffmerge-fuzz-") as tmp:
+        tmp = Path(tmp)
+        base = tiny_converted(tmp / "base")
+        original = (base / "model.onnx").read_bytes()
+        for i in range(a.cases * 2):
+            target = "validate" if i % 2 == 0 else "share"
+            case = tmp / "case"
+            shutil.rmtree(case, ignore_errors=True)
+            shutil.copytree(base, case)
+            if rng.random() < 0.5:
+                kind, data = byte_mutation(original, rng)
+                (case / "model.onnx").write_bytes(data)
+            else:
+                model = onnx.load_from_string(original)
+                kind = proto_mutation(model, rng)
+                (case / "model.onnx").write_bytes(model.SerializeToString())
+            if rng.random() < 0.15:  # damage the external data file too
+                d = (case / "model.onnx.data").read_bytes()
+                (case / "model.onnx.data").write_bytes(d[: rng.randrange(len(d))])
+                kind += "+data"
+            signal.alarm(a.timeout)
+            try:
+                outcome = run_case(target, case, tmp)
+            except Hang:
+                outcome = "HANG"
+                crashes.append((i, target, kind, "hang"))
+            except Exception as e:  # noqa: BLE001 - this is what the fuzzer looks for
+                outcome = "CRASH " + type(e).__name__
+                crashes.append((i, target, kind, traceback.format_exc()))
+            finally:
+                signal.alarm(0)
+            outcomes[target][outcome] += 1
+    for target, counts in outcomes.items():
+        print(f"{target}: {sum(counts.values())} cases: " + ", ".join(f"{k} {v}" for k, v in counts.most_common()))
+    print(f"cases tried {a.cases * 2}; crashes {sum(1 for c in crashes if c[3] != 'hang')}; "
+          f"hangs {sum(1 for c in crashes if c[3] == 'hang')}")
+    for i, target, kind, tb in crashes[:5]:
+        print(f"--- case {i} ({target}, {kind}):\n{tb}")
+    return 1 if crashes else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
