@@ -53,7 +53,7 @@ def _load(model: Optional[str], trust_remote_code: bool):
     return spec, load_model(spec, trust_remote_code=trust_remote_code), load_preprocessor(spec)
 
 
-def _calibration(path: Optional[Path], model, pre, tokens: int, needed: bool):
+def _calibration(path: Optional[Path], model, pre, tokens: int, needed: bool, split: str = "calibration"):
     from .builtin import bbc_articles
     from .data import load_calibration
 
@@ -66,8 +66,8 @@ def _calibration(path: Optional[Path], model, pre, tokens: int, needed: bool):
 
         if not bbc_articles():
             raise errors.CalibrationError("No calibration data: pass --calibration PATH.")
-        path = write_calibration_text(Path(tempfile.mkdtemp(prefix="ffmerge-cal-")))
-        console.print(f"calibrating on built-in BBC news text ({tokens} tokens)")
+        path = write_calibration_text(Path(tempfile.mkdtemp(prefix="ffmerge-cal-")), split)
+        console.print(f"{split}: built-in BBC news text ({tokens} tokens)")
     return load_calibration(path, model=model, tokenizer=pre, processor=pre, budget=tokens)
 
 
@@ -190,6 +190,71 @@ def _print_report(report: dict) -> None:
             for r in d["rows"]:
                 if not r.get("ok"):
                     console.print(f"         {r}")
+
+
+@app.command("evaluate")
+def evaluate_cmd(model: Annotated[str, typer.Argument(help="Model, merged folder, convert folder or .onnx file.")],
+                 data: Annotated[Optional[Path], typer.Option("--data", help="Text file or folder (default: built-in BBC news test split).")] = None,
+                 reference: Annotated[Optional[str], typer.Option("--reference", help="Original model, for embedding cosine (default: the manifest's source).")] = None,
+                 max_tokens: Annotated[int, typer.Option("--max-tokens", help="Perplexity: tokens of text to score.")] = 20_000,
+                 window: Annotated[int, typer.Option("--window")] = 512,
+                 stride: Annotated[Optional[int], typer.Option("--stride", help="Default: window - 1.")] = None,
+                 json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the result as JSON here.")] = None):
+    """Perplexity (causal LMs) or embedding cosine to the original (encoders), on PyTorch or ONNX."""
+    import json
+
+    from .builtin import bbc_articles
+    from .data import read_texts
+    from .evaluate import evaluate
+
+    if data is not None and not data.exists():
+        raise errors.InputError(f"{data} does not exist. Give a text file or a folder of .txt files.")
+    texts = read_texts(data) if data else [p.read_text(encoding="utf-8", errors="replace") for p in bbc_articles("test")]
+    result = evaluate(model, texts=texts, reference=reference, max_tokens=max_tokens, window=window, stride=stride)
+    value = result.get("perplexity", result.get("value"))
+    console.print(f"{result['metric']}: [bold]{value:.4f}[/bold]")
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=2))
+
+
+@app.command("search")
+def search_cmd(model: ModelArg = None,
+               merge_count: Annotated[Optional[int], typer.Option("--merge-count", help="k: FF sublayers merged into one.")] = None,
+               reduction: Annotated[Optional[float], typer.Option("--reduction", help="Fraction of all parameters to remove, e.g. 0.1.")] = None,
+               mode: Annotated[str, typer.Option("--mode", help="full: score every position; aligned: score the best --top by alignment.")] = "full",
+               top: Annotated[int, typer.Option("--top")] = 3,
+               stack: StackOpt = None, anchor: AnchorOpt = Anchor.first, calibration: CalOpt = None,
+               validation: Annotated[Optional[Path], typer.Option("--validation", help="Validation text/tensors (default: built-in BBC validation split).")] = None,
+               calibration_tokens: TokensOpt = 10_000,
+               validation_tokens: Annotated[int, typer.Option("--validation-tokens")] = 10_000,
+               output: Annotated[Path, typer.Option("-o", "--output", help="Output folder.")] = Path("search"),
+               overwrite: OverwriteOpt = False, trust_remote_code: RemoteOpt = False):
+    """Find the best window of k adjacent FF sublayers (paper 3.4) and write search.json + search.png."""
+    from .fsutil import atomic_dir
+    from .search import default_score, merge_count_for, search, write
+
+    if (merge_count is None) == (reduction is None):
+        raise errors.InputError("Give exactly one of --merge-count K or --reduction FRACTION.")
+    if mode not in ("full", "aligned"):
+        raise errors.InputError("--mode is full or aligned.")
+    if output.exists() and not overwrite:
+        raise errors.OutputExistsError(f"{output} already exists. Choose another -o or pass --overwrite.")
+    spec, m, pre = _load(model, trust_remote_code)
+    from .adapters import adapter_for
+
+    stacks = [stack.value] if stack else adapter_for(m).stack_names()
+    k = merge_count if merge_count is not None else merge_count_for(m, reduction, stacks)
+    cal = _calibration(calibration, m, pre, calibration_tokens, needed=True)
+    val = _calibration(validation, m, pre, validation_tokens, needed=True, split="validation")
+    score, higher, name = default_score(m, val)
+    result = search(m, k, cal, score, higher_is_better=higher, stacks=stacks, mode=mode, top=top, anchor=anchor.value)
+    result.update(model=spec, score_name=name)
+    with atomic_dir(output, overwrite=overwrite) as tmp:
+        write(result, tmp)
+    for r in result["rows"]:
+        score_text = f"{r['score']:.4f}" if r["score"] is not None else "-"
+        console.print(f"  {r['start']:>3}-{r['end']:<3} alignment {r['align_score']:.3f}  {name} {score_text}")
+    console.print(f"best window of {k}: [bold]{result['best'][0]}-{result['best'][1]}[/bold]; wrote {output}")
 
 
 @app.command("validate")

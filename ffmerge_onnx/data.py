@@ -177,6 +177,9 @@ def load_calibration(path, *, model, tokenizer=None, processor=None, budget: int
         raise CalibrationError(f"Calibration data {path} does not exist.")
     config = model.config
     seq2seq = bool(getattr(config, "is_encoder_decoder", False))
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if limit:  # chunks must fit the model's positions (RoBERTa-style offsets take 2)
+        seq_len = min(seq_len, limit - 2 if config.model_type in ("roberta", "xlm-roberta") else limit)
     is_vision = hasattr(config, "image_size") and hasattr(config, "patch_size")
     suffixes = {p.suffix.lower() for p in path.rglob("*")} if path.is_dir() else {path.suffix.lower()}
     if suffixes & TENSOR_SUFFIXES and not path.is_dir():

@@ -1,6 +1,7 @@
 import pytest
 import torch
 import tiny_models as tm
+from tiny_models import plant
 from safetensors.torch import save_file
 
 from ffmerge_onnx import Window, adapter_for, drop_layers, load_merged, merge, save_merged
@@ -25,21 +26,6 @@ def test_random_permutation_of_one_ff_is_exact(model_type):
         layer = adapter.layers(model, stack)[2]
         permute_ff(adapter, layer, torch.randperm(adapter.ff_dim(layer), generator=torch.Generator().manual_seed(3)))
     assert rel_err(tm.output(model, x), y0) <= 1e-5
-
-
-def plant(model, stack, src, dst, noise, seed=0):
-    """Make layer dst's FF a permuted copy of layer src's (+ noise); return the planted perm."""
-    adapter = adapter_for(model)
-    layers = adapter.layers(model, stack)
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(adapter.ff_dim(layers[src]), generator=g)
-    with torch.no_grad():
-        for role in adapter.roles():
-            s = adapter.ff_params(layers[src])[role.name]
-            d = adapter.ff_params(layers[dst])[role.name]
-            t = s.index_select(role.hidden_axis, perm) if role.hidden_axis is not None else s.clone()
-            d.copy_(t + noise * torch.randn(t.shape, generator=g))
-    return perm
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "bert", "vit", "llama", "marian"])

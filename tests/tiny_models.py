@@ -100,3 +100,34 @@ def calibration(model, n: int = 24, seq: int = 16, seed: int = 2):
     batches = [inputs(model, batch=4, seq=seq, seed=seed + i) for i in range(n // 4)]
     tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["pixel_values"].shape[0] for b in batches)
     return Calibration(batches, tokens, {"kind": "random", "tokens": tokens})
+
+
+def plant(model, stack, src, dst, noise, seed=0):
+    """Make layer dst's FF a permuted copy of layer src's (+ noise); return the planted perm."""
+    from ffmerge_onnx import adapter_for
+
+    adapter = adapter_for(model)
+    layers = adapter.layers(model, stack)
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(adapter.ff_dim(layers[src]), generator=g)
+    with torch.no_grad():
+        for role in adapter.roles():
+            s = adapter.ff_params(layers[src])[role.name]
+            d = adapter.ff_params(layers[dst])[role.name]
+            t = s.index_select(role.hidden_axis, perm) if role.hidden_axis is not None else s.clone()
+            d.copy_(t + noise * torch.randn(t.shape, generator=g))
+    return perm
+
+
+def word_tokenizer():
+    """A real fast tokenizer over words w0..w{VOCAB-1} (no download): text 'w5 w17 ...'."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(VOCAB)}, unk_token="w1"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return T.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="w0", unk_token="w1")
+
+
+def word_text(n: int, seed: int = 0) -> str:
+    g = torch.Generator().manual_seed(seed)
+    return " ".join(f"w{int(i)}" for i in torch.randint(3, VOCAB, (n,), generator=g))

@@ -1,0 +1,230 @@
+"""Quality of a (merged) model, measured the same way on PyTorch and on an ONNX export.
+
+- perplexity of a causal LM with a sliding window (every token after the first scored once,
+  each with up to `window - stride` tokens of left context);
+- fidelity: mean cosine between a model's outputs and a reference model's outputs (sentence
+  embeddings with mean pooling for encoders, logits for classifiers), for encoders and images.
+
+A model is reached through a `Runner`: a PyTorch module or an onnxruntime session, both
+returning the main output for a batch of inputs."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import InputError
+from .progress import track
+
+
+class Runner:
+    """Main output (logits / last_hidden_state) for named input tensors."""
+
+    def __call__(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class TorchRunner(Runner):
+    def __init__(self, model: nn.Module):
+        self.model = model.eval()
+
+    def __call__(self, inputs):
+        from .adapters import adapter_for
+
+        kw = {"use_cache": False} if adapter_for(self.model).task in ("causal-lm", "seq2seq-lm") else {}
+        with torch.no_grad():
+            out = self.model(**inputs, **kw)
+        for name in ("logits", "last_hidden_state"):
+            if getattr(out, name, None) is not None:
+                return getattr(out, name)
+        return out[0]
+
+
+class OnnxRunner(Runner):
+    """An exported model.onnx; past key/values (if the file takes them) are fed empty."""
+
+    def __init__(self, path, session_entries: dict[str, str] | None = None):
+        import onnxruntime as ort
+
+        from .onnx_files import check_onnx
+        from .validate import _session
+
+        check_onnx(path)
+        self.session = _session(Path(path), "cpu", session_entries or {})
+        self.inputs = {i.name: i for i in self.session.get_inputs()}
+
+    def __call__(self, inputs):
+        feeds = {k: v.numpy() for k, v in inputs.items() if k in self.inputs}
+        if "position_ids" in self.inputs and "position_ids" not in feeds:
+            ids = inputs["input_ids"]
+            feeds["position_ids"] = np.broadcast_to(np.arange(ids.shape[1]), ids.shape).astype(np.int64).copy()
+        batch = next(iter(feeds.values())).shape[0]
+        for name, meta in self.inputs.items():
+            if name.startswith("past_key_values."):
+                feeds[name] = np.zeros((batch, meta.shape[1], 0, meta.shape[3]), np.float32)
+        missing = set(self.inputs) - set(feeds)
+        if missing:
+            raise InputError(f"The ONNX model needs inputs {sorted(missing)} that this evaluation does not provide.")
+        return torch.from_numpy(self.session.run([self.session.get_outputs()[0].name], feeds)[0])
+
+
+def runner(model_or_path, session_entries: dict[str, str] | None = None) -> Runner:
+    if isinstance(model_or_path, nn.Module):
+        return TorchRunner(model_or_path)
+    path = Path(model_or_path)
+    if path.is_dir():
+        path = path / "model.onnx"
+    if path.suffix != ".onnx":
+        raise InputError(f"{model_or_path}: give a PyTorch model, an .onnx file or a folder written by convert.")
+    if session_entries is None and (path.parent / "ort_session_settings.json").exists():
+        import json
+
+        session_entries = json.loads((path.parent / "ort_session_settings.json").read_text())["session_config_entries"]
+    return OnnxRunner(path, session_entries)
+
+
+@dataclass
+class Perplexity:
+    perplexity: float
+    nll: float  # mean negative log-likelihood per scored token (nats)
+    tokens: int  # scored tokens
+
+    def as_dict(self) -> dict:
+        return {"perplexity": self.perplexity, "nll": self.nll, "tokens": self.tokens}
+
+
+def perplexity(run: Runner, ids: torch.Tensor, *, window: int = 512, stride: int | None = None,
+               progress: bool = True) -> Perplexity:
+    """Sliding-window perplexity of a 1-D token sequence, float64 accumulation.
+
+    Every token after the first is scored exactly once; each window scores the next `stride`
+    tokens and gives each of them at least `window - stride` tokens of context (stride is at most
+    window - 1, so no token lands at a window's first position without context)."""
+    ids = torch.as_tensor(ids, dtype=torch.long).flatten()
+    n = ids.numel()
+    if n < 2:
+        raise InputError("Perplexity needs at least 2 tokens of text.")
+    if window < 2:
+        raise InputError(f"window must be at least 2 tokens; got {window}.")
+    stride = min(stride or window, window - 1)
+    if stride < 1:
+        raise InputError(f"stride must be positive; got {stride}.")
+    total, count, scored_to = 0.0, 0, 1  # token 0 has no context and is never scored
+    for _ in track(range(math.ceil((n - 1) / stride)), "perplexity", enabled=progress):
+        end = min(scored_to + stride, n)
+        begin = max(0, end - window)
+        chunk = ids[begin:end][None]
+        logits = run({"input_ids": chunk, "attention_mask": torch.ones_like(chunk)}).double()
+        logp = torch.log_softmax(logits[0, :-1], dim=-1)  # row j predicts token begin + j + 1
+        first = scored_to - (begin + 1)
+        nll = -logp[first:].gather(1, chunk[0, 1:][first:, None]).squeeze(1)
+        total += float(nll.sum())
+        count += nll.numel()
+        scored_to = end
+    mean = total / count
+    return Perplexity(math.exp(mean), mean, count)
+
+
+def text_ids(tokenizer, paths: list[Path] | list[str], max_tokens: int | None = None) -> torch.Tensor:
+    """Token ids of texts joined by blank lines (files or strings)."""
+    ids: list[int] = []
+    for p in paths:
+        text = Path(p).read_text(encoding="utf-8", errors="replace") if isinstance(p, Path) else p
+        ids.extend(tokenizer(text + "\n\n", add_special_tokens=False)["input_ids"])
+        if max_tokens and len(ids) >= max_tokens:
+            break
+    return torch.tensor(ids[:max_tokens] if max_tokens else ids, dtype=torch.long)
+
+
+def mean_pooled(run: Runner, tokenizer, texts: list[str], *, max_length: int = 256, batch_size: int = 16,
+                progress: bool = True) -> torch.Tensor:
+    """Sentence embeddings: mean of last_hidden_state over real tokens, L2-normalised (sentence-transformers)."""
+    out = []
+    for i in track(range(0, len(texts), batch_size), "embedding", enabled=progress):
+        enc = tokenizer(texts[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
+                        return_tensors="pt")
+        inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        hidden = run(inputs).double()
+        mask = enc["attention_mask"][..., None].double()
+        emb = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)
+        out.append(torch.nn.functional.normalize(emb, dim=-1))
+    return torch.cat(out)
+
+
+def cosine_fidelity(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean row-wise cosine between two output matrices (1.0: identical directions)."""
+    a, b = a.double().flatten(1), b.double().flatten(1)
+    return float(torch.nn.functional.cosine_similarity(a, b, dim=1).mean())
+
+
+# -- what `ffmerge-onnx evaluate` runs -----------------------------------------------------
+@dataclass
+class Target:
+    """A model to evaluate: its runner, tokenizer, task and (for merged models) the original's spec."""
+
+    run: Runner
+    tokenizer: object
+    task: str
+    source: str | None
+
+
+def open_target(spec: str, trust_remote_code: bool = False) -> Target:
+    """A convert folder or .onnx file (onnxruntime), a merged folder, or any model load_model takes."""
+    import json
+
+    from .adapters import adapter_for
+    from .manifest import MANIFEST_NAME
+    from .modeling import load_model, load_preprocessor
+
+    path = Path(spec)
+    onnx_file = path if path.suffix == ".onnx" else path / "model.onnx"
+    if onnx_file.is_file():
+        folder = onnx_file.parent
+        info = json.loads((folder / "onnx_export.json").read_text()) if (folder / "onnx_export.json").exists() else {}
+        manifest = json.loads((folder / MANIFEST_NAME).read_text()) if (folder / MANIFEST_NAME).exists() else {}
+        return Target(runner(onnx_file), _tokenizer(folder), info.get("task", "unknown"), manifest.get("source"))
+    if path.is_dir() and (path / MANIFEST_NAME).exists():
+        from .storage import load_merged
+
+        model = load_merged(path)
+        return Target(TorchRunner(model), _tokenizer(path), adapter_for(model).task, model.ffmerge_manifest.source)
+    model = load_model(spec, trust_remote_code=trust_remote_code)
+    return Target(TorchRunner(model), load_preprocessor(spec), adapter_for(model).task, None)
+
+
+def _tokenizer(folder: Path):
+    import transformers
+
+    try:
+        return transformers.AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def evaluate(spec: str, *, texts: list[str], reference: str | None = None, max_tokens: int = 20_000,
+             window: int = 512, stride: int | None = None, progress: bool = True) -> dict:
+    """Perplexity for causal LMs; embedding cosine to the original for encoders."""
+    target = open_target(spec)
+    if target.tokenizer is None:
+        raise InputError(f"No tokenizer found with {spec}; evaluation on text needs one.")
+    if target.task == "causal-lm":
+        ids = text_ids(target.tokenizer, texts, max_tokens)
+        result = perplexity(target.run, ids, window=window, stride=stride, progress=progress)
+        return {"model": spec, "task": target.task, "metric": "perplexity", **result.as_dict()}
+    if target.task == "feature-extraction":
+        ref_spec = reference or target.source
+        if not ref_spec:
+            raise InputError("Embedding fidelity needs the original model: pass --reference MODEL.")
+        reference_target = open_target(ref_spec)
+        docs = list(texts)
+        a = mean_pooled(target.run, target.tokenizer, docs, progress=progress)
+        b = mean_pooled(reference_target.run, reference_target.tokenizer, docs, progress=progress)
+        return {"model": spec, "task": target.task, "metric": "embedding cosine to original", "reference": ref_spec,
+                "value": cosine_fidelity(a, b), "texts": len(docs)}
+    raise InputError(f"`evaluate` covers causal LMs (perplexity) and sentence encoders (embedding cosine); "
+                     f"this model's task is {target.task}.")

@@ -1,0 +1,136 @@
+"""Recovery fine-tuning of a merged (tied) model; the same routine serves the layer-drop baseline.
+
+Tied FF sublayers are one nn.Parameter, so the optimizer sees it once and its gradient is the
+sum over the layers that read it: ties survive training by construction (checked at the end).
+
+Objectives: `lm` (next-token loss, causal LMs) or `distill` (match the original model's last
+hidden states on real tokens, for encoders or when no labels exist). The best state by the
+validation score is kept; with an output folder, progress is saved after every evaluation and
+a rerun resumes from it."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .adapters import adapter_for
+from .errors import InputError
+from .progress import track
+
+STATE = "finetune_state.pt"
+
+
+@dataclass
+class FinetuneResult:
+    history: list[dict] = field(default_factory=list)  # {"step", "score", "loss"}
+    best_step: int = 0
+    best_score: float = math.nan
+
+
+def _unique_params(model: nn.Module) -> list[nn.Parameter]:
+    return list({id(p): p for p in model.parameters() if p.requires_grad}.values())
+
+
+def _lm_loss(model, batch):
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
+                 use_cache=False).loss
+
+
+def _distill_loss(original):
+    def loss(model, batch):
+        inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "pixel_values")}
+        with torch.no_grad():
+            target = original(**inputs).last_hidden_state
+        hidden = model(**inputs).last_hidden_state
+        mask = batch["attention_mask"].bool() if "attention_mask" in batch else torch.ones(hidden.shape[:2], dtype=torch.bool)
+        return torch.nn.functional.mse_loss(hidden[mask], target[mask])
+
+    return loss
+
+
+def finetune(model: nn.Module, batches: list[dict], score: Callable[[nn.Module], float], *, higher_is_better: bool,
+             steps: int, lr: float = 5e-5, eval_every: int = 25, objective: str = "lm",
+             original: nn.Module | None = None, output: Path | None = None, progress: bool = True,
+             seed: int = 0) -> FinetuneResult:
+    """Train in place for `steps` steps; the model ends at its best validation state."""
+    if steps < 1 or not batches:
+        raise InputError("Fine-tuning needs at least one step and one batch of data.")
+    if objective == "lm":
+        if adapter_for(model).task != "causal-lm":
+            raise InputError("objective lm needs a causal LM; use objective distill for other models.")
+        loss_fn = _lm_loss
+    elif objective == "distill":
+        if original is None:
+            raise InputError("objective distill needs the original model.")
+        loss_fn = _distill_loss(original.eval())
+    else:
+        raise InputError(f"objective is lm or distill; got {objective!r}.")
+    params = _unique_params(model)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, steps // 10)))
+    result, start = FinetuneResult(), 0
+    best_state = None
+    state_path = Path(output) / STATE if output else None
+    if state_path and state_path.exists():  # resume
+        saved = torch.load(state_path, map_location="cpu", weights_only=True)
+        with torch.no_grad():
+            for p, v in zip(params, saved["params"]):
+                p.copy_(v)
+        opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["scheduler"])
+        start = int(saved["step"])
+        result.history = [dict(zip(("step", "score", "loss"), row)) for row in saved["history"].tolist()]
+        best_state = saved["best"]
+        result.best_step, result.best_score = int(saved["best_step"]), float(saved["best_score"])
+    if best_state is None:
+        model.eval()
+        result.best_score = float(score(model))
+        result.history.append({"step": 0, "score": result.best_score, "loss": math.nan})
+        best_state = [p.detach().clone() for p in params]
+    better = (lambda a, b: a > b) if higher_is_better else (lambda a, b: a < b)
+    g = torch.Generator().manual_seed(seed)
+    order = itertools.cycle(torch.randperm(len(batches), generator=g).tolist())
+    for _ in range(start):
+        next(order)
+    running = []
+    for step in track(range(start + 1, steps + 1), "fine-tuning", enabled=progress):
+        model.train()
+        loss = loss_fn(model, batches[next(order)])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        running.append(float(loss))
+        if step % eval_every == 0 or step == steps:
+            model.eval()
+            value = float(score(model))
+            result.history.append({"step": step, "score": value, "loss": sum(running) / len(running)})
+            running = []
+            if better(value, result.best_score):
+                result.best_step, result.best_score = step, value
+                best_state = [p.detach().clone() for p in params]
+            if state_path:
+                _save_state(state_path, params, opt, sched, step, result, best_state)
+    with torch.no_grad():
+        for p, v in zip(params, best_state):
+            p.copy_(v)
+    model.eval()
+    return result
+
+
+def _save_state(path: Path, params, opt, sched, step: int, result: FinetuneResult, best_state) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    history = torch.tensor([[h["step"], h["score"], h["loss"]] for h in result.history], dtype=torch.float64)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"params": [p.detach() for p in params], "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "step": step, "history": history, "best": best_state, "best_step": result.best_step,
+                "best_score": result.best_score}, tmp)
+    tmp.replace(path)

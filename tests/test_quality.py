@@ -1,0 +1,217 @@
+"""Evaluators on inputs with known answers; window search on a planted-redundancy model."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import tiny_models as tm
+import torch
+from tiny_models import plant
+
+from ffmerge_onnx import Window, adapter_for, merge
+from ffmerge_onnx.evaluate import Runner, TorchRunner, cosine_fidelity, perplexity, runner
+from ffmerge_onnx.onnx_build import BuildOptions, build
+from ffmerge_onnx.search import batch_perplexity, fidelity, merge_count_for, search
+
+
+class Uniform(Runner):
+    def __init__(self, vocab):
+        self.vocab = vocab
+        self.starts = []
+
+    def __call__(self, inputs):
+        ids = inputs["input_ids"]
+        self.starts.append(ids.shape[1])
+        return torch.zeros(*ids.shape, self.vocab)
+
+
+class Oracle(Runner):
+    """Knows the whole sequence: puts all mass on the true next token."""
+
+    def __init__(self, seq, vocab):
+        self.seq, self.vocab = seq, vocab
+        self.windows = []
+
+    def __call__(self, inputs):
+        ids = inputs["input_ids"][0]
+        n = len(self.seq)
+        # find where this chunk starts in the sequence
+        begin = next(b for b in range(n) if torch.equal(self.seq[b:b + len(ids)], ids))
+        self.windows.append((begin, begin + len(ids)))
+        logits = torch.full((1, len(ids), self.vocab), -50.0)
+        for j in range(len(ids)):
+            if begin + j + 1 < n:
+                logits[0, j, self.seq[begin + j + 1]] = 50.0
+        return logits
+
+
+@pytest.mark.parametrize("window,stride", [(64, 64), (16, 8), (16, 16), (7, 3), (200, 50)])
+def test_perplexity_known_answers_and_every_token_scored_once(window, stride):
+    seq = torch.randperm(100, generator=torch.Generator().manual_seed(0))  # distinct tokens: chunks locate uniquely
+    uniform = perplexity(Uniform(100), seq, window=window, stride=stride, progress=False)
+    assert uniform.tokens == len(seq) - 1
+    assert uniform.perplexity == pytest.approx(100.0, rel=1e-12)
+    oracle = Oracle(seq, 100)
+    result = perplexity(oracle, seq, window=window, stride=stride, progress=False)
+    assert result.tokens == len(seq) - 1 and result.perplexity == pytest.approx(1.0, abs=1e-12)
+    # each window scores from where the last one stopped, with >= window - stride tokens of context
+    step = min(stride, window - 1)
+    scored_to = 1
+    for begin, end in oracle.windows:
+        assert end - begin <= window and scored_to - begin >= min(scored_to, window - step)
+        scored_to = end
+    assert scored_to == len(seq)
+
+
+def test_perplexity_equals_the_model_loss_and_onnx_matches_pytorch(tmp_path):
+    model = tm.build("gpt2", gentle=True)
+    seq = torch.randint(3, tm.VOCAB, (60,), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        loss = model(input_ids=seq[None], labels=seq[None], use_cache=False).loss
+    direct = perplexity(TorchRunner(model), seq, window=64, progress=False)
+    assert direct.perplexity == pytest.approx(math.exp(float(loss)), rel=1e-5)
+    merged = tm.build("gpt2", gentle=True)
+    merge(merged, [Window("decoder", 1, 2)], calibration=tm.calibration(merged), progress=False)
+    torch_ppl = perplexity(TorchRunner(merged), seq, window=32, stride=16, progress=False)
+    for kv in (False, True):
+        build(merged, tmp_path / str(kv), BuildOptions(kv_cache=kv))
+        onnx_ppl = perplexity(runner(tmp_path / str(kv)), seq, window=32, stride=16, progress=False)
+        assert onnx_ppl.perplexity == pytest.approx(torch_ppl.perplexity, rel=1e-5)
+    assert batch_perplexity(model, [{"input_ids": seq[None], "attention_mask": torch.ones(1, 60, dtype=torch.long)}]) \
+        == pytest.approx(direct.perplexity, rel=1e-9)
+
+
+def test_cosine_fidelity():
+    a = torch.randn(10, 8, generator=torch.Generator().manual_seed(0))
+    assert cosine_fidelity(a, 3 * a) == pytest.approx(1.0)
+    assert cosine_fidelity(a, -a) == pytest.approx(-1.0)
+    b = a.clone()
+    b[:, 0] = 0
+    assert cosine_fidelity(a, b) < 1.0
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "bert"])
+@pytest.mark.parametrize("mode", ["full", "aligned"])
+def test_window_search_finds_the_planted_window(model_type, mode):
+    model = tm.build(model_type, gentle=True)
+    stack = adapter_for(model).stack_names()[-1]
+    plant(model, stack, 2, 3, 0.0)
+    cal = tm.calibration(model)
+    # fidelity to the original: on random weights perplexity says nothing about a merge's damage
+    score = fidelity(model, list(tm.calibration(model, seed=11)))
+    result = search(model, 2, cal, score, higher_is_better=True, mode=mode, top=1, progress=False)
+    assert result["best"] == [2, 3]
+    assert result["best_by_alignment"] == [2, 3]
+    rows = {tuple((r["start"], r["end"])): r for r in result["rows"]}
+    assert rows[(2, 3)]["align_score"] == max(r["align_score"] for r in rows.values())
+    if mode == "full":
+        assert all(r["score"] is not None for r in rows.values())
+        # the planted window merges without loss
+        original = score(model)
+        assert rows[(2, 3)]["score"] == pytest.approx(original, rel=1e-5)
+    else:
+        assert sum(r["score"] is not None for r in rows.values()) == 1
+
+
+def test_merge_count_for_a_reduction():
+    model = tm.build("llama")
+    total = sum(p.numel() for p in model.parameters())
+    ff = sum(p.numel() for p in adapter_for(model).ff_params(adapter_for(model).layers(model, "decoder")[0]).values())
+    k = merge_count_for(model, 2 * ff / total, ["decoder"])
+    assert k == 3  # 2 FF sublayers removed = merging 3
+
+
+def test_evaluate_and_search_cli(tmp_path):
+    import json
+
+    from ffmerge_onnx.cli import main
+    from ffmerge_onnx.pipeline import ConvertOptions, convert
+
+    model = tm.build("gpt2", gentle=True)
+    tok = tm.word_tokenizer()
+    model.save_pretrained(tmp_path / "orig")
+    tok.save_pretrained(tmp_path / "orig")
+    (tmp_path / "text.txt").write_text(tm.word_text(400, seed=4))
+    # search: aligned mode scores only the top window; outputs JSON and a PNG
+    assert main(["search", str(tmp_path / "orig"), "--merge-count", "2", "--mode", "aligned", "--top", "1",
+                 "--calibration", str(tmp_path / "text.txt"), "--calibration-tokens", "300",
+                 "--validation", str(tmp_path / "text.txt"), "--validation-tokens", "300",
+                 "-o", str(tmp_path / "s")]) == 0
+    found = json.loads((tmp_path / "s" / "search.json").read_text())
+    assert found["k"] == 2 and len(found["rows"]) == 3 and found["best"] == found["best_by_alignment"]
+    assert (tmp_path / "s" / "search.png").read_bytes()[:4] == b"\x89PNG"
+    # evaluate: the same perplexity on the merged PyTorch checkpoint and its ONNX export
+    merge(model, [Window("decoder", *found["best"])], calibration=tm.calibration(model), progress=False)
+    convert(model, tmp_path / "out", ConvertOptions(compare=False), preprocessor=tok, log=lambda s: None)
+    values = []
+    for target in (tmp_path / "out", tmp_path / "out" / "reference"):
+        assert main(["evaluate", str(target), "--data", str(tmp_path / "text.txt"), "--window", "32",
+                     "--json", str(tmp_path / "e.json")]) == 0
+        values.append(json.loads((tmp_path / "e.json").read_text())["perplexity"])
+    assert values[0] == pytest.approx(values[1], rel=1e-5)
+    assert main(["search", str(tmp_path / "orig"), "-o", str(tmp_path / "s2")]) == 2  # neither --merge-count nor --reduction
+
+
+def _merged_llama():
+    model = tm.build("llama", gentle=True)
+    merge(model, [Window("decoder", 1, 2)], calibration=tm.calibration(model), progress=False)
+    return model
+
+
+def test_finetune_keeps_ties_trains_everything_and_restores_the_best_state():
+    from ffmerge_onnx.finetune import finetune
+
+    model = _merged_llama()
+    layers = adapter_for(model).layers(model, "decoder")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    snapshots, scores = [], iter([5.0, 3.0, 4.0, 9.0])
+
+    def score(m):
+        snapshots.append({n: p.detach().clone() for n, p in m.named_parameters()})
+        return next(scores)
+
+    batches = list(tm.calibration(model))
+    result = finetune(model, batches, score, higher_is_better=False, steps=6, lr=1e-3, eval_every=2, progress=False)
+    assert [h["step"] for h in result.history] == [0, 2, 4, 6] and result.best_step == 2
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        assert getattr(layers[1].mlp, name).weight is getattr(layers[2].mlp, name).weight
+    now = dict(model.named_parameters())
+    assert all(torch.equal(now[n], snapshots[1][n]) for n in now)  # the best state (step 2) is restored
+    changed = [n for n in now if not torch.equal(now[n], before[n])]
+    assert any("mlp" in n for n in changed) and any("self_attn" in n for n in changed)
+
+
+def test_finetune_resumes_where_it_stopped(tmp_path):
+    from ffmerge_onnx.finetune import finetune
+
+    batches = list(tm.calibration(tm.build("llama")))
+
+    def score(m):
+        return batch_perplexity(m, batches[:1])
+
+    a = _merged_llama()
+    finetune(a, batches, score, higher_is_better=False, steps=8, lr=1e-3, eval_every=4, progress=False)
+    b = _merged_llama()
+    finetune(b, batches, score, higher_is_better=False, steps=4, lr=1e-3, eval_every=4, output=tmp_path, progress=False)
+    resumed = finetune(b, batches, score, higher_is_better=False, steps=8, lr=1e-3, eval_every=4, output=tmp_path,
+                       progress=False)
+    assert [h["step"] for h in resumed.history] == [0, 4, 8]
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_distill_objective_moves_a_merged_encoder_toward_the_original():
+    import copy
+
+    from ffmerge_onnx.finetune import finetune
+
+    original = tm.build("bert")
+    model = copy.deepcopy(original)
+    merge(model, [Window("encoder", 0, 3)], align="none", progress=False)  # 4 unrelated FFs averaged: far off
+    batches = list(tm.calibration(original))
+    score = fidelity(original, batches)
+    start = score(model)
+    result = finetune(model, batches, score, higher_is_better=True, steps=30, lr=1e-3, eval_every=10,
+                      objective="distill", original=original, progress=False)
+    assert start < 0.7 and result.best_score > 0.95 and score(model) == pytest.approx(result.best_score)
