@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import sys
 from enum import Enum
 from pathlib import Path
@@ -42,6 +43,10 @@ CalOpt = Annotated[Optional[Path], typer.Option("--calibration", help="Text file
 TokensOpt = Annotated[int, typer.Option("--calibration-tokens", help="Token budget for calibration.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")]
 RemoteOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow code from the model folder to run (off by default).")]
+StepsOpt = Annotated[int, typer.Option("--finetune-steps", help="Recovery fine-tune steps after merging (0: none).")]
+LrOpt = Annotated[float, typer.Option("--lr", help="Fine-tune learning rate.")]
+FtDataOpt = Annotated[Optional[Path], typer.Option("--finetune-data", help="Fine-tune text/tensors (default: built-in BBC calibration split).")]
+FtTokensOpt = Annotated[int, typer.Option("--finetune-tokens", help="Tokens of fine-tune data.")]
 
 
 def _load(model: Optional[str], trust_remote_code: bool):
@@ -71,6 +76,18 @@ def _calibration(path: Optional[Path], model, pre, tokens: int, needed: bool, sp
     return load_calibration(path, model=model, tokenizer=pre, processor=pre, budget=tokens)
 
 
+def _recover(m, original, pre, steps: int, lr: float, data: Optional[Path], tokens: int) -> None:
+    """Recovery fine-tune of the merged model in place (best state by the validation split)."""
+    from .finetune import recover
+
+    train = list(_calibration(data, m, pre, tokens, needed=True))
+    validation = list(_calibration(None, m, pre, min(tokens, 8_000), needed=True, split="validation"))
+    result = recover(m, original, train, validation, steps=steps, lr=lr)
+    name = m.ffmerge_manifest.finetune["score"]
+    console.print(f"fine-tuned {steps} steps: {name} {result.history[0]['score']:.4f} -> {result.best_score:.4f} "
+                  f"(best at step {result.best_step})")
+
+
 def _windows(model, layers: Optional[str], stack: Optional[Stack]):
     from .adapters import adapter_for
     from .builtin import DEFAULT_LAYERS
@@ -88,6 +105,8 @@ def _windows(model, layers: Optional[str], stack: Optional[Stack]):
 def merge_cmd(model: ModelArg = None, output: Annotated[Path, typer.Option("-o", "--output", help="Output folder.")] = Path("merged"),
               layers: LayersOpt = None, stack: StackOpt = None, anchor: AnchorOpt = Anchor.first,
               align: AlignOpt = Align.correlation, calibration: CalOpt = None, calibration_tokens: TokensOpt = 10_000,
+              finetune_steps: StepsOpt = 0, lr: LrOpt = 5e-5, finetune_data: FtDataOpt = None,
+              finetune_tokens: FtTokensOpt = 50_000,
               overwrite: OverwriteOpt = False, trust_remote_code: RemoteOpt = False):
     """Merge a window of adjacent FF sublayers and save the tied model (each shared tensor once).
 
@@ -101,7 +120,10 @@ def merge_cmd(model: ModelArg = None, output: Annotated[Path, typer.Option("-o",
     windows = _windows(m, layers, stack)
     cal = _calibration(calibration, m, pre, calibration_tokens, needed=align is Align.correlation)
     before = m.num_parameters()
+    original = copy.deepcopy(m) if finetune_steps else None
     merge(m, windows, anchor=anchor.value, align=align.value, calibration=cal, source=spec)
+    if finetune_steps:
+        _recover(m, original, pre, finetune_steps, lr, finetune_data, finetune_tokens)
     save_merged(m, output, preprocessor=pre, overwrite=overwrite)
     for w in m.ffmerge_manifest.windows:
         scores = ", ".join(f"{k}: {v:.3f}" for k, v in w.scores.items())
@@ -148,6 +170,8 @@ def convert_cmd(model: ModelArg = None, output: Annotated[Path, typer.Option("-o
                 providers: Annotated[str, typer.Option("--providers", help="cpu and/or cuda, comma separated.")] = "cpu",
                 external_data: Annotated[bool, typer.Option("--external-data", help="Weights in a .data file at any size.")] = False,
                 kv_cache: Annotated[bool, typer.Option("--kv-cache", help="Decoders take past_key_values.* and return present.* (optimum's with-past layout).")] = False,
+                finetune_steps: StepsOpt = 0, lr: LrOpt = 5e-5, finetune_data: FtDataOpt = None,
+                finetune_tokens: FtTokensOpt = 50_000,
                 no_reference: Annotated[bool, typer.Option("--no-reference", help="Do not keep the merged checkpoint in OUT/reference.")] = False,
                 no_compare: Annotated[bool, typer.Option("--no-compare", help="Skip the side-by-side unmerged export.")] = False,
                 overwrite: OverwriteOpt = False, trust_remote_code: RemoteOpt = False):
@@ -160,7 +184,10 @@ def convert_cmd(model: ModelArg = None, output: Annotated[Path, typer.Option("-o
     spec, m, pre = _load(model, trust_remote_code)
     windows = _windows(m, layers, stack)
     cal = _calibration(calibration, m, pre, calibration_tokens, needed=align is Align.correlation)
+    original = copy.deepcopy(m) if finetune_steps else None
     merge(m, windows, anchor=anchor.value, align=align.value, calibration=cal, source=spec)
+    if finetune_steps:
+        _recover(m, original, pre, finetune_steps, lr, finetune_data, finetune_tokens)
     if permutations is Mode.gather:
         console.print("[yellow]note:[/yellow] mode gather needs the session settings in ort_session_settings.json "
                       "(ConstantFolding off); mode fold needs none.")

@@ -108,7 +108,7 @@ def finetune(model: nn.Module, batches: list[dict], score: Callable[[nn.Module],
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        running.append(float(loss))
+        running.append(float(loss.detach()))
         if step % eval_every == 0 or step == steps:
             model.eval()
             value = float(score(model))
@@ -134,3 +134,23 @@ def _save_state(path: Path, params, opt, sched, step: int, result: FinetuneResul
                 "step": step, "history": history, "best": best_state, "best_step": result.best_step,
                 "best_score": result.best_score}, tmp)
     tmp.replace(path)
+
+
+def recover(model: nn.Module, original: nn.Module, batches: list[dict], validation: list[dict], *, steps: int,
+            lr: float = 5e-5, eval_every: int = 25, output: Path | None = None, progress: bool = True) -> FinetuneResult:
+    """Fine-tune a merged (or layer-dropped) model with the objective its task allows, scored on
+    validation batches, and record it in the model's manifest."""
+    from .manifest import fingerprint
+    from .search import default_score
+
+    score, higher, name = default_score(original, validation)
+    objective = "lm" if adapter_for(model).task == "causal-lm" else "distill"
+    result = finetune(model, batches, score, higher_is_better=higher, steps=steps, lr=lr, eval_every=eval_every,
+                      objective=objective, original=original, output=output, progress=progress)
+    manifest = getattr(model, "ffmerge_manifest", None)
+    if manifest is not None:
+        manifest.finetune = {"steps": steps, "lr": lr, "objective": objective, "score": name,
+                             "best_step": result.best_step, "best_score": result.best_score,
+                             "history": result.history}
+        manifest.fingerprint = fingerprint(model)
+    return result

@@ -43,6 +43,7 @@ class Manifest:
     windows: list[WindowRecord] = field(default_factory=list)
     dropped: dict[str, list[int]] = field(default_factory=dict)
     calibration: dict = field(default_factory=dict)
+    finetune: dict = field(default_factory=dict)  # recovery fine-tune, if any
     fingerprint: str = ""
     aliases: dict[str, str] = field(default_factory=dict)  # state-dict key -> canonical key
     tool_version: str = __version__

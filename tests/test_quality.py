@@ -215,3 +215,25 @@ def test_distill_objective_moves_a_merged_encoder_toward_the_original():
     result = finetune(model, batches, score, higher_is_better=True, steps=30, lr=1e-3, eval_every=10,
                       objective="distill", original=original, progress=False)
     assert start < 0.7 and result.best_score > 0.95 and score(model) == pytest.approx(result.best_score)
+
+
+def test_merge_cli_with_recovery_finetune_records_it_and_reloads(tmp_path):
+    import json
+
+    from ffmerge_onnx import load_merged
+    from ffmerge_onnx.cli import main
+
+    model = tm.build("llama", gentle=True)
+    tok = tm.word_tokenizer()
+    model.save_pretrained(tmp_path / "orig")
+    tok.save_pretrained(tmp_path / "orig")
+    (tmp_path / "text.txt").write_text(tm.word_text(600, seed=5))
+    assert main(["merge", str(tmp_path / "orig"), "-o", str(tmp_path / "m"), "--layers", "1-2",
+                 "--calibration", str(tmp_path / "text.txt"), "--calibration-tokens", "300",
+                 "--finetune-steps", "4", "--lr", "1e-3", "--finetune-data", str(tmp_path / "text.txt"),
+                 "--finetune-tokens", "300"]) == 0
+    record = json.loads((tmp_path / "m" / "ffmerge.json").read_text())["finetune"]
+    assert record["steps"] == 4 and record["objective"] == "lm" and record["score"] == "perplexity"
+    reloaded = load_merged(tmp_path / "m")  # the fingerprint follows the fine-tuned weights
+    layers = adapter_for(reloaded).layers(reloaded, "decoder")
+    assert layers[1].mlp.up_proj.weight is layers[2].mlp.up_proj.weight
