@@ -39,6 +39,15 @@ LayersOpt = Annotated[Optional[str], typer.Option("--layers", help="Window(s) to
 StackOpt = Annotated[Optional[Stack], typer.Option("--stack", help="Which stack the window is in (default: the model's only or last stack).")]
 AnchorOpt = Annotated[Anchor, typer.Option("--anchor", help="Layer of the window the others are aligned to.")]
 AlignOpt = Annotated[Align, typer.Option("--align", help="correlation (paper) or none (vanilla merge).")]
+
+
+class Method(str, Enum):
+    average = "average"
+    regmean = "regmean"
+    refit = "refit"
+
+
+MethodOpt = Annotated[Method, typer.Option("--method", help="average (paper), regmean, or refit (least-squares output projection).")]
 CalOpt = Annotated[Optional[Path], typer.Option("--calibration", help="Text file/folder, image folder, or .pt/.safetensors tensors.")]
 TokensOpt = Annotated[int, typer.Option("--calibration-tokens", help="Token budget for calibration.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")]
@@ -105,6 +114,7 @@ def _windows(model, layers: Optional[str], stack: Optional[Stack]):
 def merge_cmd(model: ModelArg = None, output: Annotated[Path, typer.Option("-o", "--output", help="Output folder.")] = Path("merged"),
               layers: LayersOpt = None, stack: StackOpt = None, anchor: AnchorOpt = Anchor.first,
               align: AlignOpt = Align.correlation, calibration: CalOpt = None, calibration_tokens: TokensOpt = 10_000,
+              method: MethodOpt = Method.average,
               finetune_steps: StepsOpt = 0, lr: LrOpt = 5e-5, finetune_data: FtDataOpt = None,
               finetune_tokens: FtTokensOpt = 50_000,
               overwrite: OverwriteOpt = False, trust_remote_code: RemoteOpt = False):
@@ -118,10 +128,11 @@ def merge_cmd(model: ModelArg = None, output: Annotated[Path, typer.Option("-o",
         raise errors.OutputExistsError(f"{output} already exists. Choose another -o or pass --overwrite.")
     spec, m, pre = _load(model, trust_remote_code)
     windows = _windows(m, layers, stack)
-    cal = _calibration(calibration, m, pre, calibration_tokens, needed=align is Align.correlation)
+    cal = _calibration(calibration, m, pre, calibration_tokens,
+                       needed=align is Align.correlation or method is not Method.average)
     before = m.num_parameters()
     original = copy.deepcopy(m) if finetune_steps else None
-    merge(m, windows, anchor=anchor.value, align=align.value, calibration=cal, source=spec)
+    merge(m, windows, anchor=anchor.value, align=align.value, calibration=cal, source=spec, method=method.value)
     if finetune_steps:
         _recover(m, original, pre, finetune_steps, lr, finetune_data, finetune_tokens)
     save_merged(m, output, preprocessor=pre, overwrite=overwrite)
@@ -170,6 +181,7 @@ def convert_cmd(model: ModelArg = None, output: Annotated[Path, typer.Option("-o
                 providers: Annotated[str, typer.Option("--providers", help="cpu and/or cuda, comma separated.")] = "cpu",
                 external_data: Annotated[bool, typer.Option("--external-data", help="Weights in a .data file at any size.")] = False,
                 kv_cache: Annotated[bool, typer.Option("--kv-cache", help="Decoders take past_key_values.* and return present.* (optimum's with-past layout).")] = False,
+                method: MethodOpt = Method.average,
                 finetune_steps: StepsOpt = 0, lr: LrOpt = 5e-5, finetune_data: FtDataOpt = None,
                 finetune_tokens: FtTokensOpt = 50_000,
                 no_reference: Annotated[bool, typer.Option("--no-reference", help="Do not keep the merged checkpoint in OUT/reference.")] = False,
@@ -183,9 +195,9 @@ def convert_cmd(model: ModelArg = None, output: Annotated[Path, typer.Option("-o
         raise errors.OutputExistsError(f"{output} already exists. Choose another -o or pass --overwrite.")
     spec, m, pre = _load(model, trust_remote_code)
     windows = _windows(m, layers, stack)
-    cal = _calibration(calibration, m, pre, calibration_tokens, needed=align is Align.correlation)
+    cal = _calibration(calibration, m, pre, calibration_tokens, needed=align is Align.correlation or method is not Method.average)
     original = copy.deepcopy(m) if finetune_steps else None
-    merge(m, windows, anchor=anchor.value, align=align.value, calibration=cal, source=spec)
+    merge(m, windows, anchor=anchor.value, align=align.value, calibration=cal, source=spec, method=method.value)
     if finetune_steps:
         _recover(m, original, pre, finetune_steps, lr, finetune_data, finetune_tokens)
     if permutations is Mode.gather:

@@ -49,13 +49,11 @@ class OnnxRunner(Runner):
     """An exported model.onnx; past key/values (if the file takes them) are fed empty."""
 
     def __init__(self, path, session_entries: dict[str, str] | None = None):
-        import onnxruntime as ort
-
         from .onnx_files import check_onnx
-        from .validate import _session
+        from .validate import open_session
 
         check_onnx(path)
-        self.session = _session(Path(path), "cpu", session_entries or {})
+        self.session = open_session(Path(path), "cpu", session_entries or {})
         self.inputs = {i.name: i for i in self.session.get_inputs()}
 
     def __call__(self, inputs):

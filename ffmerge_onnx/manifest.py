@@ -27,6 +27,7 @@ class WindowRecord:
     align: str
     scores: dict[str, float]  # layer -> mean matched correlation with the anchor
     shared: dict[str, str]  # role -> stable name, e.g. "ffmerge.decoder.w3_5.fc_in.weight"
+    method: str = "average"  # how the aligned FF tensors were combined (refit.METHODS)
 
     @property
     def layers(self) -> list[int]:

@@ -16,6 +16,7 @@ from .data import Calibration
 from .errors import CalibrationError, InputError, WindowError
 from .manifest import Manifest, WindowRecord, fingerprint, perm_key
 from .progress import track
+from .refit import METHODS, combine
 
 
 @dataclass(frozen=True)
@@ -140,13 +141,17 @@ def merge(
     source: str = "",
     progress: bool = True,
     max_stat_bytes: int = calibrate.DEFAULT_MAX_STAT_BYTES,
+    method: str = "average",
 ) -> nn.Module:
-    """Align, average and tie each window's FF sublayers, in place. Returns the model, with
-    its manifest at `model.ffmerge_manifest` and permutations at `model.ffmerge_permutations`."""
+    """Align, combine (`method`: average, regmean or refit; see refit.py) and tie each window's
+    FF sublayers, in place. Returns the model, with its manifest at `model.ffmerge_manifest` and
+    permutations at `model.ffmerge_permutations`."""
     if anchor not in ANCHORS:
         raise InputError(f"--anchor must be one of {', '.join(ANCHORS)}; got {anchor!r}.")
     if align not in ALIGNERS:
         raise InputError(f"--align must be one of {', '.join(ALIGNERS)}; got {align!r}.")
+    if method not in METHODS:
+        raise InputError(f"--method must be one of {', '.join(METHODS)}; got {method!r}.")
     adapter = adapter_for(model)
     check_windows(model, adapter, windows)
     matches = _alignments(model, adapter, windows, anchor, align, calibration, progress, max_stat_bytes)
@@ -154,8 +159,10 @@ def merge(
     for w in windows:
         layers = adapter.layers(model, w.stack)
         aligned = [_aligned_tensors(adapter, layers[i], matches[w][i].perm) for i in w.layers]
+        perms = [torch.as_tensor(matches[w][i].perm, dtype=torch.long) for i in w.layers]
+        values = combine(model, adapter, w.stack, w.layers, aligned, perms, calibration, method)
         shared = {
-            role.name: nn.Parameter(torch.stack([t[role.name] for t in aligned]).mean(0),
+            role.name: nn.Parameter(values[role.name],
                                     requires_grad=adapter.ff_params(layers[w.start])[role.name].requires_grad)
             for role in adapter.roles()
         }
@@ -166,6 +173,7 @@ def merge(
             stack=w.stack, start=w.start, end=w.end,
             anchor_layer=anchor_layer(w.layers, anchor) if align != "none" else w.start,
             align=align,
+            method=method,
             scores={str(i): matches[w][i].score for i in w.layers},
             shared={role.name: f"{w.prefix()}.{role.name}" for role in adapter.roles()},
         ))

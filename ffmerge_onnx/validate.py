@@ -101,7 +101,7 @@ def _model_past(model, part, feeds, past: int, g) -> dict[str, torch.Tensor]:
     return {n: (t[:, :, :past] if ".encoder." not in n else t).contiguous() for n, t in zip(names, present)}
 
 
-def _session(path: Path, provider: str, entries: dict[str, str]):
+def open_session(path: Path, provider: str, entries: dict[str, str]):
     so = ort.SessionOptions()
     for k, v in entries.items():
         so.add_session_config_entry(k, v)
@@ -125,7 +125,7 @@ def _session_entries(path: Path) -> dict[str, str]:
 def check_outputs(folder: Path, model, provider: str, entries: dict[str, str], kv_cache: bool = False) -> Check:
     rows, ok = [], True
     for part in parts_for(model, kv_cache):
-        sess = _session(folder / part.filename, provider, entries)
+        sess = open_session(folder / part.filename, provider, entries)
         if provider == "cuda" and sess.get_providers()[0] != "CUDAExecutionProvider":
             return Check(f"outputs[{provider}]", "skipped", {"reason": "CUDA provider fell back to CPU"})
         for batch, seq, past in _cases(model):

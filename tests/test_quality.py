@@ -122,17 +122,23 @@ def test_merge_count_for_a_reduction():
     assert k == 3  # 2 FF sublayers removed = merging 3
 
 
+def saved_with_text(tmp_path, model_type, words, seed):
+    """A tiny model with a word tokenizer saved in tmp_path/orig, and tmp_path/text.txt."""
+    model = tm.build(model_type, gentle=True)
+    tok = tm.word_tokenizer()
+    model.save_pretrained(tmp_path / "orig")
+    tok.save_pretrained(tmp_path / "orig")
+    (tmp_path / "text.txt").write_text(tm.word_text(words, seed=seed))
+    return model, tok
+
+
 def test_evaluate_and_search_cli(tmp_path):
     import json
 
     from ffmerge_onnx.cli import main
     from ffmerge_onnx.pipeline import ConvertOptions, convert
 
-    model = tm.build("gpt2", gentle=True)
-    tok = tm.word_tokenizer()
-    model.save_pretrained(tmp_path / "orig")
-    tok.save_pretrained(tmp_path / "orig")
-    (tmp_path / "text.txt").write_text(tm.word_text(400, seed=4))
+    model, tok = saved_with_text(tmp_path, "gpt2", words=400, seed=4)
     # search: aligned mode scores only the top window; outputs JSON and a PNG
     assert main(["search", str(tmp_path / "orig"), "--merge-count", "2", "--mode", "aligned", "--top", "1",
                  "--calibration", str(tmp_path / "text.txt"), "--calibration-tokens", "300",
@@ -223,11 +229,7 @@ def test_merge_cli_with_recovery_finetune_records_it_and_reloads(tmp_path):
     from ffmerge_onnx import load_merged
     from ffmerge_onnx.cli import main
 
-    model = tm.build("llama", gentle=True)
-    tok = tm.word_tokenizer()
-    model.save_pretrained(tmp_path / "orig")
-    tok.save_pretrained(tmp_path / "orig")
-    (tmp_path / "text.txt").write_text(tm.word_text(600, seed=5))
+    saved_with_text(tmp_path, "llama", words=600, seed=5)
     assert main(["merge", str(tmp_path / "orig"), "-o", str(tmp_path / "m"), "--layers", "1-2",
                  "--calibration", str(tmp_path / "text.txt"), "--calibration-tokens", "300",
                  "--finetune-steps", "4", "--lr", "1e-3", "--finetune-data", str(tmp_path / "text.txt"),

@@ -1,5 +1,5 @@
 """Quality against parameters removed: original, layer drop, vanilla merge, permute merge,
-each before and after the same recovery fine-tune. Writes a markdown table, JSON and a PNG.
+the regmean and refit merges, each before and after the same recovery fine-tune. Writes a markdown table, JSON and a PNG.
 
     .venv/bin/python tools/compare_quality.py --model SmolLM2-135M-Instruct --windows 16-18 --steps 30
     .venv/bin/python tools/compare_quality.py --model all-MiniLM-L6-v2 --windows 2-3,1-3 --steps 30
@@ -58,6 +58,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="SmolLM2-135M-Instruct")
     ap.add_argument("--windows", default="16-18", help="comma-separated windows A-B (inclusive)")
+    ap.add_argument("--methods", default="regmean,refit", help="merge methods beyond average (comma-separated)")
     ap.add_argument("--steps", type=int, default=0, help="recovery fine-tune steps (0: none)")
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--batch-size", type=int, default=2)
@@ -108,6 +109,9 @@ def main() -> None:
         windows = [Window(s, w.start, w.end) for s in adapter.stack_names()]
         run("vanilla", label, lambda: merge(copy.deepcopy(original), windows, align="none", progress=False))
         run("permute", label, lambda: merge(copy.deepcopy(original), windows, calibration=cal, progress=False))
+        for method in a.methods.split(","):
+            run(method, label, lambda: merge(copy.deepcopy(original), windows, calibration=cal, method=method,
+                                             progress=False))
         run(f"drop {j}", label, lambda: drop_layers(copy.deepcopy(original), stack, list(range(w.end - j + 1, w.end + 1))))
     write(rows, a, score)
 
@@ -128,7 +132,7 @@ def write(rows, a, score) -> None:
              "|---|---|---|---|" + ("---|" if a.steps else "")]
     for r in rows:
         lines.append(f"| {r['window']} | {r['method']} | {r['removed']:.2%} | {r['before']:.4f}"
-                     + (f" | {r['after']:.4f}" if a.steps else "") + " |")
+                     + ((f" | {r['after']:.4f}" if r["after"] is not None else " | -") if a.steps else "") + " |")
     (out / f"{stem}.md").write_text(f"{a.model}, {score.name} (BBC news test split); fine-tune steps {a.steps}\n\n"
                                     + "\n".join(lines) + "\n")
     fig, ax = plt.subplots(figsize=(6, 4))

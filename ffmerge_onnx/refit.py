@@ -1,0 +1,172 @@
+"""Merge methods beyond the paper's average, fitted on calibration activations.
+
+- `regmean`: per projection, W = (sum_l W_l G_l)(sum_l G_l + ridge)^-1 with G_l the Gram matrix of
+  that projection's inputs in layer l (bias folded in as a constant input).
+- `refit`: input projections averaged, then the output projection fitted by least squares so the
+  merged FF reproduces every layer's ORIGINAL FF output from that layer's original input:
+  W_out^T = (sum_l H_l^T H_l + ridge)^-1 sum_l H_l^T Y_l, H_l the hidden activations the merged
+  input projections give on layer l's inputs.
+
+Everything is in the window's anchor neuron order (each layer's tensors already permuted).
+Memory: the window's FF inputs and outputs on the calibration tokens are kept in float32
+(2 x tokens x d_model x 4 bytes per layer: 46 MB per layer for SmolLM2 at 10k tokens), and
+float64 Gram matrices of (d_ff + 1)^2 and (d_model + 1)^2 entries."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .adapters import Adapter
+from .calibrate import _run, _tokens_per_item
+from .data import Calibration, token_mask
+from .errors import CalibrationError
+
+METHODS = ("average", "regmean", "refit")
+RIDGE = 1e-6  # relative to the Gram matrix's mean diagonal
+
+
+def _linear(t: torch.Tensor, adapter: Adapter) -> torch.Tensor:
+    """A weight in [out, in] layout (GPT-2's Conv1D stores [in, out])."""
+    return t if adapter.layout == "linear" or t.dim() == 1 else t.T
+
+
+def _native(t: torch.Tensor, adapter: Adapter) -> torch.Tensor:
+    return t if adapter.layout == "linear" or t.dim() == 1 else t.T
+
+
+def _augment(w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return w if b is None else torch.cat([w, b[:, None]], dim=1)
+
+
+def _rows(x: torch.Tensor, bias: bool) -> torch.Tensor:
+    x = x.double()
+    return torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1) if bias else x
+
+
+def _solve(gram: torch.Tensor, rhs: torch.Tensor, ridge: float) -> torch.Tensor:
+    """(gram + ridge * mean diag * I)^-1 rhs, in float64."""
+    lam = ridge * float(gram.diagonal().mean().clamp_min(1e-12))
+    return torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype), rhs)
+
+
+class _Capture:
+    """Per layer: its FF inputs (full batches), real-token masks, original FF outputs and hidden Gram."""
+
+    def __init__(self, model, adapter: Adapter, stack: str, layers: list[int], calibration: Calibration, bias: bool):
+        self.x: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
+        self.y: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
+        self.h_gram: dict[int, torch.Tensor] = {}
+        self.masks: list[torch.Tensor] = []
+        self.batches = calibration.batches
+        mask_now = {}
+        handles = []
+        for i in layers:
+            layer = adapter.layers(model, stack)[i]
+
+            def pre(_m, args, i=i):
+                self.x[i].append(args[0].detach().clone())
+
+            def post(_m, args, out, i=i):
+                m = mask_now["m"]
+                h = _rows(args[0].reshape(m.shape[0], -1, args[0].shape[-1])[m], bias)
+                self.h_gram[i] = self.h_gram.get(i, 0) + h.T @ h
+                self.y[i].append(out.reshape(m.shape[0], -1, out.shape[-1])[m].detach().clone())
+
+            handles.append(adapter.projection(layer, "in").register_forward_pre_hook(pre))
+            handles.append(adapter.projection(layer, "out").register_forward_hook(post))
+        try:
+            with torch.no_grad():
+                for batch in calibration.batches:
+                    mask_now["m"] = token_mask(batch, stack, _tokens_per_item(model, batch, stack))
+                    self.masks.append(mask_now["m"])
+                    _run(model, batch)
+        finally:
+            for h in handles:
+                h.remove()
+        if not self.masks:
+            raise CalibrationError("The merge method needs calibration data; none was given.")
+
+
+def combine(model: nn.Module, adapter: Adapter, stack: str, layers: list[int], aligned: list[dict[str, torch.Tensor]],
+            perms: list[torch.Tensor], calibration: Calibration | None, method: str,
+            ridge: float = RIDGE) -> dict[str, torch.Tensor]:
+    """One FF for the window from its layers' aligned tensors (role name -> tensor, native layout)."""
+    average = {name: torch.stack([t[name] for t in aligned]).mean(0) for name in aligned[0]}
+    if method == "average":
+        return average
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}; got {method!r}")
+    if calibration is None:
+        raise CalibrationError(f"Merge method {method} needs calibration data: pass --calibration PATH.")
+    bias = adapter.bias
+    cap = _Capture(model, adapter, stack, layers, calibration, bias)
+    out = dict(average)
+    in_names = [("fc_in", "in")] + ([("gate", "gate")] if adapter.gated else [])
+    if method == "regmean":
+        x_gram = {}
+        for i in layers:
+            rows = torch.cat([_rows(x.reshape(m.shape[0], -1, x.shape[-1])[m], bias)
+                              for x, m in zip(cap.x[i], cap.masks)])
+            x_gram[i] = rows.T @ rows
+        for name, _ in in_names:
+            ws = [_augment(_linear(t[f"{name}.weight"], adapter).double(), t.get(f"{name}.bias", None)) for t in aligned]
+            num = sum(w @ x_gram[i] for w, i in zip(ws, layers))
+            fitted = _solve(sum(x_gram.values()), num.T, ridge).T
+            _store(out, name, fitted, bias, adapter)
+        grams = []
+        for i, p in zip(layers, perms):
+            idx = torch.cat([p, torch.tensor([len(p)])]) if bias else p
+            grams.append(cap.h_gram[i][idx][:, idx])  # into anchor order
+        ws = [_augment(_linear(t["fc_out.weight"], adapter).double(), t.get("fc_out.bias", None)) for t in aligned]
+        num = sum(w @ g for w, g in zip(ws, grams))
+        _store(out, "fc_out", _solve(sum(grams), num.T, ridge).T, bias, adapter)
+    if method == "refit":
+        _store(out, "fc_out", _refit_out(model, adapter, stack, layers, cap, average, bias, ridge), bias, adapter)
+    return {k: v.to(average[k].dtype) for k, v in out.items()}
+
+
+def _store(out: dict, name: str, fitted: torch.Tensor, bias: bool, adapter: Adapter) -> None:
+    w = fitted[:, :-1] if bias else fitted
+    out[f"{name}.weight"] = _native(w, adapter).contiguous()
+    if bias:
+        out[f"{name}.bias"] = fitted[:, -1].contiguous()
+
+
+def _refit_out(model, adapter, stack, layers, cap: _Capture, merged_in: dict, bias: bool, ridge: float) -> torch.Tensor:
+    """Second pass: each layer's own inputs through the merged input projections -> hidden rows."""
+    roles = [r for r in adapter.roles() if r.projection in ("in", "gate")]
+    saved, handles = [], []
+    gram, cross = 0, 0
+    state = {"batch": 0}
+    try:
+        for i in layers:
+            layer = adapter.layers(model, stack)[i]
+            for r in roles:
+                module = adapter.projection(layer, r.projection)
+                saved.append((module, r.attr, getattr(module, r.attr)))
+                setattr(module, r.attr, nn.Parameter(merged_in[r.name].clone(), requires_grad=False))
+
+            def pre(_m, args, i=i):
+                return (cap.x[i][state["batch"]],) + tuple(args[1:])
+
+            def post(_m, args, _out, i=i):
+                nonlocal gram, cross
+                m = cap.masks[state["batch"]]
+                h = _rows(args[0].reshape(m.shape[0], -1, args[0].shape[-1])[m], bias)
+                gram = gram + h.T @ h
+                cross = cross + h.T @ cap.y[i][state["batch"]].double()
+
+            for r in {r.projection for r in roles}:
+                handles.append(adapter.projection(layer, r).register_forward_pre_hook(pre))
+            handles.append(adapter.projection(layer, "out").register_forward_hook(post))
+        with torch.no_grad():
+            for b, batch in enumerate(cap.batches):
+                state["batch"] = b
+                _run(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+        for module, attr, p in saved:
+            setattr(module, attr, p)
+    return _solve(gram, cross, ridge).T  # [d_model, d_ff (+1)]
