@@ -3,8 +3,10 @@
 Tied FF sublayers are one nn.Parameter, so the optimizer sees it once and its gradient is the
 sum over the layers that read it: ties survive training by construction (checked at the end).
 
-Objectives: `lm` (next-token loss, causal LMs) or `distill` (match the original model's last
-hidden states on real tokens, for encoders or when no labels exist). The best state by the
+Objectives: `lm` (next-token loss, causal LMs), `kl` (match the original causal LM's next-token
+distributions) or `distill` (match the original model's last hidden states on real tokens, for
+encoders). `train` picks what moves: everything, only the merged (shared) FF tensors, or those
+plus the norms; the rest stays bit-identical. The best state by the
 validation score is kept; with an output folder, progress is saved after every evaluation and
 a rerun resumes from it."""
 
@@ -33,8 +35,24 @@ class FinetuneResult:
     best_score: float = math.nan
 
 
-def _unique_params(model: nn.Module) -> list[nn.Parameter]:
-    return list({id(p): p for p in model.parameters() if p.requires_grad}.values())
+TRAINABLE = ("all", "merged", "merged+norms")
+
+
+def trainable_params(model: nn.Module, train: str = "all") -> list[nn.Parameter]:
+    """Unique parameters to train: all, only the merged (shared) FF tensors, or those plus norms."""
+    if train not in TRAINABLE:
+        raise InputError(f"train must be one of {TRAINABLE}; got {train!r}.")
+    unique = {id(p): (n, p) for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
+    if train == "all":
+        return [p for _, p in unique.values()]
+    manifest = getattr(model, "ffmerge_manifest", None)
+    if manifest is None or not manifest.windows:
+        raise InputError("train=merged needs a merged model (it trains only the shared FF tensors).")
+    adapter = adapter_for(model)
+    shared = {id(p) for w in manifest.windows
+              for p in adapter.ff_params(adapter.layers(model, w.stack)[w.start]).values()}
+    keep = [p for i, (n, p) in unique.items() if i in shared or (train == "merged+norms" and "norm" in n.lower())]
+    return keep
 
 
 def _lm_loss(model, batch):
@@ -55,10 +73,24 @@ def _distill_loss(original):
     return loss
 
 
+def _kl_loss(original):
+    """KL(original || model) of next-token distributions on real tokens (causal LMs)."""
+
+    def loss(model, batch):
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+        with torch.no_grad():
+            target = torch.log_softmax(original(**inputs).logits.float(), -1)
+        logp = torch.log_softmax(model(**inputs).logits.float(), -1)
+        mask = batch["attention_mask"].bool()
+        return torch.nn.functional.kl_div(logp[mask], target[mask], log_target=True, reduction="batchmean")
+
+    return loss
+
+
 def finetune(model: nn.Module, batches: list[dict], score: Callable[[nn.Module], float], *, higher_is_better: bool,
              steps: int, lr: float = 5e-5, eval_every: int = 25, objective: str = "lm",
              original: nn.Module | None = None, output: Path | None = None, progress: bool = True,
-             seed: int = 0) -> FinetuneResult:
+             seed: int = 0, train: str = "all") -> FinetuneResult:
     """Train in place for `steps` steps; the model ends at its best validation state."""
     if steps < 1 or not batches:
         raise InputError("Fine-tuning needs at least one step and one batch of data.")
@@ -66,13 +98,13 @@ def finetune(model: nn.Module, batches: list[dict], score: Callable[[nn.Module],
         if adapter_for(model).task != "causal-lm":
             raise InputError("objective lm needs a causal LM; use objective distill for other models.")
         loss_fn = _lm_loss
-    elif objective == "distill":
+    elif objective in ("distill", "kl"):
         if original is None:
-            raise InputError("objective distill needs the original model.")
-        loss_fn = _distill_loss(original.eval())
+            raise InputError(f"objective {objective} needs the original model.")
+        loss_fn = (_distill_loss if objective == "distill" else _kl_loss)(original.eval())
     else:
-        raise InputError(f"objective is lm or distill; got {objective!r}.")
-    params = _unique_params(model)
+        raise InputError(f"objective is lm, distill or kl; got {objective!r}.")
+    params = trainable_params(model, train)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, steps // 10)))
     result, start = FinetuneResult(), 0

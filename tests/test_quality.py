@@ -239,3 +239,36 @@ def test_merge_cli_with_recovery_finetune_records_it_and_reloads(tmp_path):
     reloaded = load_merged(tmp_path / "m")  # the fingerprint follows the fine-tuned weights
     layers = adapter_for(reloaded).layers(reloaded, "decoder")
     assert layers[1].mlp.up_proj.weight is layers[2].mlp.up_proj.weight
+
+
+@pytest.mark.parametrize("train", ["merged", "merged+norms"])
+def test_distillation_recovery_trains_only_what_the_merge_changed(train):
+    import copy
+
+    from ffmerge_onnx.finetune import finetune
+
+    original = tm.build("llama")
+    model = copy.deepcopy(original)
+    merge(model, [Window("decoder", 1, 2)], calibration=tm.calibration(model), progress=False)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    batches = list(tm.calibration(original))
+
+    def kl_to_original(m):
+        with torch.no_grad():
+            total = 0.0
+            for b in batches:
+                a = torch.log_softmax(original(input_ids=b["input_ids"], use_cache=False).logits, -1)
+                c = torch.log_softmax(m(input_ids=b["input_ids"], use_cache=False).logits, -1)
+                total += float(torch.nn.functional.kl_div(c, a, log_target=True, reduction="batchmean"))
+            return total
+
+    start = kl_to_original(model)
+    result = finetune(model, batches, kl_to_original, higher_is_better=False, steps=20, lr=1e-3, eval_every=5,
+                      objective="kl", original=original, train=train, progress=False)
+    assert result.best_score < 0.8 * start
+    layers = adapter_for(model).layers(model, "decoder")
+    assert layers[1].mlp.down_proj.weight is layers[2].mlp.down_proj.weight
+    for n, p in model.named_parameters():
+        moved = not torch.equal(p, before[n])
+        expected = ("layers.1.mlp" in n) or (train == "merged+norms" and "norm" in n)
+        assert moved == expected, n
