@@ -56,6 +56,8 @@ StepsOpt = Annotated[int, typer.Option("--finetune-steps", help="Recovery fine-t
 LrOpt = Annotated[float, typer.Option("--lr", help="Fine-tune learning rate.")]
 FtDataOpt = Annotated[Optional[Path], typer.Option("--finetune-data", help="Fine-tune text/tensors (default: built-in BBC calibration split).")]
 FtTokensOpt = Annotated[int, typer.Option("--finetune-tokens", help="Tokens of fine-tune data.")]
+ObjectiveOpt = Annotated[Optional[str], typer.Option("--finetune-objective", help="lm (causal LM default), kl (match the original's next-token distributions) or distill (hidden states; encoder default).")]
+TrainOpt = Annotated[str, typer.Option("--finetune-train", help="all, merged (only the shared FF tensors) or merged+norms.")]
 
 
 def _load(model: Optional[str], trust_remote_code: bool):
@@ -85,13 +87,14 @@ def _calibration(path: Optional[Path], model, pre, tokens: int, needed: bool, sp
     return load_calibration(path, model=model, tokenizer=pre, processor=pre, budget=tokens)
 
 
-def _recover(m, original, pre, steps: int, lr: float, data: Optional[Path], tokens: int) -> None:
+def _recover(m, original, pre, steps: int, lr: float, data: Optional[Path], tokens: int,
+             objective: Optional[str], train: str) -> None:
     """Recovery fine-tune of the merged model in place (best state by the validation split)."""
     from .finetune import recover
 
-    train = list(_calibration(data, m, pre, tokens, needed=True))
+    batches = list(_calibration(data, m, pre, tokens, needed=True))
     validation = list(_calibration(None, m, pre, min(tokens, 8_000), needed=True, split="validation"))
-    result = recover(m, original, train, validation, steps=steps, lr=lr)
+    result = recover(m, original, batches, validation, steps=steps, lr=lr, objective=objective, train=train)
     name = m.ffmerge_manifest.finetune["score"]
     console.print(f"fine-tuned {steps} steps: {name} {result.history[0]['score']:.4f} -> {result.best_score:.4f} "
                   f"(best at step {result.best_step})")
@@ -116,7 +119,8 @@ def merge_cmd(model: ModelArg = None, output: Annotated[Path, typer.Option("-o",
               align: AlignOpt = Align.correlation, calibration: CalOpt = None, calibration_tokens: TokensOpt = 10_000,
               method: MethodOpt = Method.average,
               finetune_steps: StepsOpt = 0, lr: LrOpt = 5e-5, finetune_data: FtDataOpt = None,
-              finetune_tokens: FtTokensOpt = 50_000,
+              finetune_tokens: FtTokensOpt = 50_000, finetune_objective: ObjectiveOpt = None,
+              finetune_train: TrainOpt = "all",
               overwrite: OverwriteOpt = False, trust_remote_code: RemoteOpt = False):
     """Merge a window of adjacent FF sublayers and save the tied model (each shared tensor once).
 
@@ -134,7 +138,8 @@ def merge_cmd(model: ModelArg = None, output: Annotated[Path, typer.Option("-o",
     original = copy.deepcopy(m) if finetune_steps else None
     merge(m, windows, anchor=anchor.value, align=align.value, calibration=cal, source=spec, method=method.value)
     if finetune_steps:
-        _recover(m, original, pre, finetune_steps, lr, finetune_data, finetune_tokens)
+        _recover(m, original, pre, finetune_steps, lr, finetune_data, finetune_tokens, finetune_objective,
+                 finetune_train)
     save_merged(m, output, preprocessor=pre, overwrite=overwrite)
     for w in m.ffmerge_manifest.windows:
         scores = ", ".join(f"{k}: {v:.3f}" for k, v in w.scores.items())
@@ -183,7 +188,8 @@ def convert_cmd(model: ModelArg = None, output: Annotated[Path, typer.Option("-o
                 kv_cache: Annotated[bool, typer.Option("--kv-cache", help="Decoders take past_key_values.* and return present.* (optimum's with-past layout).")] = False,
                 method: MethodOpt = Method.average,
                 finetune_steps: StepsOpt = 0, lr: LrOpt = 5e-5, finetune_data: FtDataOpt = None,
-                finetune_tokens: FtTokensOpt = 50_000,
+                finetune_tokens: FtTokensOpt = 50_000, finetune_objective: ObjectiveOpt = None,
+                finetune_train: TrainOpt = "all",
                 no_reference: Annotated[bool, typer.Option("--no-reference", help="Do not keep the merged checkpoint in OUT/reference.")] = False,
                 no_compare: Annotated[bool, typer.Option("--no-compare", help="Skip the side-by-side unmerged export.")] = False,
                 overwrite: OverwriteOpt = False, trust_remote_code: RemoteOpt = False):
@@ -199,7 +205,8 @@ def convert_cmd(model: ModelArg = None, output: Annotated[Path, typer.Option("-o
     original = copy.deepcopy(m) if finetune_steps else None
     merge(m, windows, anchor=anchor.value, align=align.value, calibration=cal, source=spec, method=method.value)
     if finetune_steps:
-        _recover(m, original, pre, finetune_steps, lr, finetune_data, finetune_tokens)
+        _recover(m, original, pre, finetune_steps, lr, finetune_data, finetune_tokens, finetune_objective,
+                 finetune_train)
     if permutations is Mode.gather:
         console.print("[yellow]note:[/yellow] mode gather needs the session settings in ort_session_settings.json "
                       "(ConstantFolding off); mode fold needs none.")

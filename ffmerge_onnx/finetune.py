@@ -169,19 +169,20 @@ def _save_state(path: Path, params, opt, sched, step: int, result: FinetuneResul
 
 
 def recover(model: nn.Module, original: nn.Module, batches: list[dict], validation: list[dict], *, steps: int,
-            lr: float = 5e-5, eval_every: int = 25, output: Path | None = None, progress: bool = True) -> FinetuneResult:
+            lr: float = 5e-5, eval_every: int = 25, output: Path | None = None, progress: bool = True,
+            objective: str | None = None, train: str = "all") -> FinetuneResult:
     """Fine-tune a merged (or layer-dropped) model with the objective its task allows, scored on
     validation batches, and record it in the model's manifest."""
     from .manifest import fingerprint
     from .search import default_score
 
     score, higher, name = default_score(original, validation)
-    objective = "lm" if adapter_for(model).task == "causal-lm" else "distill"
+    objective = objective or ("lm" if adapter_for(model).task == "causal-lm" else "distill")
     result = finetune(model, batches, score, higher_is_better=higher, steps=steps, lr=lr, eval_every=eval_every,
-                      objective=objective, original=original, output=output, progress=progress)
+                      objective=objective, original=original, output=output, progress=progress, train=train)
     manifest = getattr(model, "ffmerge_manifest", None)
     if manifest is not None:
-        manifest.finetune = {"steps": steps, "lr": lr, "objective": objective, "score": name,
+        manifest.finetune = {"steps": steps, "lr": lr, "objective": objective, "train": train, "score": name,
                              "best_step": result.best_step, "best_score": result.best_score,
                              "history": result.history}
         manifest.fingerprint = fingerprint(model)

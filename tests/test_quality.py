@@ -233,9 +233,10 @@ def test_merge_cli_with_recovery_finetune_records_it_and_reloads(tmp_path):
     assert main(["merge", str(tmp_path / "orig"), "-o", str(tmp_path / "m"), "--layers", "1-2",
                  "--calibration", str(tmp_path / "text.txt"), "--calibration-tokens", "300",
                  "--finetune-steps", "4", "--lr", "1e-3", "--finetune-data", str(tmp_path / "text.txt"),
-                 "--finetune-tokens", "300"]) == 0
+                 "--finetune-tokens", "300", "--finetune-objective", "kl", "--finetune-train", "merged"]) == 0
     record = json.loads((tmp_path / "m" / "ffmerge.json").read_text())["finetune"]
-    assert record["steps"] == 4 and record["objective"] == "lm" and record["score"] == "perplexity"
+    assert record["steps"] == 4 and record["objective"] == "kl" and record["train"] == "merged"
+    assert record["score"] == "perplexity"
     reloaded = load_merged(tmp_path / "m")  # the fingerprint follows the fine-tuned weights
     layers = adapter_for(reloaded).layers(reloaded, "decoder")
     assert layers[1].mlp.up_proj.weight is layers[2].mlp.up_proj.weight
