@@ -61,6 +61,8 @@ def main() -> None:
     ap.add_argument("--methods", default="regmean,refit", help="merge methods beyond average (comma-separated)")
     ap.add_argument("--steps", type=int, default=0, help="recovery fine-tune steps (0: none)")
     ap.add_argument("--lr", type=float, default=5e-5)
+    ap.add_argument("--finetune-original", action="store_true",
+                    help="fine-tune the original too (fair when the fine-tune data is new to it)")
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--calibration-tokens", type=int, default=10_000)
     ap.add_argument("--finetune-tokens", type=int, default=40_000)
@@ -92,7 +94,7 @@ def main() -> None:
         removed = 1 - unique_params(model) / total
         before = score(model)
         after = None
-        if a.steps and name != "original":
+        if a.steps and (name != "original" or a.finetune_original):
             recover(model, original, train, val, steps=a.steps, lr=a.lr, eval_every=max(1, a.steps // 3), progress=False)
             after = score(model)
         rows.append({"window": window, "method": name, "removed": removed, "before": before, "after": after,
@@ -102,7 +104,7 @@ def main() -> None:
         del model
 
     run("original", "-", lambda: copy.deepcopy(original))
-    for w in parse_windows(a.windows, stack):
+    for w in parse_windows(a.windows, stack) if a.windows else []:
         k = w.size
         j = max(1, min(k, round((k - 1) * ff / layer + 0.01)))
         label = f"{w.start}-{w.end}"
