@@ -87,6 +87,21 @@ def _calibration(path: Optional[Path], model, pre, tokens: int, needed: bool, sp
     return load_calibration(path, model=model, tokenizer=pre, processor=pre, budget=tokens)
 
 
+def _providers(text: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in text.split(",") if p.strip())
+
+
+def _merge_and_recover(m, windows, cal, spec, pre, *, anchor: str, align: str, method: str, steps: int, lr: float,
+                       data: Optional[Path], tokens: int, objective: Optional[str], train: str) -> None:
+    """merge in place, then (with steps > 0) a recovery fine-tune against a copy of the original."""
+    from .merge import merge
+
+    original = copy.deepcopy(m) if steps else None
+    merge(m, windows, anchor=anchor, align=align, calibration=cal, source=spec, method=method)
+    if steps:
+        _recover(m, original, pre, steps, lr, data, tokens, objective, train)
+
+
 def _recover(m, original, pre, steps: int, lr: float, data: Optional[Path], tokens: int,
              objective: Optional[str], train: str) -> None:
     """Recovery fine-tune of the merged model in place (best state by the validation split)."""
@@ -125,7 +140,6 @@ def merge_cmd(model: ModelArg = None, output: Annotated[Path, typer.Option("-o",
     """Merge a window of adjacent FF sublayers and save the tied model (each shared tensor once).
 
     Seq2seq models without --stack merge the same indices in encoder and decoder."""
-    from .merge import merge
     from .storage import save_merged
 
     if output.exists() and not overwrite:
@@ -135,11 +149,9 @@ def merge_cmd(model: ModelArg = None, output: Annotated[Path, typer.Option("-o",
     cal = _calibration(calibration, m, pre, calibration_tokens,
                        needed=align is Align.correlation or method is not Method.average)
     before = m.num_parameters()
-    original = copy.deepcopy(m) if finetune_steps else None
-    merge(m, windows, anchor=anchor.value, align=align.value, calibration=cal, source=spec, method=method.value)
-    if finetune_steps:
-        _recover(m, original, pre, finetune_steps, lr, finetune_data, finetune_tokens, finetune_objective,
-                 finetune_train)
+    _merge_and_recover(m, windows, cal, spec, pre, anchor=anchor.value, align=align.value, method=method.value,
+                       steps=finetune_steps, lr=lr, data=finetune_data, tokens=finetune_tokens,
+                       objective=finetune_objective, train=finetune_train)
     save_merged(m, output, preprocessor=pre, overwrite=overwrite)
     for w in m.ffmerge_manifest.windows:
         scores = ", ".join(f"{k}: {v:.3f}" for k, v in w.scores.items())
@@ -194,7 +206,6 @@ def convert_cmd(model: ModelArg = None, output: Annotated[Path, typer.Option("-o
                 no_compare: Annotated[bool, typer.Option("--no-compare", help="Skip the side-by-side unmerged export.")] = False,
                 overwrite: OverwriteOpt = False, trust_remote_code: RemoteOpt = False):
     """Merge, export to ONNX with one shared initializer per merged FF, simplify and validate."""
-    from .merge import merge
     from .pipeline import ConvertOptions, convert
 
     if output.exists() and not overwrite:
@@ -202,17 +213,15 @@ def convert_cmd(model: ModelArg = None, output: Annotated[Path, typer.Option("-o
     spec, m, pre = _load(model, trust_remote_code)
     windows = _windows(m, layers, stack)
     cal = _calibration(calibration, m, pre, calibration_tokens, needed=align is Align.correlation or method is not Method.average)
-    original = copy.deepcopy(m) if finetune_steps else None
-    merge(m, windows, anchor=anchor.value, align=align.value, calibration=cal, source=spec, method=method.value)
-    if finetune_steps:
-        _recover(m, original, pre, finetune_steps, lr, finetune_data, finetune_tokens, finetune_objective,
-                 finetune_train)
+    _merge_and_recover(m, windows, cal, spec, pre, anchor=anchor.value, align=align.value, method=method.value,
+                       steps=finetune_steps, lr=lr, data=finetune_data, tokens=finetune_tokens,
+                       objective=finetune_objective, train=finetune_train)
     if permutations is Mode.gather:
         console.print("[yellow]note:[/yellow] mode gather needs the session settings in ort_session_settings.json "
                       "(ConstantFolding off); mode fold needs none.")
     options = ConvertOptions(mode=permutations.value, simplifier="none" if no_simplify else simplifier.value,
                              external_data=external_data, kv_cache=kv_cache, keep_reference=not no_reference,
-                             providers=tuple(p.strip() for p in providers.split(",") if p.strip()),
+                             providers=_providers(providers),
                              compare=not no_compare, overwrite=overwrite)
     report = convert(m, output, options, preprocessor=pre, log=lambda s: console.print(s))
     _print_report(report)
@@ -316,7 +325,7 @@ def validate_cmd(path: Annotated[Path, typer.Argument(help="Folder written by co
 
     if not path.is_dir():
         raise errors.InputError(f"{path} is not a folder written by convert.")
-    report = validate(path, reference=reference, providers=tuple(p.strip() for p in providers.split(",")),
+    report = validate(path, reference=reference, providers=_providers(providers),
                       compare=not no_compare)
     _print_report(report)
     if json_out:

@@ -79,10 +79,11 @@ def runner(model_or_path, session_entries: dict[str, str] | None = None) -> Runn
         path = path / "model.onnx"
     if path.suffix != ".onnx":
         raise InputError(f"{model_or_path}: give a PyTorch model, an .onnx file or a folder written by convert.")
-    if session_entries is None and (path.parent / "ort_session_settings.json").exists():
-        import json
+    if session_entries is None:
+        from .onnx_build import SESSION_SETTINGS
+        from .validate import session_entries as read_entries
 
-        session_entries = json.loads((path.parent / "ort_session_settings.json").read_text())["session_config_entries"]
+        session_entries = read_entries(path.parent / SESSION_SETTINGS)
     return OnnxRunner(path, session_entries)
 
 

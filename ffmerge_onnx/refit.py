@@ -27,11 +27,7 @@ RIDGE = 1e-6  # relative to the Gram matrix's mean diagonal
 
 
 def _linear(t: torch.Tensor, adapter: Adapter) -> torch.Tensor:
-    """A weight in [out, in] layout (GPT-2's Conv1D stores [in, out])."""
-    return t if adapter.layout == "linear" or t.dim() == 1 else t.T
-
-
-def _native(t: torch.Tensor, adapter: Adapter) -> torch.Tensor:
+    """[out, in] layout from GPT-2's Conv1D [in, out], and back (a transpose is its own inverse)."""
     return t if adapter.layout == "linear" or t.dim() == 1 else t.T
 
 
@@ -128,7 +124,7 @@ def combine(model: nn.Module, adapter: Adapter, stack: str, layers: list[int], a
 
 def _store(out: dict, name: str, fitted: torch.Tensor, bias: bool, adapter: Adapter) -> None:
     w = fitted[:, :-1] if bias else fitted
-    out[f"{name}.weight"] = _native(w, adapter).contiguous()
+    out[f"{name}.weight"] = _linear(w, adapter).contiguous()
     if bias:
         out[f"{name}.bias"] = fitted[:, -1].contiguous()
 

@@ -6,9 +6,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import onnx_ir as ir
 
 from .errors import InputError, OutputExistsError
+from .onnx_build import save
 from .onnx_files import load_ir
 from .passes.detect import DetectShared
 from .passes.simplify import SharingSafeSimplify
@@ -34,12 +34,7 @@ def share_file(path, output, *, simplifier: str = "none", overwrite: bool = Fals
         model = p(model).model
         counts.update(p.counts)
     with tempfile.TemporaryDirectory(dir=output.parent if output.parent.exists() else None) as tmp:
-        tmp_path = Path(tmp) / output.name
-        size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
-        if size > 2 * 2**30:
-            ir.save(model, tmp_path, external_data=output.name + ".data")
-        else:
-            ir.save(model, tmp_path)
+        save(model, Path(tmp) / output.name, external=False)  # external data above 2 GB
         output.parent.mkdir(parents=True, exist_ok=True)
         for f in Path(tmp).iterdir():
             shutil.move(str(f), output.parent / f.name)

@@ -112,7 +112,7 @@ def open_session(path: Path, provider: str, entries: dict[str, str]):
         raise CorruptModelError(f"onnxruntime cannot load {path}: {str(e)[:300]}") from e
 
 
-def _session_entries(path: Path) -> dict[str, str]:
+def session_entries(path: Path) -> dict[str, str]:
     if not path.exists():
         return {}
     try:
@@ -199,7 +199,7 @@ def validate(folder, *, reference=None, providers=("cpu",), compare=True, runs: 
     if not ref_dir.exists():
         raise InputError(f"No reference model at {ref_dir}: pass --reference MODEL_DIR (a folder written by merge).")
     model = load_merged(ref_dir)
-    entries = _session_entries(folder / SESSION_SETTINGS)
+    entries = session_entries(folder / SESSION_SETTINGS)
     kv_cache = bool(info.get("kv_cache", False))
     checks = [check_outputs(folder, model, "cpu", entries, kv_cache)]
     for p in providers:

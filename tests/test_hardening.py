@@ -6,7 +6,6 @@ The table of bad inputs in docs/bad_inputs.md is produced by test_bad_input_tabl
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import random
 import shutil
@@ -22,7 +21,7 @@ import tiny_models as tm
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from ffmerge_onnx import Window, adapter_for, errors, merge
+from ffmerge_onnx import Window, errors, merge
 from ffmerge_onnx.cli import run
 from ffmerge_onnx.pipeline import ConvertOptions, convert
 

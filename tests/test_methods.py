@@ -84,7 +84,6 @@ def test_regmean_and_refit_equal_direct_least_squares(model_type):
                 setattr(adapter.projection(layer, role.projection), role.attr, torch.nn.Parameter(merged[role.name].detach().clone()))
         caught = []
         h = adapter.projection(layer, "out").register_forward_pre_hook(lambda _m, args: caught.append(args[0]))
-        ff_in = adapter.projection(layer, "in")
         for x, m in zip(cap.x[i], cap.masks):
             with torch.no_grad():
                 _call_ff(adapter, layer, x)

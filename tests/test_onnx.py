@@ -14,7 +14,6 @@ from ffmerge_onnx.errors import EXIT_VALIDATION, OutputExistsError
 from ffmerge_onnx.inspect_onnx import sharing
 from ffmerge_onnx.onnx_build import BuildOptions, build, untied_copy
 from ffmerge_onnx.pipeline import ConvertOptions, convert
-from ffmerge_onnx.validate import validate
 
 FAMILIES = ["gpt2", "vit", "bert", "marian", "llama"]
 

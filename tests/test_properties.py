@@ -7,7 +7,6 @@ import onnx
 import onnxruntime as ort
 import pytest
 import tiny_models as tm
-import torch
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
@@ -16,7 +15,7 @@ from ffmerge_onnx import Window, adapter_for, merge
 from ffmerge_onnx.inspect_onnx import sharing
 from ffmerge_onnx.onnx_build import BuildOptions, build, session_settings
 from ffmerge_onnx.share_file import share_file
-from ffmerge_onnx.validate import ATOL, RTOL, check_outputs
+from ffmerge_onnx.validate import check_outputs
 
 # exporting takes seconds: no shrinking, the failing example is printed as found
 SLOW = settings(max_examples=4, deadline=None, derandomize=True, phases=[Phase.explicit, Phase.generate],
