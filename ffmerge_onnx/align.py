@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 
 ANCHORS = ("first", "middle", "last")
 ALIGNERS = ("correlation", "none")
@@ -30,6 +29,8 @@ def match(corr: np.ndarray) -> Match:
 
     Solves the linear assignment that maximises the total matched correlation.
     """
+    from scipy.optimize import linear_sum_assignment  # imported here: `import ffmerge_onnx` stays light
+
     rows, cols = linear_sum_assignment(corr, maximize=True)
     perm = np.empty(corr.shape[0], dtype=np.int64)
     perm[rows] = cols

@@ -39,3 +39,22 @@ def write_calibration_text(folder: Path, split: str = "calibration") -> Path:
     path = Path(folder) / f"bbc_{split}.txt"
     path.write_text("\n\n".join(p.read_text(encoding="utf-8", errors="replace") for p in bbc_articles(split)))
     return path
+
+
+FASHION_MNIST_SPLITS = {"calibration": (0, 2_000), "validation": (50_000, 52_000)}  # of the 60k train images
+
+
+def write_calibration_images(folder: Path, split: str = "calibration") -> Path:
+    """Fashion-MNIST train images of the split as PNG files in folder/fashion_mnist_<split>/
+    (what --calibration takes for an image model). The test images stay for evaluation."""
+    from PIL import Image
+
+    from .datasets import fashion_mnist
+
+    images, labels = fashion_mnist("train")
+    lo, hi = FASHION_MNIST_SPLITS[split]
+    out = Path(folder) / f"fashion_mnist_{split}"
+    out.mkdir(parents=True, exist_ok=True)
+    for i in range(lo, hi):
+        Image.fromarray(images[i], "L").save(out / f"{i:05d}_{labels[i]}.png")
+    return out

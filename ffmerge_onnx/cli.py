@@ -45,9 +45,10 @@ class Method(str, Enum):
     average = "average"
     regmean = "regmean"
     refit = "refit"
+    sequential = "sequential"
 
 
-MethodOpt = Annotated[Method, typer.Option("--method", help="average (paper), regmean, or refit (least-squares output projection).")]
+MethodOpt = Annotated[Method, typer.Option("--method", help="average (paper), regmean, refit (least-squares output projection), or sequential (refit on the drifted inputs of the merged model).")]
 CalOpt = Annotated[Optional[Path], typer.Option("--calibration", help="Text file/folder, image folder, or .pt/.safetensors tensors.")]
 TokensOpt = Annotated[int, typer.Option("--calibration-tokens", help="Token budget for calibration.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")]
@@ -56,7 +57,7 @@ StepsOpt = Annotated[int, typer.Option("--finetune-steps", help="Recovery fine-t
 LrOpt = Annotated[float, typer.Option("--lr", help="Fine-tune learning rate.")]
 FtDataOpt = Annotated[Optional[Path], typer.Option("--finetune-data", help="Fine-tune text/tensors (default: built-in BBC calibration split).")]
 FtTokensOpt = Annotated[int, typer.Option("--finetune-tokens", help="Tokens of fine-tune data.")]
-ObjectiveOpt = Annotated[Optional[str], typer.Option("--finetune-objective", help="lm (causal LM default), kl (match the original's next-token distributions) or distill (hidden states; encoder default).")]
+ObjectiveOpt = Annotated[Optional[str], typer.Option("--finetune-objective", help="lm (causal LM default), classify (labelled images), kl (match the original's output distributions) or distill (hidden states; encoder default).")]
 TrainOpt = Annotated[str, typer.Option("--finetune-train", help="all, merged (only the shared FF tensors) or merged+norms.")]
 
 
@@ -78,12 +79,18 @@ def _calibration(path: Optional[Path], model, pre, tokens: int, needed: bool, sp
             return None
         import tempfile
 
-        from .builtin import write_calibration_text
+        from .adapters import adapter_for
+        from .builtin import write_calibration_images, write_calibration_text
 
-        if not bbc_articles():
-            raise errors.CalibrationError("No calibration data: pass --calibration PATH.")
-        path = write_calibration_text(Path(tempfile.mkdtemp(prefix="ffmerge-cal-")), split)
-        console.print(f"{split}: built-in BBC news text ({tokens} tokens)")
+        folder = Path(tempfile.mkdtemp(prefix="ffmerge-cal-"))
+        if adapter_for(model).task == "image-classification":
+            path = write_calibration_images(folder, split)
+            console.print(f"{split}: built-in Fashion-MNIST train images ({tokens} tokens)")
+        else:
+            if not bbc_articles():
+                raise errors.CalibrationError("No calibration data: pass --calibration PATH.")
+            path = write_calibration_text(folder, split)
+            console.print(f"{split}: built-in BBC news text ({tokens} tokens)")
     return load_calibration(path, model=model, tokenizer=pre, processor=pre, budget=tokens)
 
 
@@ -278,7 +285,8 @@ def search_cmd(model: ModelArg = None,
                reduction: Annotated[Optional[float], typer.Option("--reduction", help="Fraction of all parameters to remove, e.g. 0.1.")] = None,
                mode: Annotated[str, typer.Option("--mode", help="full: score every position; aligned: score the best --top by alignment.")] = "full",
                top: Annotated[int, typer.Option("--top")] = 3,
-               stack: StackOpt = None, anchor: AnchorOpt = Anchor.first, calibration: CalOpt = None,
+               stack: StackOpt = None, anchor: AnchorOpt = Anchor.first, method: MethodOpt = Method.average,
+               calibration: CalOpt = None,
                validation: Annotated[Optional[Path], typer.Option("--validation", help="Validation text/tensors (default: built-in BBC validation split).")] = None,
                calibration_tokens: TokensOpt = 10_000,
                validation_tokens: Annotated[int, typer.Option("--validation-tokens")] = 10_000,
@@ -302,7 +310,8 @@ def search_cmd(model: ModelArg = None,
     cal = _calibration(calibration, m, pre, calibration_tokens, needed=True)
     val = _calibration(validation, m, pre, validation_tokens, needed=True, split="validation")
     score, higher, name = default_score(m, val)
-    result = search(m, k, cal, score, higher_is_better=higher, stacks=stacks, mode=mode, top=top, anchor=anchor.value)
+    result = search(m, k, cal, score, higher_is_better=higher, stacks=stacks, mode=mode, top=top, anchor=anchor.value,
+                    method=method.value, progress=True)
     result.update(model=spec, score_name=name)
     with atomic_dir(output, overwrite=overwrite) as tmp:
         write(result, tmp)

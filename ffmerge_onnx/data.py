@@ -123,9 +123,10 @@ def from_images(path: Path, processor, budget: int, tokens_per_image: int, batch
             f"({tokens_per_image} patches each). Add images or lower --calibration-tokens."
         )
     files = files[:needed]
+    mode = "L" if len(getattr(processor, "image_mean", None) or [0, 0, 0]) == 1 else "RGB"  # 1-channel models
     batches = []
     for i in range(0, len(files), batch_size):
-        images = [Image.open(f).convert("RGB") for f in files[i : i + batch_size]]
+        images = [Image.open(f).convert(mode) for f in files[i : i + batch_size]]
         batches.append({"pixel_values": processor(images=images, return_tensors="pt")["pixel_values"]})
     return Calibration(batches, needed * tokens_per_image,
                        {"kind": "images", "source": str(path), "images": needed,

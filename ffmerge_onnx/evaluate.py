@@ -161,6 +161,48 @@ def cosine_fidelity(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a, b, dim=1).mean())
 
 
+def image_accuracy(run: Runner, processor, images, labels, *, batch_size: int = 500, progress: bool = True) -> float:
+    """Top-1 accuracy of an image classifier on uint8 images [N, H, W(, C)] through its processor."""
+    return pixel_accuracy(run, pixel_values(processor, images), labels, batch_size=batch_size, progress=progress)
+
+
+def pixel_values(processor, images, chunk: int = 2000) -> torch.Tensor:
+    """uint8 images [N, H, W(, C)] -> the model's pixel_values, through its image processor."""
+    from PIL import Image
+
+    return torch.cat([processor(images=[Image.fromarray(np.asarray(im)) for im in images[i:i + chunk]],
+                                return_tensors="pt")["pixel_values"] for i in range(0, len(images), chunk)])
+
+
+def pixel_accuracy(run: Runner, pixels: torch.Tensor, labels, *, batch_size: int = 500, progress: bool = True) -> float:
+    """Top-1 accuracy on already processed pixel_values."""
+    labels = torch.as_tensor(labels)
+    right = 0
+    for i in track(range(0, len(pixels), batch_size), "classifying", enabled=progress):
+        right += int((run({"pixel_values": pixels[i:i + batch_size]}).argmax(-1) == labels[i:i + batch_size]).sum())
+    return right / len(pixels)
+
+
+def similarity_spearman(embeddings: torch.Tensor, human: np.ndarray) -> float:
+    """Spearman correlation between the embeddings' pairwise cosines and human similarity
+    ratings, over the pairs above the diagonal (the Lee corpus protocol)."""
+    from scipy.stats import spearmanr
+
+    e = torch.nn.functional.normalize(embeddings.double(), dim=-1)
+    sims = (e @ e.T).numpy()
+    upper = np.triu_indices(len(human), 1)
+    return float(spearmanr(sims[upper], np.asarray(human)[upper]).statistic)
+
+
+def probe_accuracy(train: torch.Tensor, train_labels, test: torch.Tensor, test_labels) -> float:
+    """Accuracy of a logistic-regression probe fitted on frozen embeddings (fixed seed, L2, lbfgs)."""
+    from sklearn.linear_model import LogisticRegression
+
+    probe = LogisticRegression(max_iter=2000, C=10.0, random_state=0)
+    probe.fit(train.double().numpy(), list(train_labels))
+    return float(probe.score(test.double().numpy(), list(test_labels)))
+
+
 # -- what `ffmerge-onnx evaluate` runs -----------------------------------------------------
 @dataclass
 class Target:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,11 +27,12 @@ from .errors import InputError
 from .progress import track
 
 STATE = "finetune_state.pt"
+HISTORY = ("step", "score", "loss", "seconds")
 
 
 @dataclass
 class FinetuneResult:
-    history: list[dict] = field(default_factory=list)  # {"step", "score", "loss"}
+    history: list[dict] = field(default_factory=list)  # {"step", "score", "loss", "seconds"}
     best_step: int = 0
     best_score: float = math.nan
 
@@ -61,12 +63,28 @@ def _lm_loss(model, batch):
                  use_cache=False).loss
 
 
+def _inputs(batch):
+    return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "pixel_values")}
+
+
+def _classify_loss(model, batch):
+    """Cross-entropy on the batch's labels (classifiers)."""
+    if "labels" not in batch:
+        raise InputError("objective classify needs labelled data (batches with labels).")
+    return model(**_inputs(batch), labels=batch["labels"]).loss
+
+
+def _last_hidden(out):
+    return out.last_hidden_state if getattr(out, "last_hidden_state", None) is not None else out.hidden_states[-1]
+
+
 def _distill_loss(original):
     def loss(model, batch):
-        inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "pixel_values")}
+        inputs = _inputs(batch)
+        kw = {} if "input_ids" in inputs else {"output_hidden_states": True}
         with torch.no_grad():
-            target = original(**inputs).last_hidden_state
-        hidden = model(**inputs).last_hidden_state
+            target = _last_hidden(original(**inputs, **kw))
+        hidden = _last_hidden(model(**inputs, **kw))
         mask = batch["attention_mask"].bool() if "attention_mask" in batch else torch.ones(hidden.shape[:2], dtype=torch.bool)
         return torch.nn.functional.mse_loss(hidden[mask], target[mask])
 
@@ -74,15 +92,20 @@ def _distill_loss(original):
 
 
 def _kl_loss(original):
-    """KL(original || model) of next-token distributions on real tokens (causal LMs)."""
+    """KL(original || model) of the output distributions: next-token distributions on real tokens
+    (causal LMs) or class distributions (classifiers)."""
 
     def loss(model, batch):
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+        inputs = _inputs(batch)
+        if "input_ids" in inputs:
+            inputs["use_cache"] = False
         with torch.no_grad():
             target = torch.log_softmax(original(**inputs).logits.float(), -1)
         logp = torch.log_softmax(model(**inputs).logits.float(), -1)
-        mask = batch["attention_mask"].bool()
-        return torch.nn.functional.kl_div(logp[mask], target[mask], log_target=True, reduction="batchmean")
+        if logp.dim() == 3 and "attention_mask" in batch:
+            mask = batch["attention_mask"].bool()
+            logp, target = logp[mask], target[mask]
+        return torch.nn.functional.kl_div(logp, target, log_target=True, reduction="batchmean")
 
     return loss
 
@@ -90,23 +113,28 @@ def _kl_loss(original):
 def finetune(model: nn.Module, batches: list[dict], score: Callable[[nn.Module], float], *, higher_is_better: bool,
              steps: int, lr: float = 5e-5, eval_every: int = 25, objective: str = "lm",
              original: nn.Module | None = None, output: Path | None = None, progress: bool = True,
-             seed: int = 0, train: str = "all") -> FinetuneResult:
-    """Train in place for `steps` steps; the model ends at its best validation state."""
+             seed: int = 0, train: str = "all", budget_s: float | None = None) -> FinetuneResult:
+    """Train in place for `steps` steps, or until `budget_s` seconds of training (evaluation not
+    counted) have passed; the model ends at its best validation state. History "seconds" is
+    training time so far."""
     if steps < 1 or not batches:
         raise InputError("Fine-tuning needs at least one step and one batch of data.")
     if objective == "lm":
         if adapter_for(model).task != "causal-lm":
             raise InputError("objective lm needs a causal LM; use objective distill for other models.")
         loss_fn = _lm_loss
+    elif objective == "classify":
+        loss_fn = _classify_loss
     elif objective in ("distill", "kl"):
         if original is None:
             raise InputError(f"objective {objective} needs the original model.")
         loss_fn = (_distill_loss if objective == "distill" else _kl_loss)(original.eval())
     else:
-        raise InputError(f"objective is lm, distill or kl; got {objective!r}.")
+        raise InputError(f"objective is lm, classify, distill or kl; got {objective!r}.")
     params = trainable_params(model, train)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, steps // 10)))
+    warmup = max(1, min(steps // 10, 50))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
     result, start = FinetuneResult(), 0
     best_state = None
     state_path = Path(output) / STATE if output else None
@@ -118,13 +146,13 @@ def finetune(model: nn.Module, batches: list[dict], score: Callable[[nn.Module],
         opt.load_state_dict(saved["optimizer"])
         sched.load_state_dict(saved["scheduler"])
         start = int(saved["step"])
-        result.history = [dict(zip(("step", "score", "loss"), row)) for row in saved["history"].tolist()]
+        result.history = [dict(zip(HISTORY, row)) for row in saved["history"].tolist()]
         best_state = saved["best"]
         result.best_step, result.best_score = int(saved["best_step"]), float(saved["best_score"])
     if best_state is None:
         model.eval()
         result.best_score = float(score(model))
-        result.history.append({"step": 0, "score": result.best_score, "loss": math.nan})
+        result.history.append({"step": 0, "score": result.best_score, "loss": math.nan, "seconds": 0.0})
         best_state = [p.detach().clone() for p in params]
     better = (lambda a, b: a > b) if higher_is_better else (lambda a, b: a < b)
     g = torch.Generator().manual_seed(seed)
@@ -132,7 +160,9 @@ def finetune(model: nn.Module, batches: list[dict], score: Callable[[nn.Module],
     for _ in range(start):
         next(order)
     running = []
+    trained = result.history[-1].get("seconds", 0.0)
     for step in track(range(start + 1, steps + 1), "fine-tuning", enabled=progress):
+        tick = time.perf_counter()
         model.train()
         loss = loss_fn(model, batches[next(order)])
         opt.zero_grad(set_to_none=True)
@@ -141,16 +171,21 @@ def finetune(model: nn.Module, batches: list[dict], score: Callable[[nn.Module],
         opt.step()
         sched.step()
         running.append(float(loss.detach()))
-        if step % eval_every == 0 or step == steps:
+        trained += time.perf_counter() - tick
+        out_of_time = budget_s is not None and trained >= budget_s
+        if step % eval_every == 0 or step == steps or out_of_time:
             model.eval()
             value = float(score(model))
-            result.history.append({"step": step, "score": value, "loss": sum(running) / len(running)})
+            result.history.append({"step": step, "score": value, "loss": sum(running) / len(running),
+                                   "seconds": trained})
             running = []
             if better(value, result.best_score):
                 result.best_step, result.best_score = step, value
                 best_state = [p.detach().clone() for p in params]
             if state_path:
                 _save_state(state_path, params, opt, sched, step, result, best_state)
+        if out_of_time:
+            break
     with torch.no_grad():
         for p, v in zip(params, best_state):
             p.copy_(v)
@@ -160,7 +195,7 @@ def finetune(model: nn.Module, batches: list[dict], score: Callable[[nn.Module],
 
 def _save_state(path: Path, params, opt, sched, step: int, result: FinetuneResult, best_state) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    history = torch.tensor([[h["step"], h["score"], h["loss"]] for h in result.history], dtype=torch.float64)
+    history = torch.tensor([[h[k] for k in HISTORY] for h in result.history], dtype=torch.float64)
     tmp = path.with_suffix(".tmp")
     torch.save({"params": [p.detach() for p in params], "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "step": step, "history": history, "best": best_state, "best_step": result.best_step,
@@ -170,20 +205,23 @@ def _save_state(path: Path, params, opt, sched, step: int, result: FinetuneResul
 
 def recover(model: nn.Module, original: nn.Module, batches: list[dict], validation: list[dict], *, steps: int,
             lr: float = 5e-5, eval_every: int = 25, output: Path | None = None, progress: bool = True,
-            objective: str | None = None, train: str = "all") -> FinetuneResult:
+            objective: str | None = None, train: str = "all", budget_s: float | None = None) -> FinetuneResult:
     """Fine-tune a merged (or layer-dropped) model with the objective its task allows, scored on
     validation batches, and record it in the model's manifest."""
     from .manifest import fingerprint
     from .search import default_score
 
     score, higher, name = default_score(original, validation)
-    objective = objective or ("lm" if adapter_for(model).task == "causal-lm" else "distill")
+    task = adapter_for(model).task
+    objective = objective or ("lm" if task == "causal-lm" else
+                              "classify" if task == "image-classification" and "labels" in batches[0] else "distill")
     result = finetune(model, batches, score, higher_is_better=higher, steps=steps, lr=lr, eval_every=eval_every,
-                      objective=objective, original=original, output=output, progress=progress, train=train)
+                      objective=objective, original=original, output=output, progress=progress, train=train,
+                      budget_s=budget_s)
     manifest = getattr(model, "ffmerge_manifest", None)
     if manifest is not None:
-        manifest.finetune = {"steps": steps, "lr": lr, "objective": objective, "train": train, "score": name,
-                             "best_step": result.best_step, "best_score": result.best_score,
+        manifest.finetune = {"steps": steps, "steps_run": int(result.history[-1]["step"]), "budget_s": budget_s,
+                             "lr": lr, "objective": objective, "train": train, "score": name, "best_step": result.best_step, "best_score": result.best_score,
                              "history": result.history}
         manifest.fingerprint = fingerprint(model)
     return result

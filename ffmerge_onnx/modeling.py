@@ -37,13 +37,21 @@ BUILTIN = {  # name: (package, path inside it)
 }
 
 
+REPO_MODELS = Path(__file__).resolve().parents[1] / "models"
+IN_REPO = ("vit-fashion-mnist",)  # trained by tools/, committed in models/ (a source checkout has them)
+
+
 def builtin_models() -> dict[str, str]:
-    """Real pretrained models that ship inside PyPI packages (installed by the setup)."""
+    """Real pretrained models that ship inside PyPI packages (installed by the setup), and the
+    reference models committed in the repository's models/ folder."""
     found = {}
     for name, (package, inner) in BUILTIN.items():
         where = _package_dir(package)
         if where is not None and (where / inner).exists():
             found[name] = str(where / inner)
+    for name in IN_REPO:
+        if (REPO_MODELS / name / "config.json").is_file():
+            found[name] = str(REPO_MODELS / name)
     return found
 
 

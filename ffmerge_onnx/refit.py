@@ -6,6 +6,12 @@
   merged FF reproduces every layer's ORIGINAL FF output from that layer's original input:
   W_out^T = (sum_l H_l^T H_l + ridge)^-1 sum_l H_l^T Y_l, H_l the hidden activations the merged
   input projections give on layer l's inputs.
+- `sequential`: `refit`, then refitted again (SEQUENTIAL_ROUNDS times) with each layer's input taken
+  from the model whose window already uses the merged FF, so the fit sees the drift earlier merged
+  layers cause and does not compound it. One forward pass gives every layer's drifted input: layer
+  l's input depends only on the layers before it. In pre-norm models (layer output = residual +
+  FF output) the target also cancels the drift: it is the original layer output minus the drifted
+  residual, O_l - (O'_l - F'_l); in post-norm models it is the original FF output.
 
 Everything is in the window's anchor neuron order (each layer's tensors already permuted).
 Memory: the window's FF inputs and outputs on the calibration tokens are kept in float32
@@ -13,6 +19,8 @@ Memory: the window's FF inputs and outputs on the calibration tokens are kept in
 float64 Gram matrices of (d_ff + 1)^2 and (d_model + 1)^2 entries."""
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -22,7 +30,8 @@ from .calibrate import _run, _tokens_per_item
 from .data import Calibration, token_mask
 from .errors import CalibrationError
 
-METHODS = ("average", "regmean", "refit")
+METHODS = ("average", "regmean", "refit", "sequential")
+SEQUENTIAL_ROUNDS = 2
 RIDGE = 1e-6  # relative to the Gram matrix's mean diagonal
 
 
@@ -46,12 +55,25 @@ def _solve(gram: torch.Tensor, rhs: torch.Tensor, ridge: float) -> torch.Tensor:
     return torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype), rhs)
 
 
+def _rows_hook(into: list, mask_now: dict):
+    """A forward hook that appends the module's output rows of real tokens."""
+
+    def hook(_m, _args, out):
+        out = out[0] if isinstance(out, tuple) else out
+        m = mask_now["m"]
+        into.append(out.reshape(m.shape[0], -1, out.shape[-1])[m].detach().clone())
+
+    return hook
+
+
 class _Capture:
     """Per layer: its FF inputs (full batches), real-token masks, original FF outputs and hidden Gram."""
 
-    def __init__(self, model, adapter: Adapter, stack: str, layers: list[int], calibration: Calibration, bias: bool):
+    def __init__(self, model, adapter: Adapter, stack: str, layers: list[int], calibration: Calibration, bias: bool,
+                 layer_outputs: bool = False):
         self.x: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
         self.y: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
+        self.o: dict[int, list[torch.Tensor]] = {i: [] for i in layers}  # layer outputs, if asked
         self.h_gram: dict[int, torch.Tensor] = {}
         self.masks: list[torch.Tensor] = []
         self.batches = calibration.batches
@@ -71,6 +93,8 @@ class _Capture:
 
             handles.append(adapter.projection(layer, "in").register_forward_pre_hook(pre))
             handles.append(adapter.projection(layer, "out").register_forward_hook(post))
+            if layer_outputs:
+                handles.append(layer.register_forward_hook(_rows_hook(self.o[i], mask_now)))
         try:
             with torch.no_grad():
                 for batch in calibration.batches:
@@ -96,7 +120,8 @@ def combine(model: nn.Module, adapter: Adapter, stack: str, layers: list[int], a
     if calibration is None:
         raise CalibrationError(f"Merge method {method} needs calibration data: pass --calibration PATH.")
     bias = adapter.bias
-    cap = _Capture(model, adapter, stack, layers, calibration, bias)
+    cap = _Capture(model, adapter, stack, layers, calibration, bias,
+                   layer_outputs=method == "sequential" and adapter.norm == "pre")
     out = dict(average)
     in_names = [("fc_in", "in")] + ([("gate", "gate")] if adapter.gated else [])
     if method == "regmean":
@@ -117,8 +142,14 @@ def combine(model: nn.Module, adapter: Adapter, stack: str, layers: list[int], a
         ws = [_augment(_linear(t["fc_out.weight"], adapter).double(), t.get("fc_out.bias", None)) for t in aligned]
         num = sum(w @ g for w, g in zip(ws, grams))
         _store(out, "fc_out", _solve(sum(grams), num.T, ridge).T, bias, adapter)
-    if method == "refit":
+    if method in ("refit", "sequential"):
         _store(out, "fc_out", _refit_out(model, adapter, stack, layers, cap, average, bias, ridge), bias, adapter)
+    if method == "sequential":
+        for _ in range(SEQUENTIAL_ROUNDS):
+            cap.x, layer_out, ff_out = _drifted(model, adapter, stack, layers, cap, out)
+            if adapter.norm == "pre":
+                cap.y = {i: [o - (o2 - f2) for o, o2, f2 in zip(cap.o[i], layer_out[i], ff_out[i])] for i in layers}
+            _store(out, "fc_out", _refit_out(model, adapter, stack, layers, cap, average, bias, ridge), bias, adapter)
     return {k: v.to(average[k].dtype) for k, v in out.items()}
 
 
@@ -129,19 +160,62 @@ def _store(out: dict, name: str, fitted: torch.Tensor, bias: bool, adapter: Adap
         out[f"{name}.bias"] = fitted[:, -1].contiguous()
 
 
+@contextmanager
+def _swapped(model, adapter: Adapter, stack: str, layers: list[int], values: dict, projections: tuple[str, ...]):
+    """Window layers temporarily use `values` (role name -> tensor) for the roles of `projections`."""
+    saved = []
+    try:
+        for i in layers:
+            layer = adapter.layers(model, stack)[i]
+            for r in adapter.roles():
+                if r.projection in projections:
+                    module = adapter.projection(layer, r.projection)
+                    old = getattr(module, r.attr)
+                    saved.append((module, r.attr, old))
+                    setattr(module, r.attr, nn.Parameter(values[r.name].to(old.dtype).clone(), requires_grad=False))
+        yield
+    finally:
+        for module, attr, p in saved:
+            setattr(module, attr, p)
+
+
+def _drifted(model, adapter, stack, layers, cap: _Capture, merged: dict):
+    """With the whole window on the merged FF: each window layer's FF inputs (full batches), and
+    its layer outputs and FF outputs (real-token rows)."""
+    x: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
+    o: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
+    f: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
+    mask_now: dict = {}
+    handles = []
+    for i in layers:
+        layer = adapter.layers(model, stack)[i]
+
+        def pre(_m, args, i=i):
+            x[i].append(args[0].detach().clone())
+
+        handles.append(adapter.projection(layer, "in").register_forward_pre_hook(pre))
+        handles.append(adapter.projection(layer, "out").register_forward_hook(_rows_hook(f[i], mask_now)))
+        handles.append(layer.register_forward_hook(_rows_hook(o[i], mask_now)))
+    try:
+        with _swapped(model, adapter, stack, layers, merged, ("in", "gate", "out")), torch.no_grad():
+            for m, batch in zip(cap.masks, cap.batches):
+                mask_now["m"] = m
+                _run(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return x, o, f
+
+
 def _refit_out(model, adapter, stack, layers, cap: _Capture, merged_in: dict, bias: bool, ridge: float) -> torch.Tensor:
-    """Second pass: each layer's own inputs through the merged input projections -> hidden rows."""
-    roles = [r for r in adapter.roles() if r.projection in ("in", "gate")]
-    saved, handles = [], []
+    """Second pass: each layer's captured inputs through the merged input projections -> hidden rows."""
+    in_projections = tuple({r.projection for r in adapter.roles() if r.projection in ("in", "gate")})
+    handles = []
     gram, cross = 0, 0
     state = {"batch": 0}
     try:
         for i in layers:
             layer = adapter.layers(model, stack)[i]
-            for r in roles:
-                module = adapter.projection(layer, r.projection)
-                saved.append((module, r.attr, getattr(module, r.attr)))
-                setattr(module, r.attr, nn.Parameter(merged_in[r.name].clone(), requires_grad=False))
 
             def pre(_m, args, i=i):
                 return (cap.x[i][state["batch"]],) + tuple(args[1:])
@@ -153,16 +227,14 @@ def _refit_out(model, adapter, stack, layers, cap: _Capture, merged_in: dict, bi
                 gram = gram + h.T @ h
                 cross = cross + h.T @ cap.y[i][state["batch"]].double()
 
-            for r in {r.projection for r in roles}:
-                handles.append(adapter.projection(layer, r).register_forward_pre_hook(pre))
+            for p in in_projections:
+                handles.append(adapter.projection(layer, p).register_forward_pre_hook(pre))
             handles.append(adapter.projection(layer, "out").register_forward_hook(post))
-        with torch.no_grad():
+        with _swapped(model, adapter, stack, layers, merged_in, in_projections), torch.no_grad():
             for b, batch in enumerate(cap.batches):
                 state["batch"] = b
                 _run(model, batch)
     finally:
         for h in handles:
             h.remove()
-        for module, attr, p in saved:
-            setattr(module, attr, p)
     return _solve(gram, cross, ridge).T  # [d_model, d_ff (+1)]

@@ -20,7 +20,7 @@ from .adapters import adapter_for
 from .align import anchor_layer, match
 from .data import Calibration
 from .errors import WindowError
-from .merge import Window, ff_param_count, merge
+from .merge import Window, drop_layers, ff_param_count, merge
 from .progress import track
 
 
@@ -70,7 +70,7 @@ def alignment_scores(model: nn.Module, calibration: Calibration, stack: str, k: 
 
 def search(model: nn.Module, k: int, calibration: Calibration, score: Callable[[nn.Module], float], *,
            higher_is_better: bool, stacks: list[str] | None = None, mode: str = "full", top: int = 3,
-           anchor: str = "first", align: str = "correlation", progress: bool = True) -> dict:
+           anchor: str = "first", align: str = "correlation", method: str = "average", progress: bool = True) -> dict:
     """Score candidate windows of k layers; returns the rows and the best window. `model` is not changed."""
     adapter = adapter_for(model)
     stacks = stacks or adapter.stack_names()
@@ -83,7 +83,7 @@ def search(model: nn.Module, k: int, calibration: Calibration, score: Callable[[
     for c in track(chosen, f"scoring {len(chosen)} windows of {k}", enabled=progress):
         trial = copy.deepcopy(model)
         merge(trial, [Window(s, c.start, c.end) for s in stacks], anchor=anchor, align=align,
-              calibration=calibration, progress=False)
+              calibration=calibration, method=method, progress=False)
         c.score = float(score(trial))
         del trial
     scored = [c for c in rows if c.score is not None and math.isfinite(c.score)]
@@ -92,6 +92,23 @@ def search(model: nn.Module, k: int, calibration: Calibration, score: Callable[[
     return {"k": k, "stacks": stacks, "mode": mode, "higher_is_better": higher_is_better,
             "rows": [asdict(c) for c in rows], "best": [best.start, best.end],
             "best_by_alignment": [by_align.start, by_align.end]}
+
+
+def best_drop(model: nn.Module, stack: str, count: int, score: Callable[[nn.Module], float], *,
+              higher_is_better: bool, progress: bool = True) -> dict:
+    """The layer-drop baseline at its best: every run of `count` adjacent layers of `stack` is
+    dropped in turn and scored; returns the rows and the best run. `model` is not changed."""
+    n = adapter_for(model).num_layers(model, stack)
+    if not 1 <= count < n:
+        raise WindowError(f"Cannot drop {count} of the {n} layers of the {stack}.")
+    rows = []
+    for a in track(range(n - count + 1), f"scoring {n - count + 1} drops of {count}", enabled=progress):
+        trial = drop_layers(copy.deepcopy(model), stack, list(range(a, a + count)))
+        rows.append({"start": a, "end": a + count - 1, "score": float(score(trial))})
+        del trial
+    scored = [r for r in rows if math.isfinite(r["score"])]
+    best = (max if higher_is_better else min)(scored, key=lambda r: r["score"])
+    return {"count": count, "stack": stack, "rows": rows, "best": [best["start"], best["end"]]}
 
 
 # -- scores ------------------------------------------------------------------------------
@@ -108,6 +125,17 @@ def batch_perplexity(model: nn.Module, batches) -> float:
             total += float(nll[mask].sum())
             count += int(mask.sum())
     return math.exp(total / count)
+
+
+def batch_accuracy(model: nn.Module, batches) -> float:
+    """Top-1 accuracy of a classifier on labelled batches."""
+    right, count = 0, 0
+    with torch.no_grad():
+        for b in batches:
+            inputs = {k: v for k, v in b.items() if k != "labels"}
+            right += int((model(**inputs).logits.argmax(-1) == b["labels"]).sum())
+            count += len(b["labels"])
+    return right / count
 
 
 def fidelity(original: nn.Module, batches) -> Callable[[nn.Module], float]:
@@ -133,6 +161,8 @@ def default_score(original: nn.Module, batches) -> tuple[Callable[[nn.Module], f
     batches = list(batches)
     if adapter_for(original).task == "causal-lm":
         return (lambda m: batch_perplexity(m, batches)), False, "perplexity"
+    if batches and "labels" in batches[0]:
+        return (lambda m: batch_accuracy(m, batches)), True, "accuracy"
     return fidelity(original, batches), True, "cosine to original"
 
 

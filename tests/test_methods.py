@@ -16,7 +16,7 @@ from ffmerge_onnx.refit import _Capture
 FAMILIES = ["gpt2", "llama", "bert"]
 
 
-@pytest.mark.parametrize("method", ["average", "regmean", "refit"])
+@pytest.mark.parametrize("method", ["average", "regmean", "refit", "sequential"])
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_every_method_returns_the_planted_ff(model_type, method):
     model = tm.build(model_type, gentle=True)

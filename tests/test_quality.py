@@ -114,6 +114,30 @@ def test_window_search_finds_the_planted_window(model_type, mode):
         assert sum(r["score"] is not None for r in rows.values()) == 1
 
 
+@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+def test_best_drop_finds_the_layers_that_do_nothing(model_type):
+    """Pre-norm layers whose attention and FF outputs are zero pass the residual through: dropping
+    them is lossless, and the drop search must find them."""
+    from ffmerge_onnx.search import best_drop
+
+    model = tm.build(model_type, gentle=True)
+    adapter = adapter_for(model)
+    stack = adapter.stack_names()[-1]
+    with torch.no_grad():
+        for i in (1, 2):
+            layer = adapter.layers(model, stack)[i]
+            attn_out = layer.attn.c_proj if model_type == "gpt2" else layer.self_attn.o_proj
+            for module in (attn_out, adapter.projection(layer, "out")):
+                for p in module.parameters():
+                    p.zero_()
+    score = fidelity(model, list(tm.calibration(model, seed=11)))
+    result = best_drop(model, stack, 2, score, higher_is_better=True, progress=False)
+    assert result["best"] == [1, 2] and len(result["rows"]) == adapter.num_layers(model, stack) - 1
+    best = next(r for r in result["rows"] if r["start"] == 1)
+    assert best["score"] == pytest.approx(1.0, abs=1e-6)
+    assert adapter.num_layers(model, stack) == len(adapter.layers(model, stack))  # input unchanged
+
+
 def test_merge_count_for_a_reduction():
     model = tm.build("llama")
     total = sum(p.numel() for p in model.parameters())
@@ -205,6 +229,17 @@ def test_finetune_resumes_where_it_stopped(tmp_path):
     assert [h["step"] for h in resumed.history] == [0, 4, 8]
     for (n, p), q in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(p, q), n
+
+
+def test_finetune_stops_at_its_time_budget_and_records_training_seconds():
+    from ffmerge_onnx.finetune import finetune
+
+    model = _merged_llama()
+    batches = list(tm.calibration(model))
+    result = finetune(model, batches, lambda m: 1.0, higher_is_better=False, steps=1000, lr=1e-3, eval_every=50,
+                      progress=False, budget_s=1e-9)
+    assert [h["step"] for h in result.history] == [0, 1]
+    assert result.history[0]["seconds"] == 0.0 < result.history[1]["seconds"] < 60
 
 
 def test_distill_objective_moves_a_merged_encoder_toward_the_original():

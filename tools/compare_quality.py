@@ -1,14 +1,24 @@
-"""Quality against parameters removed: original, layer drop, vanilla merge, permute merge,
-the regmean and refit merges, each before and after the same recovery fine-tune. Writes a markdown table, JSON and a PNG.
+"""Quality against parameters removed: original, layer drop, vanilla merge, permute merge and the
+regmean / refit / sequential merges, each before and after the same recovery fine-tune. Writes a
+markdown table, JSON and a PNG per model to --out.
 
-    .venv/bin/python tools/compare_quality.py --model SmolLM2-135M-Instruct --windows 16-18 --steps 30
-    .venv/bin/python tools/compare_quality.py --model all-MiniLM-L6-v2 --windows 2-3,1-3 --steps 30
+    .venv/bin/python tools/compare_quality.py --model SmolLM2-135M-Instruct --windows 16-18,17-27
+    .venv/bin/python tools/compare_quality.py --model all-MiniLM-L6-v2 --windows 2-3,1-3 --steps 20
+    .venv/bin/python tools/compare_quality.py --model vit-fashion-mnist --windows 2-3,1-4 --steps 100 --onnx
 
-Causal LMs are scored by perplexity on the BBC news test split (sliding window 512, stride
-256); sentence encoders by mean cosine of their embeddings to the original's on test articles.
-Calibration uses the BBC calibration split, fine-tuning the same split, model selection the
-validation split. A dropped-layer row removes the window's last j layers, j chosen so its
-parameter reduction is closest to the merge's (ties: more removed)."""
+What each reference model is scored on (test data is never used to merge, select or fine-tune):
+- causal LMs: perplexity on the BBC news test split (sliding window 512, stride 256) and on
+  Shakespeare (As You Like It; `--shakespeare-tokens`);
+- sentence encoders: Spearman correlation with the Lee corpus's human similarity ratings, accuracy
+  of a logistic-regression probe on BBC topics (fitted on the calibration+validation articles,
+  tested on `--probe-docs` test articles), and embedding cosine to the original;
+- image classifiers: top-1 accuracy on the 10,000 Fashion-MNIST test images.
+Calibration uses the BBC calibration split (Fashion-MNIST train images 0-1,999 for images),
+fine-tuning the same split (train images with labels for images), model selection the
+validation split (train images 50,000-51,999). A dropped-layer row removes j adjacent layers, j
+chosen so its parameter reduction is closest to the merge's (ties: more removed), at the position
+that scores best on the validation split. With --onnx every merged row is also exported
+(`convert`'s pipeline) and scored through onnxruntime."""
 
 from __future__ import annotations
 
@@ -22,84 +32,180 @@ from pathlib import Path
 import torch
 
 from ffmerge_onnx import Window, adapter_for, drop_layers, merge
-from ffmerge_onnx.builtin import bbc_articles, write_calibration_text
-from ffmerge_onnx.data import load_calibration
-from ffmerge_onnx.evaluate import TorchRunner, cosine_fidelity, mean_pooled, perplexity, text_ids
+from ffmerge_onnx.builtin import FASHION_MNIST_SPLITS, bbc_articles, write_calibration_text
+from ffmerge_onnx.data import Calibration, load_calibration
+from ffmerge_onnx.datasets import bbc_topics, fashion_mnist, lee_corpus, shakespeare_texts
+from ffmerge_onnx.evaluate import (TorchRunner, cosine_fidelity, mean_pooled, perplexity, pixel_accuracy, pixel_values,
+                                   probe_accuracy, runner, similarity_spearman, text_ids)
 from ffmerge_onnx.finetune import recover
 from ffmerge_onnx.merge import ff_param_count, parse_windows
 from ffmerge_onnx.modeling import load_model, load_preprocessor
+from ffmerge_onnx.search import best_drop, default_score
 
 
 def unique_params(model) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
-class Scorer:
-    def __init__(self, original, tokenizer, eval_tokens: int, docs: int):
-        self.task = adapter_for(original).task
-        self.tokenizer = tokenizer
-        texts = [p.read_text(encoding="utf-8", errors="replace") for p in bbc_articles("test")]
-        if self.task == "causal-lm":
-            self.ids = text_ids(tokenizer, texts, eval_tokens)
-            self.name, self.higher = "perplexity", False
-        else:
-            self.docs = texts[:: max(1, len(texts) // docs)][:docs]
-            self.reference = mean_pooled(TorchRunner(original), tokenizer, self.docs, progress=False)
-            self.name, self.higher = "embedding cosine to original", True
+class Bench:
+    """A reference model's metrics (the first is the headline; `higher` says which way is better)
+    and the data it is merged, fine-tuned and selected with."""
 
-    def __call__(self, model) -> float:
-        if self.task == "causal-lm":
-            return perplexity(TorchRunner(model), self.ids, window=512, stride=256, progress=False).perplexity
-        return cosine_fidelity(mean_pooled(TorchRunner(model), self.tokenizer, self.docs, progress=False), self.reference)
+    metric_names: list[str]
+    higher: bool
+    cal: Calibration
+    train: list[dict]
+    val: list[dict]
+
+    def metrics(self, run) -> dict[str, float]:
+        raise NotImplementedError
+
+
+class LMBench(Bench):
+    def __init__(self, original, tok, a, tmp: Path):
+        texts = [p.read_text(encoding="utf-8", errors="replace") for p in bbc_articles("test")]
+        self.ids = {"perplexity (BBC test)": text_ids(tok, texts, a.eval_tokens)}
+        if a.shakespeare_tokens:
+            self.ids["perplexity (Shakespeare)"] = text_ids(tok, shakespeare_texts(["as_you_like_it"]),
+                                                            a.shakespeare_tokens)
+        self.metric_names, self.higher = list(self.ids), False
+        _text_data(self, original, tok, a, tmp)
+
+    def metrics(self, run):
+        return {k: perplexity(run, ids, window=512, stride=256, progress=False).perplexity for k, ids in self.ids.items()}
+
+
+class EncoderBench(Bench):
+    def __init__(self, original, tok, a, tmp: Path):
+        self.tok = tok
+        self.lee_docs, self.lee_human = lee_corpus()
+        train_texts, train_labels = zip(*[(t, y) for s in ("calibration", "validation") for t, y in zip(*bbc_topics(s))])
+        test_texts, test_labels = bbc_topics("test")
+        step = max(1, len(test_texts) // a.probe_docs)
+        self.probe_train = (list(train_texts), list(train_labels))
+        self.probe_test = (test_texts[::step][:a.probe_docs], test_labels[::step][:a.probe_docs])
+        self.cos_docs = test_texts[1::step][:a.eval_docs]
+        self.reference = self._embed(TorchRunner(original), self.cos_docs)
+        self.metric_names = ["Lee Spearman", "BBC probe accuracy", "cosine to original"]
+        self.higher = True
+        _text_data(self, original, tok, a, tmp)
+
+    def _embed(self, run, texts):
+        return mean_pooled(run, self.tok, list(texts), max_length=128, progress=False)
+
+    def metrics(self, run):
+        return {"Lee Spearman": similarity_spearman(self._embed(run, self.lee_docs), self.lee_human),
+                "BBC probe accuracy": probe_accuracy(self._embed(run, self.probe_train[0]), self.probe_train[1],
+                                                     self._embed(run, self.probe_test[0]), self.probe_test[1]),
+                "cosine to original": cosine_fidelity(self._embed(run, self.cos_docs), self.reference)}
+
+
+class ImageBench(Bench):
+    def __init__(self, original, processor, a, tmp: Path):
+        test_images, self.test_labels = fashion_mnist("test")
+        self.test_pixels = pixel_values(processor, test_images)
+        images, labels = fashion_mnist("train")
+        pixels = pixel_values(processor, images[:52_000])
+        lo, hi = FASHION_MNIST_SPLITS["calibration"]
+        per_image = (original.config.image_size // original.config.patch_size) ** 2 + 1
+        n_cal = min(hi - lo, -(-a.calibration_tokens // per_image))
+        self.cal = Calibration([{"pixel_values": pixels[i:i + 64]} for i in range(lo, lo + n_cal, 64)],
+                               n_cal * per_image, {"kind": "images", "source": "Fashion-MNIST train", "images": n_cal})
+        g = torch.Generator().manual_seed(0)
+        order = torch.randperm(50_000, generator=g)[: a.finetune_images]
+        self.train = [{"pixel_values": pixels[order[i:i + 64]], "labels": torch.from_numpy(labels[order[i:i + 64].numpy()])}
+                      for i in range(0, len(order), 64)]
+        vlo, vhi = FASHION_MNIST_SPLITS["validation"]
+        self.val = [{"pixel_values": pixels[i:i + 500], "labels": torch.from_numpy(labels[i:i + 500])}
+                    for i in range(vlo, vhi, 500)]
+        self.metric_names, self.higher = ["accuracy (Fashion-MNIST test)"], True
+
+    def metrics(self, run):
+        return {"accuracy (Fashion-MNIST test)": pixel_accuracy(run, self.test_pixels, self.test_labels, progress=False)}
+
+
+def _text_data(bench: Bench, original, tok, a, tmp: Path) -> None:
+    cal_path = write_calibration_text(tmp, "calibration")
+    bench.cal = load_calibration(cal_path, model=original, tokenizer=tok, budget=a.calibration_tokens)
+    bench.train = list(load_calibration(cal_path, model=original, tokenizer=tok, budget=a.finetune_tokens,
+                                        batch_size=a.batch_size, seq_len=256))
+    bench.val = list(load_calibration(write_calibration_text(tmp, "validation"), model=original, tokenizer=tok,
+                                      budget=4_000, batch_size=4, seq_len=256))
+
+
+def bench_for(original, pre, a, tmp: Path) -> Bench:
+    task = adapter_for(original).task
+    if task == "causal-lm":
+        return LMBench(original, pre, a, tmp)
+    if task == "feature-extraction":
+        return EncoderBench(original, pre, a, tmp)
+    if task == "image-classification":
+        return ImageBench(original, pre, a, tmp)
+    raise SystemExit(f"No reference benchmark for task {task}.")
+
+
+def onnx_metrics(model, bench: Bench, pre, tmp: Path) -> dict[str, float]:
+    """Export like `convert` (fold, onnxslim, validated) and score through onnxruntime."""
+    from ffmerge_onnx.pipeline import ConvertOptions, convert
+
+    out = Path(tempfile.mkdtemp(dir=tmp)) / "onnx"
+    convert(model, out, ConvertOptions(keep_reference=False, compare=False), preprocessor=pre, log=lambda *_: None)
+    return bench.metrics(runner(out))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="SmolLM2-135M-Instruct")
     ap.add_argument("--windows", default="16-18", help="comma-separated windows A-B (inclusive)")
-    ap.add_argument("--methods", default="regmean,refit", help="merge methods beyond average (comma-separated)")
+    ap.add_argument("--methods", default="regmean,refit,sequential", help="merge methods beyond average (comma-separated)")
     ap.add_argument("--steps", type=int, default=0, help="recovery fine-tune steps (0: none)")
     ap.add_argument("--lr", type=float, default=5e-5)
+    ap.add_argument("--objective", default=None, help="fine-tune objective (default: the task's; see finetune.py)")
     ap.add_argument("--finetune-original", action="store_true",
                     help="fine-tune the original too (fair when the fine-tune data is new to it)")
+    ap.add_argument("--onnx", action="store_true", help="also score every merged row through onnxruntime")
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--calibration-tokens", type=int, default=10_000)
     ap.add_argument("--finetune-tokens", type=int, default=40_000)
+    ap.add_argument("--finetune-images", type=int, default=6_400)
     ap.add_argument("--eval-tokens", type=int, default=4_000)
+    ap.add_argument("--shakespeare-tokens", type=int, default=4_000)
     ap.add_argument("--eval-docs", type=int, default=200)
+    ap.add_argument("--probe-docs", type=int, default=500)
     ap.add_argument("--out", type=Path, default=Path("models/results"))
     a = ap.parse_args()
     torch.manual_seed(0)
-    original = load_model(a.model)
-    tok = load_preprocessor(a.model)
+    original = load_model(a.model).eval()
+    pre = load_preprocessor(a.model)
     adapter = adapter_for(original)
     stack = adapter.stack_names()[-1]
     tmp = Path(tempfile.mkdtemp(prefix="ffmerge-compare-"))
-    cal_path = write_calibration_text(tmp, "calibration")
-    cal = load_calibration(cal_path, model=original, tokenizer=tok, budget=a.calibration_tokens)
-    train = list(load_calibration(cal_path, model=original, tokenizer=tok, budget=a.finetune_tokens,
-                                  batch_size=a.batch_size, seq_len=256))
-    val = list(load_calibration(write_calibration_text(tmp, "validation"), model=original, tokenizer=tok,
-                                budget=4_000, batch_size=4, seq_len=256))
-    score = Scorer(original, tok, a.eval_tokens, a.eval_docs)
+    bench = bench_for(original, pre, a, tmp)
+    val_score, val_higher, _ = default_score(original, bench.val)
     total = unique_params(original)
     ff = ff_param_count(original, stack)
     layer = sum(p.numel() for p in adapter.layers(original, stack)[0].parameters())
-    rows = []
+    rows, drops = [], {}
 
     def run(name, window, make):
         t = time.time()
         model = make()
-        removed = 1 - unique_params(model) / total
-        before = score(model)
-        after = None
+        row = {"window": window, "method": name, "removed": 1 - unique_params(model) / total,
+               "before": bench.metrics(TorchRunner(model)), "after": None}
+        merged = name not in ("original",) and not name.startswith("drop")
+        if a.onnx and merged:
+            row["onnx_before"] = onnx_metrics(model, bench, pre, tmp)
         if a.steps and (name != "original" or a.finetune_original):
-            recover(model, original, train, val, steps=a.steps, lr=a.lr, eval_every=max(1, a.steps // 3), progress=False)
-            after = score(model)
-        rows.append({"window": window, "method": name, "removed": removed, "before": before, "after": after,
-                     "seconds": time.time() - t})
-        print(f"{window:>7} {name:<12} removed {removed:6.2%}  {score.name} {before:.4f}"
-              + (f" -> {after:.4f} after {a.steps} steps" if after is not None else ""), flush=True)
+            recover(model, original, bench.train, bench.val, steps=a.steps, lr=a.lr, objective=a.objective,
+                    eval_every=max(1, a.steps // 4), progress=False)
+            row["after"] = bench.metrics(TorchRunner(model))
+            if a.onnx and merged:
+                row["onnx_after"] = onnx_metrics(model, bench, pre, tmp)
+        row["seconds"] = time.time() - t
+        rows.append(row)
+        text = "  ".join(f"{k} {v:.4f}" + (f" -> {row['after'][k]:.4f}" if row["after"] else "")
+                         for k, v in row["before"].items())
+        print(f"{window:>7} {name:<18} removed {row['removed']:6.2%}  {text}", flush=True)
         del model
 
     run("original", "-", lambda: copy.deepcopy(original))
@@ -109,15 +215,18 @@ def main() -> None:
         label = f"{w.start}-{w.end}"
         windows = [Window(s, w.start, w.end) for s in adapter.stack_names()]
         run("vanilla", label, lambda: merge(copy.deepcopy(original), windows, align="none", progress=False))
-        run("permute", label, lambda: merge(copy.deepcopy(original), windows, calibration=cal, progress=False))
-        for method in a.methods.split(","):
-            run(method, label, lambda: merge(copy.deepcopy(original), windows, calibration=cal, method=method,
+        run("permute", label, lambda: merge(copy.deepcopy(original), windows, calibration=bench.cal, progress=False))
+        for method in [m for m in a.methods.split(",") if m]:
+            run(method, label, lambda: merge(copy.deepcopy(original), windows, calibration=bench.cal, method=method,
                                              progress=False))
-        run(f"drop {j}", label, lambda: drop_layers(copy.deepcopy(original), stack, list(range(w.end - j + 1, w.end + 1))))
-    write(rows, a, score)
+        if j not in drops:
+            drops[j] = best_drop(original, stack, j, val_score, higher_is_better=val_higher, progress=False)["best"]
+        lo, hi = drops[j]
+        run(f"drop {j} ({lo}-{hi})", label, lambda: drop_layers(copy.deepcopy(original), stack, list(range(lo, hi + 1))))
+    write(rows, a, bench)
 
 
-def write(rows, a, score) -> None:
+def write(rows, a, bench: Bench) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -126,28 +235,42 @@ def write(rows, a, score) -> None:
     out = a.out
     out.mkdir(parents=True, exist_ok=True)
     stem = Path(a.model).stem.replace(".", "_")
-    (out / f"{stem}.json").write_text(json.dumps({"model": a.model, "metric": score.name, "steps": a.steps,
-                                                  "rows": rows}, indent=2))
-    after = " | after fine-tune" if a.steps else ""
-    lines = [f"| window | method | params removed | {score.name}{after} |",
-             "|---|---|---|---|" + ("---|" if a.steps else "")]
+    (out / f"{stem}.json").write_text(json.dumps({"model": a.model, "metrics": bench.metric_names, "steps": a.steps,
+                                                  "args": {k: str(v) for k, v in vars(a).items()}, "rows": rows},
+                                                 indent=2))
+    cols = [m for m in bench.metric_names] + ([f"{m} after fine-tune" for m in bench.metric_names] if a.steps else [])
+    onnx = a.onnx
+    if onnx:
+        cols += [f"ONNX {m}" for m in bench.metric_names] + (
+            [f"ONNX {m} after fine-tune" for m in bench.metric_names] if a.steps else [])
+    lines = ["| window | method | params removed | " + " | ".join(cols) + " |", "|---|---|---|" + "---|" * len(cols)]
+
+    def cells(values):
+        return [f"{values[m]:.4f}" if values else "-" for m in bench.metric_names]
+
     for r in rows:
-        lines.append(f"| {r['window']} | {r['method']} | {r['removed']:.2%} | {r['before']:.4f}"
-                     + ((f" | {r['after']:.4f}" if r["after"] is not None else " | -") if a.steps else "") + " |")
-    (out / f"{stem}.md").write_text(f"{a.model}, {score.name} (BBC news test split); fine-tune steps {a.steps}\n\n"
-                                    + "\n".join(lines) + "\n")
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method in sorted({r["method"].split()[0] for r in rows}):
+        c = cells(r["before"]) + (cells(r["after"]) if a.steps else [])
+        if onnx:
+            c += cells(r.get("onnx_before")) + (cells(r.get("onnx_after")) if a.steps else [])
+        lines.append(f"| {r['window']} | {r['method']} | {r['removed']:.2%} | " + " | ".join(c) + " |")
+    (out / f"{stem}.md").write_text(f"{a.model}; fine-tune steps {a.steps}"
+                                    + (f" (lr {a.lr})" if a.steps else "") + "\n\n" + "\n".join(lines) + "\n")
+    head = bench.metric_names[0]
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for i, method in enumerate(sorted({r["method"].split()[0] for r in rows})):
         pts = [r for r in rows if r["method"].split()[0] == method]
-        ax.plot([100 * r["removed"] for r in pts], [r["before"] for r in pts], "o", label=f"{method}")
-        if a.steps:
-            ax.plot([100 * r["removed"] for r in pts if r["after"] is not None],
-                    [r["after"] for r in pts if r["after"] is not None], "x", label=f"{method} + fine-tune")
+        color = f"C{i}"
+        ax.plot([100 * r["removed"] for r in pts], [r["before"][head] for r in pts], "o",
+                color=color, label=method)
+        done = [r for r in pts if r["after"]]
+        if done:
+            ax.plot([100 * r["removed"] for r in done], [r["after"][head] for r in done], "x", color=color,
+                    label=f"{method} + fine-tune")
     ax.set_xlabel("parameters removed (%)")
-    ax.set_ylabel(score.name)
-    if score.name == "perplexity":
+    ax.set_ylabel(head)
+    if not bench.higher:
         ax.set_yscale("log")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     ax.set_title(a.model)
     fig.tight_layout()
     fig.savefig(out / f"{stem}.png", dpi=120)

