@@ -39,7 +39,6 @@ class Adapter:
     layout: str  # "linear" ([out, in]) or "conv1d" ([in, out])
     bias: bool
     config_keys: dict
-    norm: str = "pre"  # "pre": layer output = residual + FF output; "post": a norm follows the sum
 
     @classmethod
     def from_json(cls, data: dict) -> Adapter:
@@ -54,7 +53,6 @@ class Adapter:
             layout=data["layout"],
             bias=bool(data["bias"]),
             config_keys=data["config_keys"],
-            norm=data.get("norm", "pre"),
         )
 
     @property

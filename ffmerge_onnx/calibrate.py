@@ -86,7 +86,7 @@ class _Recorder:
             h.remove()
 
 
-def _run(model: nn.Module, batch: dict[str, torch.Tensor]) -> None:
+def run_batch(model: nn.Module, batch: dict[str, torch.Tensor]) -> None:
     kwargs = dict(batch)
     if getattr(model.config, "is_decoder", False) or hasattr(model, "generate"):
         kwargs.setdefault("use_cache", False)
@@ -97,7 +97,7 @@ def _run(model: nn.Module, batch: dict[str, torch.Tensor]) -> None:
         model(**kwargs)
 
 
-def _tokens_per_item(model: nn.Module, batch: dict[str, torch.Tensor], stack: str) -> int:
+def tokens_per_item(model: nn.Module, batch: dict[str, torch.Tensor], stack: str) -> int:
     if "pixel_values" in batch:
         cfg = model.config
         extra = 2 if getattr(cfg, "model_type", "") == "deit" else 1
@@ -137,8 +137,8 @@ def collect(
             for batch in track(calibration.batches, label, enabled=progress):
                 recorder.features.clear()
                 for stack in by_stack:
-                    recorder.masks[stack] = token_mask(batch, stack, _tokens_per_item(model, batch, stack))
-                _run(model, batch)
+                    recorder.masks[stack] = token_mask(batch, stack, tokens_per_item(model, batch, stack))
+                run_batch(model, batch)
                 for stack, moments in by_stack.items():
                     moments.update({k: recorder.features[k] for k in moments.dims})
         finally:

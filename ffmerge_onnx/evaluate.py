@@ -206,7 +206,8 @@ def probe_accuracy(train: torch.Tensor, train_labels, test: torch.Tensor, test_l
 # -- what `ffmerge-onnx evaluate` runs -----------------------------------------------------
 @dataclass
 class Target:
-    """A model to evaluate: its runner, tokenizer, task and (for merged models) the original's spec."""
+    """A model to evaluate: its runner, tokenizer (image processor for image models), task and (for
+    merged models) the original's spec."""
 
     run: Runner
     tokenizer: object
@@ -228,29 +229,79 @@ def open_target(spec: str, trust_remote_code: bool = False) -> Target:
         folder = onnx_file.parent
         info = json.loads((folder / "onnx_export.json").read_text()) if (folder / "onnx_export.json").exists() else {}
         manifest = json.loads((folder / MANIFEST_NAME).read_text()) if (folder / MANIFEST_NAME).exists() else {}
-        return Target(runner(onnx_file), _tokenizer(folder), info.get("task", "unknown"), manifest.get("source"))
+        task = info.get("task", "unknown")
+        return Target(runner(onnx_file), _preprocessor(folder, task), task, manifest.get("source"))
     if path.is_dir() and (path / MANIFEST_NAME).exists():
         from .storage import load_merged
 
         model = load_merged(path)
-        return Target(TorchRunner(model), _tokenizer(path), adapter_for(model).task, model.ffmerge_manifest.source)
+        task = adapter_for(model).task
+        return Target(TorchRunner(model), _preprocessor(path, task), task, model.ffmerge_manifest.source)
     model = load_model(spec, trust_remote_code=trust_remote_code)
     return Target(TorchRunner(model), load_preprocessor(spec), adapter_for(model).task, None)
 
 
-def _tokenizer(folder: Path):
+def _preprocessor(folder: Path, task: str):
     import transformers
 
+    auto = transformers.AutoImageProcessor if task == "image-classification" else transformers.AutoTokenizer
     try:
-        return transformers.AutoTokenizer.from_pretrained(folder)
+        return auto.from_pretrained(folder)
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
-def evaluate(spec: str, *, texts: list[str], reference: str | None = None, max_tokens: int = 20_000,
-             window: int = 512, stride: int | None = None, progress: bool = True) -> dict:
-    """Perplexity for causal LMs; embedding cosine to the original for encoders."""
+def image_folder(path: Path, label2id: dict[str, int]) -> tuple[list, list[int]]:
+    """Images in class subfolders (path/<class name>/*.png), labels from the model's label2id."""
+    from PIL import Image
+
+    from .data import IMAGE_SUFFIXES
+
+    images, labels = [], []
+    for sub in sorted(p for p in Path(path).iterdir() if p.is_dir()):
+        if sub.name not in label2id:
+            raise InputError(f"{sub.name} is not one of the model's classes {sorted(label2id)}; "
+                             "name each subfolder after a class.")
+        for f in sorted(q for q in sub.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES):
+            with Image.open(f) as im:
+                images.append(im.copy())
+            labels.append(label2id[sub.name])
+    if not images:
+        raise InputError(f"No images found in class subfolders of {path}.")
+    return images, labels
+
+
+def evaluate(spec: str, *, data: Path | None = None, texts: list[str] | None = None, reference: str | None = None,
+             max_tokens: int = 20_000, window: int = 512, stride: int | None = None, progress: bool = True) -> dict:
+    """Perplexity for causal LMs; embedding cosine to the original for encoders (texts, or a text
+    file / folder at `data`, default the BBC news test split); top-1 accuracy for image classifiers
+    (`data`: images in class subfolders, default the Fashion-MNIST test set)."""
     target = open_target(spec)
+    if target.task == "image-classification":
+        if target.tokenizer is None:
+            raise InputError(f"No image processor (preprocessor_config.json) found with {spec}.")
+        if data is not None:
+            import json
+
+            from .modeling import resolve
+
+            where = Path(resolve(spec)[0])
+            config = where if where.is_dir() else where.parent
+            label2id = json.loads((config / "config.json").read_text()).get("label2id", {}) \
+                if (config / "config.json").is_file() else {}
+            images, labels = image_folder(data, label2id)
+        else:
+            from .datasets import fashion_mnist
+
+            images, labels = fashion_mnist("test")
+        acc = image_accuracy(target.run, target.tokenizer, images, labels, progress=progress)
+        return {"model": spec, "task": target.task, "metric": "accuracy", "value": acc, "images": len(labels)}
+    if texts is None:
+        from .builtin import bbc_articles
+        from .data import read_texts
+
+        texts = read_texts(data) if data else [p.read_text(encoding="utf-8", errors="replace")
+                                               for p in bbc_articles("test")]
     if target.tokenizer is None:
         raise InputError(f"No tokenizer found with {spec}; evaluation on text needs one.")
     if target.task == "causal-lm":
@@ -267,5 +318,5 @@ def evaluate(spec: str, *, texts: list[str], reference: str | None = None, max_t
         b = mean_pooled(reference_target.run, reference_target.tokenizer, docs, progress=progress)
         return {"model": spec, "task": target.task, "metric": "embedding cosine to original", "reference": ref_spec,
                 "value": cosine_fidelity(a, b), "texts": len(docs)}
-    raise InputError(f"`evaluate` covers causal LMs (perplexity) and sentence encoders (embedding cosine); "
-                     f"this model's task is {target.task}.")
+    raise InputError(f"`evaluate` covers causal LMs (perplexity), sentence encoders (embedding cosine) and image "
+                     f"classifiers (accuracy); this model's task is {target.task}.")

@@ -57,6 +57,10 @@ def trainable_params(model: nn.Module, train: str = "all") -> list[nn.Parameter]
     return keep
 
 
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def _lm_loss(model, batch):
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
@@ -85,7 +89,10 @@ def _distill_loss(original):
         with torch.no_grad():
             target = _last_hidden(original(**inputs, **kw))
         hidden = _last_hidden(model(**inputs, **kw))
-        mask = batch["attention_mask"].bool() if "attention_mask" in batch else torch.ones(hidden.shape[:2], dtype=torch.bool)
+        if "attention_mask" in batch:
+            mask = batch["attention_mask"].bool()
+        else:
+            mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
         return torch.nn.functional.mse_loss(hidden[mask], target[mask])
 
     return loss
@@ -132,6 +139,7 @@ def finetune(model: nn.Module, batches: list[dict], score: Callable[[nn.Module],
     else:
         raise InputError(f"objective is lm, classify, distill or kl; got {objective!r}.")
     params = trainable_params(model, train)
+    device = params[0].device  # the model's device: CPU, or a GPU when the caller moved it there
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     warmup = max(1, min(steps // 10, 50))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
@@ -164,7 +172,7 @@ def finetune(model: nn.Module, batches: list[dict], score: Callable[[nn.Module],
     for step in track(range(start + 1, steps + 1), "fine-tuning", enabled=progress):
         tick = time.perf_counter()
         model.train()
-        loss = loss_fn(model, batches[next(order)])
+        loss = loss_fn(model, to_device(batches[next(order)], device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -105,5 +105,5 @@ def fingerprint(model: nn.Module, skip: set[str] = frozenset()) -> str:
     for name, t in sorted(model.state_dict().items()):
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
         if name not in skip and t.numel():
-            h.update(t.detach().reshape(-1)[:256].to(torch.float32).numpy().tobytes())
+            h.update(t.detach().reshape(-1)[:256].to("cpu", torch.float32).numpy().tobytes())
     return h.hexdigest()[:32]

@@ -112,11 +112,19 @@ def best_drop(model: nn.Module, stack: str, count: int, score: Callable[[nn.Modu
 
 
 # -- scores ------------------------------------------------------------------------------
+def _on(model: nn.Module, batch: dict) -> dict:
+    """The batch on the model's device."""
+    from .finetune import to_device
+
+    return to_device(batch, next(model.parameters()).device)
+
+
 def batch_perplexity(model: nn.Module, batches) -> float:
     """Perplexity over calibration-style batches (padding excluded): exp of mean token NLL."""
     total, count = 0.0, 0
     with torch.no_grad():
         for b in batches:
+            b = _on(model, b)
             logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
             logp = torch.log_softmax(logits[:, :-1].double(), -1)
             target = b["input_ids"][:, 1:]
@@ -132,6 +140,7 @@ def batch_accuracy(model: nn.Module, batches) -> float:
     right, count = 0, 0
     with torch.no_grad():
         for b in batches:
+            b = _on(model, b)
             inputs = {k: v for k, v in b.items() if k != "labels"}
             right += int((model(**inputs).logits.argmax(-1) == b["labels"]).sum())
             count += len(b["labels"])

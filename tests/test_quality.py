@@ -183,6 +183,44 @@ def test_evaluate_and_search_cli(tmp_path):
     assert main(["search", str(tmp_path / "orig"), "-o", str(tmp_path / "s2")]) == 2  # neither --merge-count nor --reduction
 
 
+def test_evaluate_image_accuracy_on_pytorch_and_onnx(tmp_path):
+    """Image classifiers: accuracy over class subfolders, the same on the merged checkpoint and its export."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+    from transformers import ViTImageProcessor
+
+    from ffmerge_onnx.cli import main
+    from ffmerge_onnx.pipeline import ConvertOptions, convert
+
+    model = tm.build("vit", gentle=True)
+    proc = ViTImageProcessor(do_resize=True, size={"height": 16, "width": 16})
+    rng = np.random.default_rng(0)
+    for label in list(model.config.label2id)[:3]:
+        (tmp_path / "imgs" / label).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "imgs" / label / f"{i}.png")
+    merge(model, [Window("encoder", 1, 2)], calibration=tm.calibration(model), progress=False)
+    convert(model, tmp_path / "out", ConvertOptions(compare=False), preprocessor=proc, log=lambda s: None)
+    values = []
+    for target in (tmp_path / "out", tmp_path / "out" / "reference"):
+        assert main(["evaluate", str(target), "--data", str(tmp_path / "imgs"), "--json", str(tmp_path / "e.json")]) == 0
+        result = json.loads((tmp_path / "e.json").read_text())
+        assert result["metric"] == "accuracy" and result["images"] == 18
+        values.append(result["value"])
+    # the answer by hand: argmax of the PyTorch logits against each folder's label
+    want = 0
+    for label in list(model.config.label2id)[:3]:
+        files = sorted((tmp_path / "imgs" / label).iterdir())
+        pixels = proc(images=[Image.open(f) for f in files], return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            want += int((model(pixel_values=pixels).logits.argmax(-1) == model.config.label2id[label]).sum())
+    assert values[0] == values[1] == want / 18
+    (tmp_path / "imgs" / "not-a-class").mkdir()
+    assert main(["evaluate", str(tmp_path / "out"), "--data", str(tmp_path / "imgs")]) == 2
+
+
 def _merged_llama():
     model = tm.build("llama", gentle=True)
     merge(model, [Window("decoder", 1, 2)], calibration=tm.calibration(model), progress=False)

@@ -4,7 +4,8 @@ markdown table, JSON and a PNG per model to --out.
 
     .venv/bin/python tools/compare_quality.py --model SmolLM2-135M-Instruct --windows 16-18,17-27
     .venv/bin/python tools/compare_quality.py --model all-MiniLM-L6-v2 --windows 2-3,1-3 --steps 20
-    .venv/bin/python tools/compare_quality.py --model vit-fashion-mnist --windows 2-3,1-4 --steps 100 --onnx
+    .venv/bin/python tools/compare_quality.py --model vit-fashion-mnist --windows 2-3,2-4 --steps 250 \
+        --objective kl --lr 3e-5 --onnx permute
 
 What each reference model is scored on (test data is never used to merge, select or fine-tune):
 - causal LMs: perplexity on the BBC news test split (sliding window 512, stride 256) and on
@@ -17,7 +18,7 @@ Calibration uses the BBC calibration split (Fashion-MNIST train images 0-1,999 f
 fine-tuning the same split (train images with labels for images), model selection the
 validation split (train images 50,000-51,999). A dropped-layer row removes j adjacent layers, j
 chosen so its parameter reduction is closest to the merge's (ties: more removed), at the position
-that scores best on the validation split. With --onnx every merged row is also exported
+that scores best on the validation split. With --onnx METHODS those rows are also exported
 (`convert`'s pipeline) and scored through onnxruntime."""
 
 from __future__ import annotations
@@ -161,13 +162,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=0, help="recovery fine-tune steps (0: none)")
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--objective", default=None, help="fine-tune objective (default: the task's; see finetune.py)")
+    ap.add_argument("--train", default="all", help="what the fine-tune trains: all (the only choice for a dropped model)")
     ap.add_argument("--finetune-original", action="store_true",
                     help="fine-tune the original too (fair when the fine-tune data is new to it)")
-    ap.add_argument("--onnx", action="store_true", help="also score every merged row through onnxruntime")
+    ap.add_argument("--onnx", default="", help="comma-separated methods whose rows are also exported and scored "
+                                               "through onnxruntime (e.g. permute,sequential)")
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--calibration-tokens", type=int, default=10_000)
     ap.add_argument("--finetune-tokens", type=int, default=40_000)
-    ap.add_argument("--finetune-images", type=int, default=6_400)
+    ap.add_argument("--finetune-images", type=int, default=50_000)
     ap.add_argument("--eval-tokens", type=int, default=4_000)
     ap.add_argument("--shakespeare-tokens", type=int, default=4_000)
     ap.add_argument("--eval-docs", type=int, default=200)
@@ -192,14 +195,14 @@ def main() -> None:
         model = make()
         row = {"window": window, "method": name, "removed": 1 - unique_params(model) / total,
                "before": bench.metrics(TorchRunner(model)), "after": None}
-        merged = name not in ("original",) and not name.startswith("drop")
-        if a.onnx and merged:
+        merged = name in a.onnx.split(",")
+        if merged:
             row["onnx_before"] = onnx_metrics(model, bench, pre, tmp)
         if a.steps and (name != "original" or a.finetune_original):
             recover(model, original, bench.train, bench.val, steps=a.steps, lr=a.lr, objective=a.objective,
-                    eval_every=max(1, a.steps // 4), progress=False)
+                    train=a.train, eval_every=max(1, a.steps // 4), progress=False)
             row["after"] = bench.metrics(TorchRunner(model))
-            if a.onnx and merged:
+            if merged:
                 row["onnx_after"] = onnx_metrics(model, bench, pre, tmp)
         row["seconds"] = time.time() - t
         rows.append(row)
@@ -239,7 +242,7 @@ def write(rows, a, bench: Bench) -> None:
                                                   "args": {k: str(v) for k, v in vars(a).items()}, "rows": rows},
                                                  indent=2))
     cols = [m for m in bench.metric_names] + ([f"{m} after fine-tune" for m in bench.metric_names] if a.steps else [])
-    onnx = a.onnx
+    onnx = bool(a.onnx)
     if onnx:
         cols += [f"ONNX {m}" for m in bench.metric_names] + (
             [f"ONNX {m} after fine-tune" for m in bench.metric_names] if a.steps else [])
