@@ -195,10 +195,12 @@ def similarity_spearman(embeddings: torch.Tensor, human: np.ndarray) -> float:
 
 
 def probe_accuracy(train: torch.Tensor, train_labels, test: torch.Tensor, test_labels) -> float:
-    """Accuracy of a logistic-regression probe fitted on frozen embeddings (fixed seed, L2, lbfgs)."""
+    """Accuracy of a logistic-regression probe fitted on frozen, standardized embeddings (L2, lbfgs)."""
     from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
 
-    probe = LogisticRegression(max_iter=2000, C=10.0, random_state=0)
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=1.0, random_state=0))
     probe.fit(train.double().numpy(), list(train_labels))
     return float(probe.score(test.double().numpy(), list(test_labels)))
 

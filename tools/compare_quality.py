@@ -30,6 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ffmerge_onnx import Window, adapter_for, drop_layers, merge
@@ -80,12 +81,14 @@ class EncoderBench(Bench):
     def __init__(self, original, tok, a, tmp: Path):
         self.tok = tok
         self.lee_docs, self.lee_human = lee_corpus()
-        train_texts, train_labels = zip(*[(t, y) for s in ("calibration", "validation") for t, y in zip(*bbc_topics(s))])
-        test_texts, test_labels = bbc_topics("test")
-        step = max(1, len(test_texts) // a.probe_docs)
-        self.probe_train = (list(train_texts), list(train_labels))
-        self.probe_test = (test_texts[::step][:a.probe_docs], test_labels[::step][:a.probe_docs])
-        self.cos_docs = test_texts[1::step][:a.eval_docs]
+        test_texts, test_labels = bbc_topics("test")  # sorted by topic: take evenly spaced articles
+        n = len(test_texts)
+        probe = np.linspace(0, n - 1, min(2 * a.probe_docs, n)).round().astype(int)
+        cos = np.linspace(1, n - 2, min(a.eval_docs, n - 2)).round().astype(int)
+        # the probe (evaluation machinery, not the model) is fitted on every other one, tested on the rest
+        self.probe_train = ([test_texts[i] for i in probe[0::2]], [test_labels[i] for i in probe[0::2]])
+        self.probe_test = ([test_texts[i] for i in probe[1::2]], [test_labels[i] for i in probe[1::2]])
+        self.cos_docs = [test_texts[i] for i in cos]
         self.reference = self._embed(TorchRunner(original), self.cos_docs)
         self.metric_names = ["Lee Spearman", "BBC probe accuracy", "cosine to original"]
         self.higher = True
@@ -174,7 +177,7 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=4_000)
     ap.add_argument("--shakespeare-tokens", type=int, default=4_000)
     ap.add_argument("--eval-docs", type=int, default=200)
-    ap.add_argument("--probe-docs", type=int, default=500)
+    ap.add_argument("--probe-docs", type=int, default=400)
     ap.add_argument("--out", type=Path, default=Path("models/results"))
     a = ap.parse_args()
     torch.manual_seed(0)
