@@ -28,6 +28,11 @@ class Calibration:
         return iter(self.batches)
 
 
+def to_device(batch: dict, device) -> dict:
+    """The batch's tensors moved to `device` (other entries as they are)."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def token_mask(batch: dict[str, torch.Tensor], stack: str, tokens_per_item: int) -> torch.Tensor:
     """Boolean [batch, tokens] mask of real tokens for the given stack."""
     key = "decoder_attention_mask" if stack == "decoder" and "decoder_input_ids" in batch else "attention_mask"

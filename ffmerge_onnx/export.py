@@ -145,7 +145,7 @@ def _lm_logits(model, hidden):
     return logits + bias if bias is not None else logits
 
 
-class _Seq2SeqDecoder(nn.Module):
+class Seq2SeqDecoder(nn.Module):
     """First decoder step; with `cache`, also returns every layer's self and cross key/values."""
 
     def __init__(self, model, cache: bool = False):
@@ -270,10 +270,10 @@ def _seq2seq(model, ids, mask, kv_cache: bool) -> list[Part]:
                    "encoder_hidden_states": {0: "batch_size", 1: "encoder_sequence_length"}}
     dec_example = {"input_ids": dec_ids, "encoder_attention_mask": mask, "encoder_hidden_states": hidden}
     if not kv_cache:
-        return [enc_part, Part("decoder_model.onnx", _Seq2SeqDecoder(model), dec_example, ["logits"], dec_dynamic)]
+        return [enc_part, Part("decoder_model.onnx", Seq2SeqDecoder(model), dec_example, ["logits"], dec_dynamic)]
     layers, (heads, head_dim) = _num_layers(model.config), _kv_shape(model.config)
     sides = [("decoder", "key"), ("decoder", "value"), ("encoder", "key"), ("encoder", "value")]
-    first = Part("decoder_model.onnx", _Seq2SeqDecoder(model, cache=True), dec_example,
+    first = Part("decoder_model.onnx", Seq2SeqDecoder(model, cache=True), dec_example,
                  ["logits"] + [f"present.{i}.{s}.{kv}" for i in range(layers) for s, kv in sides], dec_dynamic,
                  eager_attention=True)
     batch, enc_len = mask.shape

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .adapters import adapter_for
+from .data import to_device
 from .errors import InputError
 from .progress import track
 
@@ -55,10 +56,6 @@ def trainable_params(model: nn.Module, train: str = "all") -> list[nn.Parameter]
               for p in adapter.ff_params(adapter.layers(model, w.stack)[w.start]).values()}
     keep = [p for i, (n, p) in unique.items() if i in shared or (train == "merged+norms" and "norm" in n.lower())]
     return keep
-
-
-def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def _lm_loss(model, batch):

@@ -18,7 +18,7 @@ from torch import nn
 from . import calibrate
 from .adapters import adapter_for
 from .align import anchor_layer, match
-from .data import Calibration
+from .data import Calibration, to_device
 from .errors import WindowError
 from .merge import Window, drop_layers, ff_param_count, merge
 from .progress import track
@@ -36,7 +36,7 @@ def merge_count_for(model: nn.Module, reduction: float, stacks: list[str]) -> in
     """k such that merging k FF sublayers (per stack) removes about `reduction` of all parameters."""
     if not 0 < reduction < 1:
         raise WindowError(f"--reduction must be between 0 and 1; got {reduction}.")
-    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    total = model.num_parameters()  # a tied parameter counts once
     ff = sum(ff_param_count(model, s) for s in stacks)
     k = round(reduction * total / ff) + 1
     n = min(adapter_for(model).num_layers(model, s) for s in stacks)
@@ -114,8 +114,6 @@ def best_drop(model: nn.Module, stack: str, count: int, score: Callable[[nn.Modu
 # -- scores ------------------------------------------------------------------------------
 def _on(model: nn.Module, batch: dict) -> dict:
     """The batch on the model's device."""
-    from .finetune import to_device
-
     return to_device(batch, next(model.parameters()).device)
 
 

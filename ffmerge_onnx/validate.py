@@ -81,7 +81,7 @@ def feeds_for(model, part, batch: int, seq: int, past: int = 0, seed: int = 0) -
 def _model_past(model, part, feeds, past: int, g) -> dict[str, torch.Tensor]:
     """Past key/values the model itself produces for a random prefix (random values are not a
     state a model can be in, and they amplify float32 rounding unrealistically)."""
-    from .export import _Seq2SeqDecoder
+    from .export import Seq2SeqDecoder
 
     names = list(part.example)[-part.past:]
     batch = feeds["input_ids"].shape[0]
@@ -97,7 +97,7 @@ def _model_past(model, part, feeds, past: int, g) -> dict[str, torch.Tensor]:
         src = torch.randint(3, vocab, enc_mask.shape, generator=g)
         with torch.no_grad():
             hidden = model.get_encoder()(input_ids=src, attention_mask=enc_mask).last_hidden_state
-            present = list(_Seq2SeqDecoder(model, cache=True)(prefix, enc_mask, hidden))[1:]
+            present = list(Seq2SeqDecoder(model, cache=True)(prefix, enc_mask, hidden))[1:]
     return {n: (t[:, :, :past] if ".encoder." not in n else t).contiguous() for n, t in zip(names, present)}
 
 

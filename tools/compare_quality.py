@@ -45,10 +45,6 @@ from ffmerge_onnx.modeling import load_model, load_preprocessor
 from ffmerge_onnx.search import best_drop, default_score
 
 
-def unique_params(model) -> int:
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-
 class Bench:
     """A reference model's metrics (the first is the headline; `higher` says which way is better)
     and the data it is merged, fine-tuned and selected with."""
@@ -178,8 +174,11 @@ def main() -> None:
     ap.add_argument("--shakespeare-tokens", type=int, default=4_000)
     ap.add_argument("--eval-docs", type=int, default=200)
     ap.add_argument("--probe-docs", type=int, default=400)
+    ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", type=Path, default=Path("models/results"))
     a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     original = load_model(a.model).eval()
     pre = load_preprocessor(a.model)
@@ -188,7 +187,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="ffmerge-compare-"))
     bench = bench_for(original, pre, a, tmp)
     val_score, val_higher, _ = default_score(original, bench.val)
-    total = unique_params(original)
+    total = original.num_parameters()
     ff = ff_param_count(original, stack)
     layer = sum(p.numel() for p in adapter.layers(original, stack)[0].parameters())
     rows, drops = [], {}
@@ -196,7 +195,7 @@ def main() -> None:
     def run(name, window, make):
         t = time.time()
         model = make()
-        row = {"window": window, "method": name, "removed": 1 - unique_params(model) / total,
+        row = {"window": window, "method": name, "removed": 1 - model.num_parameters() / total,
                "before": bench.metrics(TorchRunner(model)), "after": None}
         merged = name in a.onnx.split(",")
         if merged:
@@ -212,6 +211,7 @@ def main() -> None:
         text = "  ".join(f"{k} {v:.4f}" + (f" -> {row['after'][k]:.4f}" if row["after"] else "")
                          for k, v in row["before"].items())
         print(f"{window:>7} {name:<18} removed {row['removed']:6.2%}  {text}", flush=True)
+        write(rows, a, bench, done=False)
         del model
 
     run("original", "-", lambda: copy.deepcopy(original))
@@ -229,10 +229,11 @@ def main() -> None:
             drops[j] = best_drop(original, stack, j, val_score, higher_is_better=val_higher, progress=False)["best"]
         lo, hi = drops[j]
         run(f"drop {j} ({lo}-{hi})", label, lambda: drop_layers(copy.deepcopy(original), stack, list(range(lo, hi + 1))))
-    write(rows, a, bench)
+    write(rows, a, bench, done=True)
 
 
-def write(rows, a, bench: Bench) -> None:
+def write(rows, a, bench: Bench, done: bool) -> None:
+    """The table, JSON and PNG so far (rewritten after every row, so a stopped run keeps its rows)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -242,6 +243,7 @@ def write(rows, a, bench: Bench) -> None:
     out.mkdir(parents=True, exist_ok=True)
     stem = Path(a.model).stem.replace(".", "_")
     (out / f"{stem}.json").write_text(json.dumps({"model": a.model, "metrics": bench.metric_names, "steps": a.steps,
+                                                  "complete": done,
                                                   "args": {k: str(v) for k, v in vars(a).items()}, "rows": rows},
                                                  indent=2))
     cols = [m for m in bench.metric_names] + ([f"{m} after fine-tune" for m in bench.metric_names] if a.steps else [])
@@ -260,7 +262,8 @@ def write(rows, a, bench: Bench) -> None:
             c += cells(r.get("onnx_before")) + (cells(r.get("onnx_after")) if a.steps else [])
         lines.append(f"| {r['window']} | {r['method']} | {r['removed']:.2%} | " + " | ".join(c) + " |")
     (out / f"{stem}.md").write_text(f"{a.model}; fine-tune steps {a.steps}"
-                                    + (f" (lr {a.lr})" if a.steps else "") + "\n\n" + "\n".join(lines) + "\n")
+                                    + (f" (lr {a.lr})" if a.steps else "") + ("" if done else "; run not finished")
+                                    + "\n\n" + "\n".join(lines) + "\n")
     head = bench.metric_names[0]
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for i, method in enumerate(sorted({r["method"].split()[0] for r in rows})):
@@ -280,7 +283,9 @@ def write(rows, a, bench: Bench) -> None:
     ax.set_title(a.model)
     fig.tight_layout()
     fig.savefig(out / f"{stem}.png", dpi=120)
-    print((out / f"{stem}.md").read_text())
+    plt.close(fig)
+    if done:
+        print((out / f"{stem}.md").read_text())
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ split, then Shakespeare's plays other than As You Like It, up to `--finetune-tok
 `--minutes` of training time (evaluation not counted); the merged model trains only what the
 merge changed (`--train-merged`), the dropped model everything. Validation perplexity is taken
 every `--eval-every` steps; test perplexity (BBC test split, window 512, stride 256) before and
-after. Writes recovery.json, recovery.md and recovery.png to `--out`."""
+after. Writes recovery.json, recovery.md and recovery.png to `--out`; `--runs merged --append`
+adds a run (for example `--train-merged all`) to the runs already in `--out`."""
 
 from __future__ import annotations
 
@@ -36,10 +37,6 @@ from ffmerge_onnx.modeling import load_model, load_preprocessor
 from ffmerge_onnx.search import batch_perplexity, best_drop
 
 
-def unique_params(model) -> int:
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="SmolLM2-135M-Instruct")
@@ -57,6 +54,8 @@ def main() -> None:
     ap.add_argument("--finetune-tokens", type=int, default=400_000)
     ap.add_argument("--eval-tokens", type=int, default=4_000)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--runs", default="both", choices=["both", "merged", "drop"])
+    ap.add_argument("--append", action="store_true", help="keep the other runs already in --out")
     ap.add_argument("--out", type=Path, default=Path("models/results/recovery"))
     a = ap.parse_args()
     if a.threads:
@@ -89,24 +88,26 @@ def main() -> None:
     def test_ppl(m):
         return perplexity(TorchRunner(m), test_ids, window=512, stride=256, progress=False).perplexity
 
-    total = unique_params(original)
+    total = original.num_parameters()
     print(f"original: test perplexity {test_ppl(original):.4f}, validation {val_ppl(original):.4f}", flush=True)
-    t = time.time()
-    merged = merge(copy.deepcopy(original), [Window(stack, w.start, w.end)], calibration=cal, method=a.method,
-                   progress=False)
-    merge_s = time.time() - t
-    t = time.time()
-    where = best_drop(original, stack, drop, val_ppl, higher_is_better=False, progress=False)
-    search_s = time.time() - t
-    a_, b_ = where["best"]
-    dropped = drop_layers(copy.deepcopy(original), stack, list(range(a_, b_ + 1)))
+    jobs = []
+    if a.runs in ("both", "merged"):
+        t = time.time()
+        merged = merge(copy.deepcopy(original), [Window(stack, w.start, w.end)], calibration=cal,
+                       method=a.method, progress=False)
+        jobs.append((f"{a.method} merge {w.start}-{w.end}", merged, a.train_merged, time.time() - t))
+    where = None
+    if a.runs in ("both", "drop"):
+        t = time.time()
+        where = best_drop(original, stack, drop, val_ppl, higher_is_better=False, progress=False)
+        a_, b_ = where["best"]
+        dropped = drop_layers(copy.deepcopy(original), stack, list(range(a_, b_ + 1)))
+        jobs.append((f"drop {drop} ({a_}-{b_})", dropped, "all", time.time() - t))
     runs = []
-    for name, model, train_what, setup_s in [
-        (f"{a.method} merge {w.start}-{w.end}", merged, a.train_merged, merge_s),
-        (f"drop {drop} ({a_}-{b_})", dropped, "all", search_s),
-    ]:
+    while jobs:
+        name, model, train_what, setup_s = jobs.pop(0)
         before = test_ppl(model)
-        print(f"{name}: removed {1 - unique_params(model) / total:.2%}, test perplexity {before:.4f}; "
+        print(f"{name}: removed {1 - model.num_parameters() / total:.2%}, test perplexity {before:.4f}; "
               f"training {a.minutes} min", flush=True)
         result = finetune(model, train, val_ppl, higher_is_better=False, steps=10**9, lr=a.lr,
                           eval_every=a.eval_every, objective=a.objective, original=original, train=train_what,
@@ -114,10 +115,19 @@ def main() -> None:
         after = test_ppl(model)
         print(f"  -> {result.history[-1]['step']:.0f} steps, best step {result.best_step}, test perplexity {after:.4f}",
               flush=True)
-        runs.append({"name": name, "removed": 1 - unique_params(model) / total, "train": train_what,
+        runs.append({"name": name, "removed": 1 - model.num_parameters() / total, "train": train_what,
                      "setup_seconds": setup_s, "test_before": before, "test_after": after,
                      "best_step": result.best_step, "history": result.history})
         del model
+    if a.append and (a.out / "recovery.json").exists():
+        old = json.loads((a.out / "recovery.json").read_text())
+        settings = ("model", "window", "objective", "lr", "minutes", "batch")
+        if any(old[k] != v for k, v in zip(settings, (a.model, [w.start, w.end], a.objective, a.lr, a.minutes,
+                                                       [a.batch_size, a.seq_len]))):
+            raise SystemExit(f"--append: {a.out / 'recovery.json'} was made with other settings.")
+        new_keys = {(r["name"], r["train"]) for r in runs}
+        runs = [r for r in old["runs"] if (r["name"], r["train"]) not in new_keys] + runs
+        where = where or old.get("drop_search")
     report = {"model": a.model, "window": [w.start, w.end], "method": a.method, "objective": a.objective,
               "lr": a.lr, "minutes": a.minutes, "batch": [a.batch_size, a.seq_len],
               "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
