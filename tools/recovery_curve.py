@@ -156,7 +156,7 @@ def write(report: dict, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for r in report["runs"]:
         h = r["history"]
-        ax.plot([x["seconds"] / 60 for x in h], [x["score"] for x in h], "o-", ms=3, label=r["name"])
+        ax.plot([x["seconds"] / 60 for x in h], [x["score"] for x in h], "o-", ms=3, label=f"{r['name']} (trains {r['train']})")
     ax.axhline(report["original_validation"], color="gray", ls="--", label="original")
     ax.set_xlabel("recovery training time (min)")
     ax.set_ylabel("validation perplexity")
