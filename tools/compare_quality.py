@@ -176,7 +176,12 @@ def main() -> None:
     ap.add_argument("--probe-docs", type=int, default=400)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", type=Path, default=Path("models/results"))
+    ap.add_argument("--render", type=Path, default=None, help="only rewrite the table and PNG of this JSON report")
     a = ap.parse_args()
+    if a.render:
+        render(json.loads(a.render.read_text()), a.render.with_suffix(""))
+        print(a.render.with_suffix(".md").read_text())
+        return
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -233,59 +238,60 @@ def main() -> None:
 
 
 def write(rows, a, bench: Bench, done: bool) -> None:
-    """The table, JSON and PNG so far (rewritten after every row, so a stopped run keeps its rows)."""
+    """The JSON, table and PNG so far (rewritten after every row, so a stopped run keeps its rows)."""
+    report = {"model": a.model, "metrics": bench.metric_names, "higher": bench.higher, "steps": a.steps,
+              "lr": a.lr, "complete": done, "args": {k: str(v) for k, v in vars(a).items()}, "rows": rows}
+    a.out.mkdir(parents=True, exist_ok=True)
+    stem = Path(a.model).stem.replace(".", "_")
+    (a.out / f"{stem}.json").write_text(json.dumps(report, indent=2))
+    render(report, a.out / stem)
+    if done:
+        print((a.out / f"{stem}.md").read_text())
+
+
+def render(report: dict, stem: Path) -> None:
+    """`stem`.md and `stem`.png from a report: one cell per metric, "before → after" when fine-tuned,
+    and the same through onnxruntime for the rows exported with --onnx."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out = a.out
-    out.mkdir(parents=True, exist_ok=True)
-    stem = Path(a.model).stem.replace(".", "_")
-    (out / f"{stem}.json").write_text(json.dumps({"model": a.model, "metrics": bench.metric_names, "steps": a.steps,
-                                                  "complete": done,
-                                                  "args": {k: str(v) for k, v in vars(a).items()}, "rows": rows},
-                                                 indent=2))
-    cols = [m for m in bench.metric_names] + ([f"{m} after fine-tune" for m in bench.metric_names] if a.steps else [])
-    onnx = bool(a.onnx)
-    if onnx:
-        cols += [f"ONNX {m}" for m in bench.metric_names] + (
-            [f"ONNX {m} after fine-tune" for m in bench.metric_names] if a.steps else [])
+    metrics, rows, steps = report["metrics"], report["rows"], report["steps"]
+    onnx = any("onnx_before" in r for r in rows)
+    cols = metrics + ([f"ONNX {m}" for m in metrics] if onnx else [])
     lines = ["| window | method | params removed | " + " | ".join(cols) + " |", "|---|---|---|" + "---|" * len(cols)]
 
-    def cells(values):
-        return [f"{values[m]:.4f}" if values else "-" for m in bench.metric_names]
+    def cells(before, after):
+        if not before:
+            return ["-"] * len(metrics)
+        return [f"{before[m]:.4f}" + (f" → {after[m]:.4f}" if after else "") for m in metrics]
 
     for r in rows:
-        c = cells(r["before"]) + (cells(r["after"]) if a.steps else [])
-        if onnx:
-            c += cells(r.get("onnx_before")) + (cells(r.get("onnx_after")) if a.steps else [])
+        c = cells(r["before"], r["after"]) + (cells(r.get("onnx_before"), r.get("onnx_after")) if onnx else [])
         lines.append(f"| {r['window']} | {r['method']} | {r['removed']:.2%} | " + " | ".join(c) + " |")
-    (out / f"{stem}.md").write_text(f"{a.model}; fine-tune steps {a.steps}"
-                                    + (f" (lr {a.lr})" if a.steps else "") + ("" if done else "; run not finished")
-                                    + "\n\n" + "\n".join(lines) + "\n")
-    head = bench.metric_names[0]
+    head = (f"{report['model']}; " + (f"before → after {steps} recovery steps (lr {report.get('lr', report.get('args', {}).get('lr'))})" if steps
+                                       else "no recovery") + ("" if report.get("complete", True) else "; run not finished"))
+    stem.with_suffix(".md").write_text(head + "\n\n" + "\n".join(lines) + "\n")
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for i, method in enumerate(sorted({r["method"].split()[0] for r in rows})):
         pts = [r for r in rows if r["method"].split()[0] == method]
         color = f"C{i}"
-        ax.plot([100 * r["removed"] for r in pts], [r["before"][head] for r in pts], "o",
+        ax.plot([100 * r["removed"] for r in pts], [r["before"][metrics[0]] for r in pts], "o",
                 color=color, label=method)
-        done = [r for r in pts if r["after"]]
-        if done:
-            ax.plot([100 * r["removed"] for r in done], [r["after"][head] for r in done], "x", color=color,
-                    label=f"{method} + fine-tune")
+        tuned = [r for r in pts if r["after"]]
+        if tuned:
+            ax.plot([100 * r["removed"] for r in tuned], [r["after"][metrics[0]] for r in tuned], "x", color=color,
+                    label=f"{method} + recovery")
     ax.set_xlabel("parameters removed (%)")
-    ax.set_ylabel(head)
-    if not bench.higher:
+    ax.set_ylabel(metrics[0])
+    if not report.get("higher", True):
         ax.set_yscale("log")
     ax.legend(fontsize=7)
-    ax.set_title(a.model)
+    ax.set_title(report["model"])
     fig.tight_layout()
-    fig.savefig(out / f"{stem}.png", dpi=120)
+    fig.savefig(stem.with_suffix(".png"), dpi=120)
     plt.close(fig)
-    if done:
-        print((out / f"{stem}.md").read_text())
 
 
 if __name__ == "__main__":
