@@ -4,15 +4,17 @@ markdown table, JSON and a PNG per model to --out.
 
     .venv/bin/python tools/compare_quality.py --model SmolLM2-135M-Instruct --windows 16-18,17-27
     .venv/bin/python tools/compare_quality.py --model all-MiniLM-L6-v2 --windows 2-3,1-3 --steps 20
-    .venv/bin/python tools/compare_quality.py --model vit-fashion-mnist --windows 2-3,2-4 --steps 250 \
+    .venv/bin/python tools/compare_quality.py --model vit-fashion-mnist --windows 2-3,2-4 --steps 200 \
         --objective kl --lr 3e-5 --onnx permute
+    .venv/bin/python tools/compare_quality.py --render models/results/vit-fashion-mnist.json
 
 What each reference model is scored on (test data is never used to merge, select or fine-tune):
 - causal LMs: perplexity on the BBC news test split (sliding window 512, stride 256) and on
   Shakespeare (As You Like It; `--shakespeare-tokens`);
 - sentence encoders: Spearman correlation with the Lee corpus's human similarity ratings, accuracy
-  of a logistic-regression probe on BBC topics (fitted on the calibration+validation articles,
-  tested on `--probe-docs` test articles), and embedding cosine to the original;
+  of a logistic-regression probe on BBC topics (the probe is evaluation machinery: fitted on the
+  scored model's embeddings of `--probe-docs` evenly spaced test-split articles, tested on as
+  many others), and embedding cosine to the original on `--eval-docs` test articles;
 - image classifiers: top-1 accuracy on the 10,000 Fashion-MNIST test images.
 Calibration uses the BBC calibration split (Fashion-MNIST train images 0-1,999 for images),
 fine-tuning the same split (train images with labels for images), model selection the
