@@ -256,14 +256,14 @@ def _print_report(report: dict) -> None:
 
 @app.command("evaluate")
 def evaluate_cmd(model: Annotated[str, typer.Argument(help="Model, merged folder, convert folder or .onnx file.")],
-                 data: Annotated[Optional[Path], typer.Option("--data", help="Text file or folder (default: built-in BBC news test split); for image classifiers a folder of class subfolders (default: Fashion-MNIST test).")] = None,
+                 data: Annotated[Optional[Path], typer.Option("--data", help="Text file or folder (default: built-in BBC news test split); for image classifiers a folder of class subfolders (default: Fashion-MNIST test); for translation a TSV file of source<TAB>reference lines.")] = None,
                  reference: Annotated[Optional[str], typer.Option("--reference", help="Original model, for embedding cosine (default: the manifest's source).")] = None,
                  max_tokens: Annotated[int, typer.Option("--max-tokens", help="Perplexity: tokens of text to score.")] = 20_000,
                  window: Annotated[int, typer.Option("--window")] = 512,
                  stride: Annotated[Optional[int], typer.Option("--stride", help="Default: window - 1.")] = None,
                  json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the result as JSON here.")] = None):
-    """Perplexity (causal LMs), embedding cosine to the original (encoders) or accuracy (image
-    classifiers), on PyTorch or ONNX."""
+    """Perplexity (causal LMs), embedding cosine to the original (encoders), accuracy (image
+    classifiers) or BLEU and chrF (translation), on PyTorch or ONNX."""
     import json
 
     from .evaluate import evaluate
@@ -271,8 +271,10 @@ def evaluate_cmd(model: Annotated[str, typer.Argument(help="Model, merged folder
     if data is not None and not data.exists():
         raise errors.InputError(f"{data} does not exist. Give a text file, a folder of .txt files or of class subfolders.")
     result = evaluate(model, data=data, reference=reference, max_tokens=max_tokens, window=window, stride=stride)
-    value = result.get("perplexity", result.get("value"))
+    value = result.get("perplexity", result.get("value", result.get("BLEU")))
     console.print(f"{result['metric']}: [bold]{value:.4f}[/bold]")
+    if "chrF" in result:
+        console.print(f"chrF: [bold]{result['chrF']:.4f}[/bold]")
     if json_out:
         json_out.write_text(json.dumps(result, indent=2))
 

@@ -205,6 +205,141 @@ def probe_accuracy(train: torch.Tensor, train_labels, test: torch.Tensor, test_l
     return float(probe.score(test.double().numpy(), list(test_labels)))
 
 
+# -- translation ------------------------------------------------------------------------
+@dataclass
+class Seq2SeqIds:
+    """The token ids greedy decoding needs: decoder start, end of sequence, and tokens never chosen
+    (the generation config's single-token `bad_words_ids`, e.g. Marian's pad)."""
+
+    start: int
+    eos: int
+    forbid: tuple[int, ...] = ()
+
+    @classmethod
+    def from_configs(cls, config: dict, generation: dict | None = None) -> Seq2SeqIds:
+        generation = generation or {}
+        start = generation.get("decoder_start_token_id", config.get("decoder_start_token_id"))
+        eos = generation.get("eos_token_id", config.get("eos_token_id"))
+        if isinstance(eos, list):
+            eos = eos[0]
+        if start is None or eos is None:
+            raise InputError("Translation needs decoder_start_token_id and eos_token_id in the model's config.")
+        bad = generation.get("bad_words_ids") or config.get("bad_words_ids") or []
+        return cls(int(start), int(eos), tuple(int(b[0]) for b in bad if len(b) == 1))
+
+
+class TorchSeq2Seq:
+    """Encoder and decoder of a PyTorch encoder-decoder model (no cache: the decoder sees the whole prefix)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model.eval()
+        gen = model.generation_config.to_dict() if getattr(model, "generation_config", None) else {}
+        self.ids = Seq2SeqIds.from_configs(model.config.to_dict(), gen)
+
+    def encode(self, ids, mask):
+        with torch.no_grad():
+            return self.model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+
+    def decode(self, dec_ids, mask, hidden):
+        from transformers.modeling_outputs import BaseModelOutput
+
+        with torch.no_grad():
+            return self.model(attention_mask=mask, encoder_outputs=BaseModelOutput(last_hidden_state=hidden),
+                              decoder_input_ids=dec_ids, use_cache=False).logits
+
+
+class OnnxSeq2Seq:
+    """encoder_model.onnx and decoder_model.onnx of a folder `convert` wrote, through onnxruntime."""
+
+    def __init__(self, folder, session_entries: dict[str, str] | None = None):
+        import json
+
+        from .onnx_build import SESSION_SETTINGS
+        from .onnx_files import check_onnx
+        from .validate import open_session
+        from .validate import session_entries as read_entries
+
+        folder = Path(folder)
+        if not (folder / "config.json").is_file():
+            raise InputError(f"{folder} has no config.json; translation needs the folder `convert` wrote.")
+        entries = read_entries(folder / SESSION_SETTINGS) if session_entries is None else session_entries
+        self.sessions = {}
+        for part in ("encoder_model.onnx", "decoder_model.onnx"):
+            check_onnx(folder / part)
+            self.sessions[part] = open_session(folder / part, "cpu", entries)
+        gen = folder / "generation_config.json"
+        self.ids = Seq2SeqIds.from_configs(json.loads((folder / "config.json").read_text()),
+                                           json.loads(gen.read_text()) if gen.is_file() else None)
+
+    def encode(self, ids, mask):
+        s = self.sessions["encoder_model.onnx"]
+        return torch.from_numpy(s.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0])
+
+    def decode(self, dec_ids, mask, hidden):
+        s = self.sessions["decoder_model.onnx"]
+        feeds = {"input_ids": dec_ids.numpy(), "encoder_attention_mask": mask.numpy(),
+                 "encoder_hidden_states": hidden.numpy()}
+        return torch.from_numpy(s.run([s.get_outputs()[0].name], feeds)[0])
+
+
+def greedy_ids(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int = 64) -> list[list[int]]:
+    """Greedy decoding, the same loop for PyTorch and ONNX: the generated ids of each source
+    (without the start token, up to and including end of sequence)."""
+    hidden = model.encode(ids, mask)
+    n = ids.shape[0]
+    dec = torch.full((n, 1), model.ids.start, dtype=torch.long)
+    done = torch.zeros(n, dtype=torch.bool)
+    for _ in range(max_new_tokens):
+        logits = model.decode(dec, mask, hidden)[:, -1].float()
+        if model.ids.forbid:
+            logits[:, list(model.ids.forbid)] = -math.inf
+        nxt = logits.argmax(-1).masked_fill(done, model.ids.eos)
+        dec = torch.cat([dec, nxt[:, None]], dim=1)
+        done |= nxt == model.ids.eos
+        if bool(done.all()):
+            break
+    out = []
+    for row in dec[:, 1:].tolist():
+        out.append(row[: row.index(model.ids.eos) + 1] if model.ids.eos in row else row)
+    return out
+
+
+def translate(model, tokenizer, sources: list[str], *, batch_size: int = 8, max_new_tokens: int = 128,
+              progress: bool = True) -> list[str]:
+    out = []
+    for i in track(range(0, len(sources), batch_size), "translating", enabled=progress):
+        enc = tokenizer(sources[i:i + batch_size], return_tensors="pt", padding=True, truncation=True)
+        ids = greedy_ids(model, enc["input_ids"], enc["attention_mask"], max_new_tokens)
+        out += tokenizer.batch_decode(ids, skip_special_tokens=True)
+    return out
+
+
+def translation_scores(hypotheses: list[str], references: list[str]) -> dict[str, float]:
+    """Corpus BLEU and chrF (sacrebleu's defaults), one reference per sentence."""
+    import sacrebleu
+
+    if len(hypotheses) != len(references):
+        raise InputError(f"{len(hypotheses)} translations for {len(references)} references.")
+    return {"BLEU": sacrebleu.corpus_bleu(hypotheses, [references]).score,
+            "chrF": sacrebleu.corpus_chrf(hypotheses, [references]).score}
+
+
+def read_pairs(path: Path) -> tuple[list[str], list[str]]:
+    """Source and reference sentences from a TSV file: `source<TAB>reference` per line."""
+    sources, refs = [], []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        if len(parts) != 2:
+            raise InputError(f"{path}:{n}: expected `source<TAB>reference`, got {len(parts)} fields.")
+        sources.append(parts[0])
+        refs.append(parts[1])
+    if not sources:
+        raise InputError(f"{path} has no sentence pairs.")
+    return sources, refs
+
+
 # -- what `ffmerge-onnx evaluate` runs -----------------------------------------------------
 @dataclass
 class Target:
@@ -226,6 +361,9 @@ def open_target(spec: str, trust_remote_code: bool = False) -> Target:
     from .modeling import load_model, load_preprocessor
 
     path = Path(spec)
+    if path.is_dir() and (path / "encoder_model.onnx").is_file():  # an encoder-decoder `convert` wrote
+        manifest = json.loads((path / MANIFEST_NAME).read_text()) if (path / MANIFEST_NAME).exists() else {}
+        return Target(OnnxSeq2Seq(path), _preprocessor(path, "seq2seq-lm"), "seq2seq-lm", manifest.get("source"))
     onnx_file = path if path.suffix == ".onnx" else path / "model.onnx"
     if onnx_file.is_file():
         folder = onnx_file.parent
@@ -277,7 +415,8 @@ def evaluate(spec: str, *, data: Path | None = None, texts: list[str] | None = N
              max_tokens: int = 20_000, window: int = 512, stride: int | None = None, progress: bool = True) -> dict:
     """Perplexity for causal LMs; embedding cosine to the original for encoders (texts, or a text
     file / folder at `data`, default the BBC news test split); top-1 accuracy for image classifiers
-    (`data`: images in class subfolders, default the Fashion-MNIST test set)."""
+    (`data`: images in class subfolders, default the Fashion-MNIST test set); BLEU and chrF of greedy
+    translations for encoder-decoders (`data`: a TSV file of source and reference sentences)."""
     target = open_target(spec)
     if target.task == "image-classification":
         if target.tokenizer is None:
@@ -298,6 +437,17 @@ def evaluate(spec: str, *, data: Path | None = None, texts: list[str] | None = N
             images, labels = fashion_mnist("test")
         acc = image_accuracy(target.run, target.tokenizer, images, labels, progress=progress)
         return {"model": spec, "task": target.task, "metric": "accuracy", "value": acc, "images": len(labels)}
+    if target.task == "seq2seq-lm":
+        if data is None or not Path(data).is_file():
+            raise InputError("Translation quality needs --data: a TSV file of `source<TAB>reference` lines "
+                             "(e.g. a Tatoeba test set).")
+        if target.tokenizer is None:
+            raise InputError(f"No tokenizer found with {spec}; translation needs one.")
+        sources, refs = read_pairs(Path(data))
+        model = target.run if isinstance(target.run, OnnxSeq2Seq) else TorchSeq2Seq(target.run.model)
+        hyps = translate(model, target.tokenizer, sources, progress=progress)
+        return {"model": spec, "task": target.task, "metric": "BLEU", **translation_scores(hyps, refs),
+                "sentences": len(sources)}
     if texts is None:
         from .builtin import bbc_articles
         from .data import read_texts
@@ -320,5 +470,5 @@ def evaluate(spec: str, *, data: Path | None = None, texts: list[str] | None = N
         b = mean_pooled(reference_target.run, reference_target.tokenizer, docs, progress=progress)
         return {"model": spec, "task": target.task, "metric": "embedding cosine to original", "reference": ref_spec,
                 "value": cosine_fidelity(a, b), "texts": len(docs)}
-    raise InputError(f"`evaluate` covers causal LMs (perplexity), sentence encoders (embedding cosine) and image "
-                     f"classifiers (accuracy); this model's task is {target.task}.")
+    raise InputError(f"`evaluate` covers causal LMs (perplexity), sentence encoders (embedding cosine), image "
+                     f"classifiers (accuracy) and translation (BLEU, chrF); this model's task is {target.task}.")

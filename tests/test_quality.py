@@ -346,3 +346,59 @@ def test_distillation_recovery_trains_only_what_the_merge_changed(train):
         moved = not torch.equal(p, before[n])
         expected = ("layers.1.mlp" in n) or (train == "merged+norms" and "norm" in n)
         assert moved == expected, n
+
+
+def test_translation_scores_known_answers():
+    from ffmerge_onnx.errors import InputError
+    from ffmerge_onnx.evaluate import translation_scores
+
+    refs = ["the cat sat on the mat today", "a dog ran in the park after lunch"]
+    same = translation_scores(refs, refs)
+    assert same["BLEU"] == pytest.approx(100.0) and same["chrF"] == pytest.approx(100.0)
+    none = translation_scores(["xq zv", "wk yj"], refs)
+    assert none["BLEU"] == pytest.approx(0.0, abs=1e-9) and none["chrF"] < 5
+    half = translation_scores(["the cat sat on the mat", "a cat ran in the street after dinner"], refs)
+    assert 0 < half["BLEU"] < 100 and none["chrF"] < half["chrF"] < 100
+    with pytest.raises(InputError, match="2 references"):
+        translation_scores(["x"], refs)
+
+
+def test_read_pairs(tmp_path):
+    from ffmerge_onnx.errors import InputError
+    from ffmerge_onnx.evaluate import read_pairs
+
+    f = tmp_path / "pairs.tsv"
+    f.write_text("Hallo Welt\tHello world\n\nDanke\tThanks\n", encoding="utf-8")
+    assert read_pairs(f) == (["Hallo Welt", "Danke"], ["Hello world", "Thanks"])
+    f.write_text("no tab here\n")
+    with pytest.raises(InputError, match="pairs.tsv:1"):
+        read_pairs(f)
+
+
+def test_greedy_translation_loop_matches_generate_and_the_onnx_export(tmp_path):
+    """One greedy loop for PyTorch and ONNX: equal to transformers' generate on the merged model,
+    and the exported encoder/decoder give the same tokens."""
+    from ffmerge_onnx.evaluate import OnnxSeq2Seq, TorchSeq2Seq, greedy_ids
+
+    model = tm.build("marian")
+    merge(model, [Window(s, 1, 3) for s in adapter_for(model).stack_names()], calibration=tm.calibration(model),
+          progress=False)
+    model.generation_config.eos_token_id = 2
+    model.generation_config.bad_words_ids = [[0]]  # never the pad/start token, as Marian's config says
+    model.generation_config.forced_eos_token_id = None  # the loop does not force eos at the length limit
+    batch = tm.inputs(model, batch=3, seq=7)
+    torch_model = TorchSeq2Seq(model)
+    assert (torch_model.ids.start, torch_model.ids.eos, torch_model.ids.forbid) == (0, 2, (0,))
+    got = greedy_ids(torch_model, batch["input_ids"], batch["attention_mask"], max_new_tokens=10)
+    with torch.no_grad():
+        ref = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], do_sample=False,
+                             num_beams=1, max_new_tokens=10, min_length=0)
+    expected = []
+    for row in ref[:, 1:].tolist():
+        expected.append(row[: row.index(2) + 1] if 2 in row else row)
+    assert got == expected
+    assert all(0 not in row for row in got) and max(len(r) for r in got) > 1
+    build(model, tmp_path, BuildOptions())
+    model.config.save_pretrained(tmp_path)
+    model.generation_config.save_pretrained(tmp_path)
+    assert greedy_ids(OnnxSeq2Seq(tmp_path), batch["input_ids"], batch["attention_mask"], max_new_tokens=10) == got
