@@ -254,32 +254,20 @@ class OnnxSeq2Seq:
     def __init__(self, folder, session_entries: dict[str, str] | None = None):
         import json
 
-        from .onnx_build import SESSION_SETTINGS
-        from .onnx_files import check_onnx
-        from .validate import open_session
-        from .validate import session_entries as read_entries
-
         folder = Path(folder)
         if not (folder / "config.json").is_file():
             raise InputError(f"{folder} has no config.json; translation needs the folder `convert` wrote.")
-        entries = read_entries(folder / SESSION_SETTINGS) if session_entries is None else session_entries
-        self.sessions = {}
-        for part in ("encoder_model.onnx", "decoder_model.onnx"):
-            check_onnx(folder / part)
-            self.sessions[part] = open_session(folder / part, "cpu", entries)
+        self.encoder = runner(folder / "encoder_model.onnx", session_entries)
+        self.decoder = runner(folder / "decoder_model.onnx", session_entries)
         gen = folder / "generation_config.json"
         self.ids = Seq2SeqIds.from_configs(json.loads((folder / "config.json").read_text()),
                                            json.loads(gen.read_text()) if gen.is_file() else None)
 
     def encode(self, ids, mask):
-        s = self.sessions["encoder_model.onnx"]
-        return torch.from_numpy(s.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0])
+        return self.encoder({"input_ids": ids, "attention_mask": mask})
 
     def decode(self, dec_ids, mask, hidden):
-        s = self.sessions["decoder_model.onnx"]
-        feeds = {"input_ids": dec_ids.numpy(), "encoder_attention_mask": mask.numpy(),
-                 "encoder_hidden_states": hidden.numpy()}
-        return torch.from_numpy(s.run([s.get_outputs()[0].name], feeds)[0])
+        return self.decoder({"input_ids": dec_ids, "encoder_attention_mask": mask, "encoder_hidden_states": hidden})
 
 
 def greedy_ids(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int = 64) -> list[list[int]]:
