@@ -60,6 +60,13 @@ def main() -> None:
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
+    old = None
+    if a.append and (a.out / "recovery.json").exists():  # checked before hours of training, not after
+        old = json.loads((a.out / "recovery.json").read_text())
+        settings = {"model": a.model, "window": list(map(int, a.window.split("-"))), "objective": a.objective,
+                    "lr": a.lr, "minutes": a.minutes, "batch": [a.batch_size, a.seq_len]}
+        if any(old.get(k) != v for k, v in settings.items()):
+            raise SystemExit(f"--append: {a.out / 'recovery.json'} was made with other settings.")
     torch.manual_seed(0)
     original = load_model(a.model).eval()
     tok = load_preprocessor(a.model)
@@ -93,16 +100,17 @@ def main() -> None:
     jobs = []
     if a.runs in ("both", "merged"):
         t = time.time()
-        merged = merge(copy.deepcopy(original), [Window(stack, w.start, w.end)], calibration=cal,
-                       method=a.method, progress=False)
-        jobs.append((f"{a.method} merge {w.start}-{w.end}", merged, a.train_merged, time.time() - t))
+        model = merge(copy.deepcopy(original), [Window(stack, w.start, w.end)], calibration=cal,
+                      method=a.method, progress=False)
+        jobs.append((f"{a.method} merge {w.start}-{w.end}", model, a.train_merged, time.time() - t))
     where = None
     if a.runs in ("both", "drop"):
         t = time.time()
         where = best_drop(original, stack, drop, val_ppl, higher_is_better=False, progress=False)
         a_, b_ = where["best"]
-        dropped = drop_layers(copy.deepcopy(original), stack, list(range(a_, b_ + 1)))
-        jobs.append((f"drop {drop} ({a_}-{b_})", dropped, "all", time.time() - t))
+        model = drop_layers(copy.deepcopy(original), stack, list(range(a_, b_ + 1)))
+        jobs.append((f"drop {drop} ({a_}-{b_})", model, "all", time.time() - t))
+    del model  # jobs holds the only reference, so each model is freed after its run
     runs = []
     while jobs:
         name, model, train_what, setup_s = jobs.pop(0)
@@ -119,12 +127,7 @@ def main() -> None:
                      "setup_seconds": setup_s, "test_before": before, "test_after": after,
                      "best_step": result.best_step, "history": result.history})
         del model
-    if a.append and (a.out / "recovery.json").exists():
-        old = json.loads((a.out / "recovery.json").read_text())
-        settings = ("model", "window", "objective", "lr", "minutes", "batch")
-        if any(old[k] != v for k, v in zip(settings, (a.model, [w.start, w.end], a.objective, a.lr, a.minutes,
-                                                       [a.batch_size, a.seq_len]))):
-            raise SystemExit(f"--append: {a.out / 'recovery.json'} was made with other settings.")
+    if old:
         new_keys = {(r["name"], r["train"]) for r in runs}
         runs = [r for r in old["runs"] if (r["name"], r["train"]) not in new_keys] + runs
         where = where or old.get("drop_search")
