@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from .adapters import Adapter, adapter_for, registry  # noqa: E402
+from .adapters import Adapter, adapter_for, registry, task_of  # noqa: E402
 from .merge import Window, drop_layers, merge, parse_windows  # noqa: E402
 from .storage import load_merged, save_merged  # noqa: E402
 
@@ -17,4 +17,5 @@ __all__ = [
     "parse_windows",
     "registry",
     "save_merged",
+    "task_of",
 ]

@@ -33,7 +33,8 @@ class Adapter:
     name: str
     description: str
     model_types: tuple[str, ...]
-    task: str
+    task: str  # of the family's base model class
+    heads: dict[str, str]  # model class name suffix -> task (a head on the base model)
     stacks: dict[str, tuple[str, ...]]  # stack name -> candidate paths under base_model
     projections: dict[str, tuple[str, ...] | None]  # in/gate/out -> candidate paths in a layer
     layout: str  # "linear" ([out, in]) or "conv1d" ([in, out])
@@ -48,12 +49,18 @@ class Adapter:
             description=data.get("description", ""),
             model_types=tuple(data["model_types"]),
             task=data["task"],
+            heads=dict(data.get("heads", {})),
             stacks={k: tuple(v) for k, v in data["stacks"].items()},
             projections={k: (tuple(v) if v else None) for k, v in ff.items()},
             layout=data["layout"],
             bias=bool(data["bias"]),
             config_keys=data["config_keys"],
         )
+
+    def task_of(self, model: nn.Module) -> str:
+        """The model's task: by its head class (e.g. BertForSequenceClassification), else the family's."""
+        name = type(model).__name__
+        return next((task for suffix, task in self.heads.items() if name.endswith(suffix)), self.task)
 
     @property
     def gated(self) -> bool:
@@ -147,6 +154,11 @@ def _get(root: nn.Module, path: str):
         if obj is None:
             return None
     return obj
+
+
+def task_of(model: nn.Module) -> str:
+    """What a loaded model does: causal-lm, feature-extraction, text-classification, image-classification, seq2seq-lm."""
+    return adapter_for(model).task_of(model)
 
 
 @lru_cache(maxsize=1)

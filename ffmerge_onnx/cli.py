@@ -79,11 +79,11 @@ def _calibration(path: Optional[Path], model, pre, tokens: int, needed: bool, sp
             return None
         import tempfile
 
-        from .adapters import adapter_for
+        from .adapters import task_of
         from .builtin import write_calibration_images, write_calibration_text
 
         folder = Path(tempfile.mkdtemp(prefix="ffmerge-cal-"))
-        if adapter_for(model).task == "image-classification":
+        if task_of(model) == "image-classification":
             path = write_calibration_images(folder, split)
             console.print(f"{split}: built-in Fashion-MNIST train images ({tokens} tokens)")
         else:
@@ -256,14 +256,14 @@ def _print_report(report: dict) -> None:
 
 @app.command("evaluate")
 def evaluate_cmd(model: Annotated[str, typer.Argument(help="Model, merged folder, convert folder or .onnx file.")],
-                 data: Annotated[Optional[Path], typer.Option("--data", help="Text file or folder (default: built-in BBC news test split); for image classifiers a folder of class subfolders (default: Fashion-MNIST test); for translation a TSV file of source<TAB>reference lines.")] = None,
+                 data: Annotated[Optional[Path], typer.Option("--data", help="Text file or folder (default: built-in BBC news test split); for image classifiers a folder of class subfolders (default: Fashion-MNIST test); for text classifiers a TSV file of text<TAB>label lines; for translation a TSV file of source<TAB>reference lines.")] = None,
                  reference: Annotated[Optional[str], typer.Option("--reference", help="Original model, for embedding cosine (default: the manifest's source).")] = None,
                  max_tokens: Annotated[int, typer.Option("--max-tokens", help="Perplexity: tokens of text to score.")] = 20_000,
                  window: Annotated[int, typer.Option("--window")] = 512,
                  stride: Annotated[Optional[int], typer.Option("--stride", help="Default: window - 1.")] = None,
                  json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the result as JSON here.")] = None):
-    """Perplexity (causal LMs), embedding cosine to the original (encoders), accuracy (image
-    classifiers) or BLEU and chrF (translation), on PyTorch or ONNX."""
+    """Perplexity (causal LMs), embedding cosine to the original (encoders), accuracy (text and
+    image classifiers) or BLEU and chrF (translation), on PyTorch or ONNX."""
     import json
 
     from .evaluate import evaluate

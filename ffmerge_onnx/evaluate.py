@@ -2,6 +2,7 @@
 
 - perplexity of a causal LM with a sliding window (every token after the first scored once,
   each with up to `window - stride` tokens of left context);
+- accuracy of text and image classifiers;
 - fidelity: mean cosine between a model's outputs and a reference model's outputs (sentence
   embeddings with mean pooling for encoders, logits for classifiers), for encoders and images.
 
@@ -34,9 +35,9 @@ class TorchRunner(Runner):
         self.model = model.eval()
 
     def __call__(self, inputs):
-        from .adapters import adapter_for
+        from .adapters import task_of
 
-        kw = {"use_cache": False} if adapter_for(self.model).task in ("causal-lm", "seq2seq-lm") else {}
+        kw = {"use_cache": False} if task_of(self.model) in ("causal-lm", "seq2seq-lm") else {}
         with torch.no_grad():
             out = self.model(**inputs, **kw)
         for name in ("logits", "last_hidden_state"):
@@ -159,6 +160,46 @@ def cosine_fidelity(a: torch.Tensor, b: torch.Tensor) -> float:
     """Mean row-wise cosine between two output matrices (1.0: identical directions)."""
     a, b = a.double().flatten(1), b.double().flatten(1)
     return float(torch.nn.functional.cosine_similarity(a, b, dim=1).mean())
+
+
+def text_accuracy(run: Runner, tokenizer, texts: list[str], labels, *, max_length: int = 256, batch_size: int = 32,
+                  progress: bool = True) -> float:
+    """Top-1 accuracy of a text classifier (its logits' argmax against class ids), padded batches."""
+    labels = torch.as_tensor(labels)
+    if len(texts) != len(labels) or not texts:
+        raise InputError(f"Need one label per text and at least one text; got {len(texts)} texts, {len(labels)} labels.")
+    right = 0
+    for i in track(range(0, len(texts), batch_size), "classifying", enabled=progress):
+        enc = tokenizer(texts[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
+                        return_tensors="pt")
+        logits = run({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+        right += int((logits.argmax(-1) == labels[i:i + batch_size]).sum())
+    return right / len(texts)
+
+
+def read_labelled(path: Path, label2id: dict[str, int]) -> tuple[list[str], list[int]]:
+    """Texts and class ids from a TSV file, `text<TAB>label` per line; a label is one of the model's
+    class names (config label2id) or a class id."""
+    ids = set(label2id.values())
+    texts, labels = [], []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        text, tab, label = line.rpartition("\t")
+        if not tab or not text.strip():
+            raise InputError(f"{path}:{n}: expected `text<TAB>label`.")
+        label = label.strip()
+        if label in label2id:
+            labels.append(label2id[label])
+        elif label.isdigit() and int(label) in ids:
+            labels.append(int(label))
+        else:
+            raise InputError(f"{path}:{n}: label {label!r} is not one of the model's classes "
+                             f"{sorted(label2id)} (or ids {sorted(ids)}).")
+        texts.append(text)
+    if not texts:
+        raise InputError(f"{path} has no labelled texts.")
+    return texts, labels
 
 
 def image_accuracy(run: Runner, processor, images, labels, *, batch_size: int = 500, progress: bool = True) -> float:
@@ -331,42 +372,47 @@ def read_pairs(path: Path) -> tuple[list[str], list[str]]:
 # -- what `ffmerge-onnx evaluate` runs -----------------------------------------------------
 @dataclass
 class Target:
-    """A model to evaluate: its runner, tokenizer (image processor for image models), task and (for
-    merged models) the original's spec."""
+    """A model to evaluate: its runner, tokenizer (image processor for image models), task, config
+    (as a dict: class names live there) and (for merged models) the original's spec."""
 
     run: Runner
     tokenizer: object
     task: str
     source: str | None
+    config: dict
 
 
 def open_target(spec: str, trust_remote_code: bool = False) -> Target:
     """A convert folder or .onnx file (onnxruntime), a merged folder, or any model load_model takes."""
-    import json
-
-    from .adapters import adapter_for
+    from .adapters import task_of
     from .manifest import MANIFEST_NAME
     from .modeling import load_model, load_preprocessor
 
     path = Path(spec)
     if path.is_dir() and (path / "encoder_model.onnx").is_file():  # an encoder-decoder `convert` wrote
-        manifest = json.loads((path / MANIFEST_NAME).read_text()) if (path / MANIFEST_NAME).exists() else {}
-        return Target(OnnxSeq2Seq(path), _preprocessor(path, "seq2seq-lm"), "seq2seq-lm", manifest.get("source"))
+        return Target(OnnxSeq2Seq(path), _preprocessor(path, "seq2seq-lm"), "seq2seq-lm",
+                      _json(path / MANIFEST_NAME).get("source"), _json(path / "config.json"))
     onnx_file = path if path.suffix == ".onnx" else path / "model.onnx"
     if onnx_file.is_file():
         folder = onnx_file.parent
-        info = json.loads((folder / "onnx_export.json").read_text()) if (folder / "onnx_export.json").exists() else {}
-        manifest = json.loads((folder / MANIFEST_NAME).read_text()) if (folder / MANIFEST_NAME).exists() else {}
-        task = info.get("task", "unknown")
-        return Target(runner(onnx_file), _preprocessor(folder, task), task, manifest.get("source"))
+        task = _json(folder / "onnx_export.json").get("task", "unknown")
+        return Target(runner(onnx_file), _preprocessor(folder, task), task, _json(folder / MANIFEST_NAME).get("source"),
+                      _json(folder / "config.json"))
     if path.is_dir() and (path / MANIFEST_NAME).exists():
         from .storage import load_merged
 
         model = load_merged(path)
-        task = adapter_for(model).task
-        return Target(TorchRunner(model), _preprocessor(path, task), task, model.ffmerge_manifest.source)
+        task = task_of(model)
+        return Target(TorchRunner(model), _preprocessor(path, task), task, model.ffmerge_manifest.source,
+                      model.config.to_dict())
     model = load_model(spec, trust_remote_code=trust_remote_code)
-    return Target(TorchRunner(model), load_preprocessor(spec), adapter_for(model).task, None)
+    return Target(TorchRunner(model), load_preprocessor(spec), task_of(model), None, model.config.to_dict())
+
+
+def _json(path: Path) -> dict:
+    import json
+
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _preprocessor(folder: Path, task: str):
@@ -403,28 +449,30 @@ def evaluate(spec: str, *, data: Path | None = None, texts: list[str] | None = N
              max_tokens: int = 20_000, window: int = 512, stride: int | None = None, progress: bool = True) -> dict:
     """Perplexity for causal LMs; embedding cosine to the original for encoders (texts, or a text
     file / folder at `data`, default the BBC news test split); top-1 accuracy for image classifiers
-    (`data`: images in class subfolders, default the Fashion-MNIST test set); BLEU and chrF of greedy
-    translations for encoder-decoders (`data`: a TSV file of source and reference sentences)."""
+    (`data`: images in class subfolders, default the Fashion-MNIST test set) and text classifiers
+    (`data`: a TSV file of text and label); BLEU and chrF of greedy translations for encoder-decoders
+    (`data`: a TSV file of source and reference sentences)."""
     target = open_target(spec)
     if target.task == "image-classification":
         if target.tokenizer is None:
             raise InputError(f"No image processor (preprocessor_config.json) found with {spec}.")
         if data is not None:
-            import json
-
-            from .modeling import resolve
-
-            where = Path(resolve(spec)[0])
-            config = where if where.is_dir() else where.parent
-            label2id = json.loads((config / "config.json").read_text()).get("label2id", {}) \
-                if (config / "config.json").is_file() else {}
-            images, labels = image_folder(data, label2id)
+            images, labels = image_folder(data, target.config.get("label2id") or {})
         else:
             from .datasets import fashion_mnist
 
             images, labels = fashion_mnist("test")
         acc = image_accuracy(target.run, target.tokenizer, images, labels, progress=progress)
         return {"model": spec, "task": target.task, "metric": "accuracy", "value": acc, "images": len(labels)}
+    if target.task == "text-classification":
+        if data is None or not Path(data).is_file():
+            raise InputError("Text classification accuracy needs --data: a TSV file of `text<TAB>label` lines "
+                             "(labels: the model's class names or ids).")
+        if target.tokenizer is None:
+            raise InputError(f"No tokenizer found with {spec}; text classification needs one.")
+        texts, labels = read_labelled(Path(data), target.config.get("label2id") or {})
+        acc = text_accuracy(target.run, target.tokenizer, texts, labels, progress=progress)
+        return {"model": spec, "task": target.task, "metric": "accuracy", "value": acc, "texts": len(labels)}
     if target.task == "seq2seq-lm":
         if data is None or not Path(data).is_file():
             raise InputError("Translation quality needs --data: a TSV file of `source<TAB>reference` lines "
@@ -458,5 +506,5 @@ def evaluate(spec: str, *, data: Path | None = None, texts: list[str] | None = N
         b = mean_pooled(reference_target.run, reference_target.tokenizer, docs, progress=progress)
         return {"model": spec, "task": target.task, "metric": "embedding cosine to original", "reference": ref_spec,
                 "value": cosine_fidelity(a, b), "texts": len(docs)}
-    raise InputError(f"`evaluate` covers causal LMs (perplexity), sentence encoders (embedding cosine), image "
-                     f"classifiers (accuracy) and translation (BLEU, chrF); this model's task is {target.task}.")
+    raise InputError(f"`evaluate` covers causal LMs (perplexity), sentence encoders (embedding cosine), text and "
+                     f"image classifiers (accuracy) and translation (BLEU, chrF); this model's task is {target.task}.")

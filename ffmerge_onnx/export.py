@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapters import adapter_for
+from .adapters import task_of
 from .errors import GraphError
 
 OPSET = 18
@@ -129,6 +129,15 @@ class _Encoder(nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
 
+class _TextClassifier(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
 class _Vision(nn.Module):
     def __init__(self, model):
         super().__init__()
@@ -222,7 +231,7 @@ KV = ("key", "value")
 
 def parts_for(model: nn.Module, kv_cache: bool = False) -> list[Part]:
     """The files an export of this model consists of, by its task."""
-    task = adapter_for(model).task
+    task = task_of(model)
     if task == "image-classification":
         size = model.config.image_size
         px = torch.randn(2, getattr(model.config, "num_channels", 3), size, size)
@@ -236,6 +245,9 @@ def parts_for(model: nn.Module, kv_cache: bool = False) -> list[Part]:
                      {"input_ids": BS, "attention_mask": BS})]
     if task == "feature-extraction":
         return [Part("model.onnx", _Encoder(model), {"input_ids": ids, "attention_mask": mask}, ["last_hidden_state"],
+                     {"input_ids": BS, "attention_mask": BS})]
+    if task == "text-classification":
+        return [Part("model.onnx", _TextClassifier(model), {"input_ids": ids, "attention_mask": mask}, ["logits"],
                      {"input_ids": BS, "attention_mask": BS})]
     if task == "seq2seq-lm":
         return _seq2seq(model, ids, mask, kv_cache)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapters import adapter_for
+from .adapters import adapter_for, task_of
 from .data import to_device
 from .errors import InputError
 from .progress import track
@@ -82,7 +82,7 @@ def _last_hidden(out):
 def _distill_loss(original):
     def loss(model, batch):
         inputs = _inputs(batch)
-        kw = {} if "input_ids" in inputs else {"output_hidden_states": True}
+        kw = {"output_hidden_states": True}  # heads (classifiers) return logits, not last_hidden_state
         with torch.no_grad():
             target = _last_hidden(original(**inputs, **kw))
         hidden = _last_hidden(model(**inputs, **kw))
@@ -124,7 +124,7 @@ def finetune(model: nn.Module, batches: list[dict], score: Callable[[nn.Module],
     if steps < 1 or not batches:
         raise InputError("Fine-tuning needs at least one step and one batch of data.")
     if objective == "lm":
-        if adapter_for(model).task != "causal-lm":
+        if task_of(model) != "causal-lm":
             raise InputError("objective lm needs a causal LM; use objective distill for other models.")
         loss_fn = _lm_loss
     elif objective == "classify":
@@ -217,7 +217,7 @@ def recover(model: nn.Module, original: nn.Module, batches: list[dict], validati
     from .search import default_score
 
     score, higher, name = default_score(original, validation)
-    task = adapter_for(model).task
+    task = task_of(model)
     objective = objective or ("lm" if task == "causal-lm" else
                               "classify" if task == "image-classification" and "labels" in batches[0] else "distill")
     result = finetune(model, batches, score, higher_is_better=higher, steps=steps, lr=lr, eval_every=eval_every,

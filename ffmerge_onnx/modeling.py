@@ -20,6 +20,7 @@ AUTO_BY_TASK = {
     "feature-extraction": "AutoModel",
     "image-classification": "AutoModelForImageClassification",
     "seq2seq-lm": "AutoModelForSeq2SeqLM",
+    "text-classification": "AutoModelForSequenceClassification",
 }
 
 

@@ -15,7 +15,7 @@ import onnx_ir.passes.common  # noqa: F401
 import torch
 from torch import nn
 
-from .adapters import adapter_for
+from .adapters import adapter_for, task_of
 from .export import Part, export_part, parts_for
 from .passes.permute import LayerOrder, PermuteGather
 from .passes.share import ShareMerged, Target
@@ -179,7 +179,7 @@ def session_settings(mode: str) -> dict:
 
 
 def write_info(folder: Path, model: nn.Module, options: BuildOptions, result: BuildResult) -> None:
-    info = {"task": adapter_for(model).task, "mode": options.mode, "simplifier": options.simplifier,
+    info = {"task": task_of(model), "mode": options.mode, "simplifier": options.simplifier,
             "kv_cache": options.kv_cache, "files": result.files,
             "parts": [p.filename for p in parts_for(model, options.kv_cache)], "passes": result.passes}
     (Path(folder) / INFO).write_text(json.dumps(info, indent=2))

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from . import calibrate
-from .adapters import adapter_for
+from .adapters import adapter_for, task_of
 from .align import anchor_layer, match
 from .data import Calibration, to_device
 from .errors import WindowError
@@ -166,7 +166,7 @@ def fidelity(original: nn.Module, batches) -> Callable[[nn.Module], float]:
 def default_score(original: nn.Module, batches) -> tuple[Callable[[nn.Module], float], bool, str]:
     """(score, higher_is_better, name) for the model's task."""
     batches = list(batches)
-    if adapter_for(original).task == "causal-lm":
+    if task_of(original) == "causal-lm":
         return (lambda m: batch_perplexity(m, batches)), False, "perplexity"
     if batches and "labels" in batches[0]:
         return (lambda m: batch_accuracy(m, batches)), True, "accuracy"

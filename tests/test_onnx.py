@@ -8,14 +8,14 @@ import pytest
 import tiny_models as tm
 import torch
 
-from ffmerge_onnx import Window, adapter_for, merge
+from ffmerge_onnx import Window, adapter_for, merge, task_of
 from ffmerge_onnx.cli import main
 from ffmerge_onnx.errors import EXIT_VALIDATION, OutputExistsError
 from ffmerge_onnx.inspect_onnx import sharing
 from ffmerge_onnx.onnx_build import BuildOptions, build, untied_copy
 from ffmerge_onnx.pipeline import ConvertOptions, convert
 
-FAMILIES = ["gpt2", "vit", "bert", "marian", "llama"]
+FAMILIES = ["gpt2", "vit", "bert", "bert-cls", "marian", "llama"]
 
 
 def merged(model_type, windows=((1, 3),)):
@@ -146,7 +146,7 @@ def _greedy_onnx(folder, model, prompt, steps):
 
     ids = prompt.numpy()
     out = []
-    if adapter_for(model).task == "causal-lm":
+    if task_of(model) == "causal-lm":
         s = sess("model.onnx")
         past_names = [i.name for i in s.get_inputs() if i.name.startswith("past_key_values.")]
         shape = {i.name: i.shape for i in s.get_inputs()}
@@ -180,10 +180,10 @@ def _greedy_onnx(folder, model, prompt, steps):
 
 def _greedy_torch_without_cache(model, prompt, steps):
     out = []
-    seq = prompt if adapter_for(model).task == "causal-lm" else torch.tensor([[model.config.decoder_start_token_id]])
+    seq = prompt if task_of(model) == "causal-lm" else torch.tensor([[model.config.decoder_start_token_id]])
     with torch.no_grad():
         for _ in range(steps):
-            if adapter_for(model).task == "causal-lm":
+            if task_of(model) == "causal-lm":
                 logits = model(input_ids=seq, use_cache=False).logits
             else:
                 logits = model(input_ids=prompt, decoder_input_ids=seq, use_cache=False).logits

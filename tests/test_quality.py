@@ -10,6 +10,7 @@ import torch
 from tiny_models import plant
 
 from ffmerge_onnx import Window, adapter_for, merge
+from ffmerge_onnx.errors import InputError
 from ffmerge_onnx.evaluate import Runner, TorchRunner, cosine_fidelity, perplexity, runner
 from ffmerge_onnx.onnx_build import BuildOptions, build
 from ffmerge_onnx.search import batch_perplexity, fidelity, merge_count_for, search
@@ -221,6 +222,38 @@ def test_evaluate_image_accuracy_on_pytorch_and_onnx(tmp_path):
     assert main(["evaluate", str(tmp_path / "out"), "--data", str(tmp_path / "imgs")]) == 2
 
 
+def test_evaluate_text_accuracy_on_pytorch_and_onnx(tmp_path):
+    """Text classifiers: accuracy over a `text<TAB>label` file, the same on the merged checkpoint and its export."""
+    import json
+
+    from ffmerge_onnx.cli import main
+    from ffmerge_onnx.evaluate import read_labelled
+    from ffmerge_onnx.pipeline import ConvertOptions, convert
+
+    model = tm.build("bert-cls", gentle=True)
+    tok = tm.word_tokenizer()
+    merge(model, [Window("encoder", 1, 2)], calibration=tm.calibration(model), progress=False)
+    texts = [tm.word_text(3 + i % 7, seed=i) for i in range(20)]  # lengths differ: batches are padded
+    with torch.no_grad():
+        predicted = [int(model(**tok(t, return_tensors="pt")).logits.argmax(-1)) for t in texts]
+    names = model.config.id2label
+    wrong = {2, 5, 11}  # these rows get a label the model does not predict
+    rows = [f"{t}\t{names[(p + 1) % 3] if i in wrong else names[p] if i % 2 else p}"  # names and ids both work
+            for i, (t, p) in enumerate(zip(texts, predicted))]
+    (tmp_path / "data.tsv").write_text("\n".join(rows) + "\n")
+    convert(model, tmp_path / "out", ConvertOptions(compare=False), preprocessor=tok, log=lambda s: None)
+    for target in (tmp_path / "out", tmp_path / "out" / "reference"):
+        assert main(["evaluate", str(target), "--data", str(tmp_path / "data.tsv"), "--json", str(tmp_path / "e.json")]) == 0
+        result = json.loads((tmp_path / "e.json").read_text())
+        assert result["task"] == "text-classification" and result["texts"] == 20
+        assert result["value"] == (20 - len(wrong)) / 20
+    (tmp_path / "bad.tsv").write_text("w5 w6\tnot-a-class\n")
+    with pytest.raises(InputError, match="not one of the model's classes"):
+        read_labelled(tmp_path / "bad.tsv", model.config.label2id)
+    assert main(["evaluate", str(tmp_path / "out"), "--data", str(tmp_path / "bad.tsv")]) == 2
+    assert main(["evaluate", str(tmp_path / "out")]) == 2  # no --data: says what file to give
+
+
 def _merged_llama():
     model = tm.build("llama", gentle=True)
     merge(model, [Window("decoder", 1, 2)], calibration=tm.calibration(model), progress=False)
@@ -280,12 +313,13 @@ def test_finetune_stops_at_its_time_budget_and_records_training_seconds():
     assert result.history[0]["seconds"] == 0.0 < result.history[1]["seconds"] < 60
 
 
-def test_distill_objective_moves_a_merged_encoder_toward_the_original():
+@pytest.mark.parametrize("model_type", ["bert", "bert-cls"])  # the classifier is scored on its logits
+def test_distill_objective_moves_a_merged_encoder_toward_the_original(model_type):
     import copy
 
     from ffmerge_onnx.finetune import finetune
 
-    original = tm.build("bert")
+    original = tm.build(model_type)
     model = copy.deepcopy(original)
     merge(model, [Window("encoder", 0, 3)], align="none", progress=False)  # 4 unrelated FFs averaged: far off
     batches = list(tm.calibration(original))

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ffmerge_onnx import Window, adapter_for, drop_layers, merge
+from ffmerge_onnx import Window, adapter_for, drop_layers, merge, task_of
 from ffmerge_onnx.builtin import FASHION_MNIST_SPLITS, bbc_articles, write_calibration_text
 from ffmerge_onnx.data import Calibration, load_calibration
 from ffmerge_onnx.datasets import bbc_topics, fashion_mnist, lee_corpus, shakespeare_texts
@@ -136,7 +136,7 @@ def _text_data(bench: Bench, original, tok, a, tmp: Path) -> None:
 
 
 def bench_for(original, pre, a, tmp: Path) -> Bench:
-    task = adapter_for(original).task
+    task = task_of(original)
     if task == "causal-lm":
         return LMBench(original, pre, a, tmp)
     if task == "feature-extraction":

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ffmerge_onnx import Window, adapter_for, drop_layers, merge
+from ffmerge_onnx import Window, adapter_for, drop_layers, merge, task_of
 from ffmerge_onnx.builtin import bbc_articles, write_calibration_text
 from ffmerge_onnx.data import load_calibration
 from ffmerge_onnx.datasets import shakespeare_texts
@@ -70,7 +70,7 @@ def main() -> None:
     torch.manual_seed(0)
     original = load_model(a.model).eval()
     tok = load_preprocessor(a.model)
-    if adapter_for(original).task != "causal-lm":
+    if task_of(original) != "causal-lm":
         raise SystemExit("recovery_curve.py measures perplexity: give a causal LM.")
     stack = adapter_for(original).stack_names()[-1]
     (w,) = parse_windows(a.window, stack)
