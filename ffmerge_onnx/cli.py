@@ -57,7 +57,7 @@ StepsOpt = Annotated[int, typer.Option("--finetune-steps", help="Recovery fine-t
 LrOpt = Annotated[float, typer.Option("--lr", help="Fine-tune learning rate.")]
 FtDataOpt = Annotated[Optional[Path], typer.Option("--finetune-data", help="Fine-tune text/tensors (default: built-in BBC calibration split).")]
 FtTokensOpt = Annotated[int, typer.Option("--finetune-tokens", help="Tokens of fine-tune data.")]
-ObjectiveOpt = Annotated[Optional[str], typer.Option("--finetune-objective", help="lm (causal LM default), classify (labelled images), kl (match the original's output distributions) or distill (hidden states; encoder default).")]
+ObjectiveOpt = Annotated[Optional[str], typer.Option("--finetune-objective", help="lm (causal LM default), classify (labelled images), kl (match the original's output distributions), kl+layers (kl plus every layer's output against the original's matching layer; causal LMs) or distill (hidden states; encoder default).")]
 TrainOpt = Annotated[str, typer.Option("--finetune-train", help="all, merged (only the shared FF tensors) or merged+norms.")]
 
 

@@ -114,6 +114,48 @@ def _kl_loss(original):
     return loss
 
 
+def layer_map(model: nn.Module, original: nn.Module) -> list[int]:
+    """For each of the model's hidden states (embeddings, then every layer's output), the original's
+    hidden state it should match: the same index for merged models, shifted past the gap for
+    layer-dropped ones (the manifest lists the dropped layers)."""
+    manifest = getattr(model, "ffmerge_manifest", None)
+    dropped = {i for layers in (manifest.dropped if manifest else {}).values() for i in layers}
+    stacks = adapter_for(original).stack_names()
+    if len(stacks) != 1:
+        raise InputError("Layer-by-layer distillation covers single-stack models (decoders or encoders).")
+    n = adapter_for(original).num_layers(original, stacks[0])
+    kept = [i for i in range(n) if i not in dropped]
+    if len(kept) != adapter_for(model).num_layers(model, stacks[0]):
+        raise InputError("The model's layers do not line up with the original's (and no manifest says which were dropped).")
+    return [0] + [i + 1 for i in kept]
+
+
+def _kl_layers_loss(original, weight: float = 1.0):
+    """KL of the output distributions plus, for every layer, the squared error of its output against
+    the original's matching layer, relative to that hidden state's mean square (real tokens only).
+    A dense signal per layer: the merged FF learns what each layer that uses it must produce."""
+    maps = {}
+
+    def loss(model, batch):
+        inputs = {**_inputs(batch), "use_cache": False, "output_hidden_states": True}
+        if id(model) not in maps:
+            maps[id(model)] = layer_map(model, original)
+        with torch.no_grad():
+            ref = original(**inputs)
+        out = model(**inputs)
+        mask = batch["attention_mask"].bool()
+        target = torch.log_softmax(ref.logits.float(), -1)[mask]
+        logp = torch.log_softmax(out.logits.float(), -1)[mask]
+        total = torch.nn.functional.kl_div(logp, target, log_target=True, reduction="batchmean")
+        pairs = list(zip(out.hidden_states[1:], maps[id(model)][1:]))
+        for h, j in pairs:
+            t = ref.hidden_states[j][mask].float()
+            total = total + weight * ((h[mask].float() - t) ** 2).mean() / (t ** 2).mean() / len(pairs)
+        return total
+
+    return loss
+
+
 def finetune(model: nn.Module, batches: list[dict], score: Callable[[nn.Module], float], *, higher_is_better: bool,
              steps: int, lr: float = 5e-5, eval_every: int = 25, objective: str = "lm",
              original: nn.Module | None = None, output: Path | None = None, progress: bool = True,
@@ -129,12 +171,14 @@ def finetune(model: nn.Module, batches: list[dict], score: Callable[[nn.Module],
         loss_fn = _lm_loss
     elif objective == "classify":
         loss_fn = _classify_loss
-    elif objective in ("distill", "kl"):
+    elif objective in ("distill", "kl", "kl+layers"):
         if original is None:
             raise InputError(f"objective {objective} needs the original model.")
-        loss_fn = (_distill_loss if objective == "distill" else _kl_loss)(original.eval())
+        if objective == "kl+layers" and task_of(model) != "causal-lm":
+            raise InputError("objective kl+layers needs a causal LM; use distill for other models.")
+        loss_fn = {"distill": _distill_loss, "kl": _kl_loss, "kl+layers": _kl_layers_loss}[objective](original.eval())
     else:
-        raise InputError(f"objective is lm, classify, distill or kl; got {objective!r}.")
+        raise InputError(f"objective is lm, classify, distill, kl or kl+layers; got {objective!r}.")
     params = trainable_params(model, train)
     device = params[0].device  # the model's device: CPU, or a GPU when the caller moved it there
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)

@@ -350,7 +350,8 @@ def test_merge_cli_with_recovery_finetune_records_it_and_reloads(tmp_path):
 
 
 @pytest.mark.parametrize("train", ["merged", "merged+norms"])
-def test_distillation_recovery_trains_only_what_the_merge_changed(train):
+@pytest.mark.parametrize("objective", ["kl", "kl+layers"])
+def test_distillation_recovery_trains_only_what_the_merge_changed(train, objective):
     import copy
 
     from ffmerge_onnx.finetune import finetune
@@ -372,7 +373,7 @@ def test_distillation_recovery_trains_only_what_the_merge_changed(train):
 
     start = kl_to_original(model)
     result = finetune(model, batches, kl_to_original, higher_is_better=False, steps=20, lr=1e-3, eval_every=5,
-                      objective="kl", original=original, train=train, progress=False)
+                      objective=objective, original=original, train=train, progress=False)
     assert result.best_score < 0.8 * start
     layers = adapter_for(model).layers(model, "decoder")
     assert layers[1].mlp.down_proj.weight is layers[2].mlp.down_proj.weight
@@ -380,6 +381,37 @@ def test_distillation_recovery_trains_only_what_the_merge_changed(train):
         moved = not torch.equal(p, before[n])
         expected = ("layers.1.mlp" in n) or (train == "merged+norms" and "norm" in n)
         assert moved == expected, n
+
+
+def test_layer_distillation_matches_each_layer_to_the_original_past_the_dropped_ones():
+    """kl+layers on a model whose layers 1-2 do nothing: dropping them loses nothing, so the loss is
+    zero when layers after the gap are matched to the original's shifted layers (and not otherwise)."""
+    import copy
+
+    from ffmerge_onnx import drop_layers
+    from ffmerge_onnx.finetune import _kl_layers_loss, layer_map
+
+    original = tm.build("llama", gentle=True)
+    layers = adapter_for(original).layers(original, "decoder")
+    with torch.no_grad():
+        for i in (1, 2):
+            layers[i].self_attn.o_proj.weight.zero_()
+            layers[i].mlp.down_proj.weight.zero_()
+    dropped = drop_layers(copy.deepcopy(original), "decoder", [1, 2])
+    merged = merge(copy.deepcopy(original), [Window("decoder", 2, 3)], calibration=tm.calibration(original),
+                   progress=False)
+    assert layer_map(dropped, original) == [0, 1, 4]
+    assert layer_map(merged, original) == [0, 1, 2, 3, 4]
+    batch = tm.inputs(original)
+    loss = _kl_layers_loss(original)
+    with torch.no_grad():
+        assert float(loss(dropped, batch)) < 1e-10
+        other = drop_layers(copy.deepcopy(original), "decoder", [0, 1])  # layer 0 does something
+        assert layer_map(other, original) == [0, 3, 4]
+        assert float(loss(other, batch)) > 1e-3
+    dropped.ffmerge_manifest.dropped = {}  # no record of the gap: the layers cannot be lined up
+    with pytest.raises(InputError, match="do not line up"):
+        _kl_layers_loss(original)(dropped, batch)
 
 
 def test_translation_scores_known_answers():

@@ -5,14 +5,16 @@ the same budget of distillation training on this machine.
         --method sequential --minutes 30
 
 The merge uses `--method` on the window; the baseline drops `--drop` adjacent layers (default
-k-1) at the position that scores best on the validation split. Both train with the same
-objective (`kl`: the original's next-token distributions) on unlabeled text (the BBC calibration
+k-1) at the position that scores best on the validation split. Both train with `--objective`
+(`kl`: the original's next-token distributions; `kl+layers`: also every layer's output against
+the original's matching layer, past the gap for the dropped model) on unlabeled text (the BBC calibration
 split, then Shakespeare's plays other than As You Like It, up to `--finetune-tokens`) for
 `--minutes` of training time (evaluation not counted); the merged model trains only what the
 merge changed (`--train-merged`), the dropped model everything. Validation perplexity is taken
 every `--eval-every` steps; test perplexity (BBC test split, window 512, stride 256) before and
 after. Writes recovery.json, recovery.md and recovery.png to `--out`; `--runs merged --append`
-adds a run (for example `--train-merged all`) to the runs already in `--out`."""
+adds a run (for example `--train-merged all` or another `--objective`) to the runs already in
+`--out`."""
 
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ def main() -> None:
     ap.add_argument("--method", default="sequential")
     ap.add_argument("--drop", type=int, default=None, help="layers the baseline drops (default k-1)")
     ap.add_argument("--minutes", type=float, default=30.0, help="training time per model")
-    ap.add_argument("--objective", default="kl", choices=["kl", "lm"])
+    ap.add_argument("--objective", default="kl", choices=["kl", "kl+layers", "lm"])
     ap.add_argument("--train-merged", default="merged+norms", choices=["merged", "merged+norms", "all"])
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--batch-size", type=int, default=2)
@@ -63,8 +65,7 @@ def main() -> None:
     old = None
     if a.append and (a.out / "recovery.json").exists():  # checked before hours of training, not after
         old = json.loads((a.out / "recovery.json").read_text())
-        settings = {"model": a.model, "window": list(map(int, a.window.split("-"))), "objective": a.objective,
-                    "lr": a.lr, "minutes": a.minutes, "batch": [a.batch_size, a.seq_len]}
+        settings = {"model": a.model, "window": list(map(int, a.window.split("-"))), "lr": a.lr, "minutes": a.minutes, "batch": [a.batch_size, a.seq_len]}
         if any(old.get(k) != v for k, v in settings.items()):
             raise SystemExit(f"--append: {a.out / 'recovery.json'} was made with other settings.")
     torch.manual_seed(0)
@@ -124,19 +125,26 @@ def main() -> None:
         print(f"  -> {result.history[-1]['step']:.0f} steps, best step {result.best_step}, test perplexity {after:.4f}",
               flush=True)
         runs.append({"name": name, "removed": 1 - model.num_parameters() / total, "train": train_what,
+                     "objective": a.objective,
                      "setup_seconds": setup_s, "test_before": before, "test_after": after,
                      "best_step": result.best_step, "history": result.history})
         del model
     if old:
-        new_keys = {(r["name"], r["train"]) for r in runs}
-        runs = [r for r in old["runs"] if (r["name"], r["train"]) not in new_keys] + runs
+        for r in old["runs"]:
+            r.setdefault("objective", old.get("objective"))  # reports before per-run objectives
+        new_keys = {_key(r) for r in runs}
+        runs = [r for r in old["runs"] if _key(r) not in new_keys] + runs
         where = where or old.get("drop_search")
-    report = {"model": a.model, "window": [w.start, w.end], "method": a.method, "objective": a.objective,
+    report = {"model": a.model, "window": [w.start, w.end], "method": a.method,
               "lr": a.lr, "minutes": a.minutes, "batch": [a.batch_size, a.seq_len],
               "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
               "original_test": test_ppl(original), "original_validation": val_ppl(original),
               "drop_search": where, "runs": runs}
     write(report, a.out)
+
+
+def _key(run: dict) -> tuple:
+    return run["name"], run["train"], run["objective"]
 
 
 def write(report: dict, out: Path) -> None:
@@ -147,19 +155,19 @@ def write(report: dict, out: Path) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "recovery.json").write_text(json.dumps(report, indent=2))
-    lines = [f"{report['model']}: {report['minutes']:g} min of `{report['objective']}` recovery each "
+    lines = [f"{report['model']}: {report['minutes']:g} min of recovery each "
              f"({report['threads']} threads, lr {report['lr']}, batch {report['batch'][0]}x{report['batch'][1]}); "
              "perplexity on the BBC test split (window 512, stride 256)", "",
-             "| model | params removed | trains | steps | before | after |", "|---|---|---|---|---|---|",
-             f"| original | 0.00% | - | - | {report['original_test']:.2f} | - |"]
+             "| model | params removed | objective | trains | steps | before | after |", "|---|---|---|---|---|---|---|",
+             f"| original | 0.00% | - | - | - | {report['original_test']:.2f} | - |"]
     for r in report["runs"]:
-        lines.append(f"| {r['name']} | {r['removed']:.2%} | {r['train']} | {r['history'][-1]['step']:.0f} | "
+        lines.append(f"| {r['name']} | {r['removed']:.2%} | {r['objective']} | {r['train']} | {r['history'][-1]['step']:.0f} | "
                      f"{r['test_before']:.2f} | {r['test_after']:.2f} |")
     (out / "recovery.md").write_text("\n".join(lines) + "\n")
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for r in report["runs"]:
         h = r["history"]
-        ax.plot([x["seconds"] / 60 for x in h], [x["score"] for x in h], "o-", ms=3, label=f"{r['name']} (trains {r['train']})")
+        ax.plot([x["seconds"] / 60 for x in h], [x["score"] for x in h], "o-", ms=3, label=f"{r['name']} ({r['objective']}, trains {r['train']})")
     ax.axhline(report["original_validation"], color="gray", ls="--", label="original")
     ax.set_xlabel("recovery training time (min)")
     ax.set_ylabel("validation perplexity")
