@@ -134,12 +134,10 @@ def _kl_layers_loss(original, weight: float = 1.0):
     """KL of the output distributions plus, for every layer, the squared error of its output against
     the original's matching layer, relative to that hidden state's mean square (real tokens only).
     A dense signal per layer: the merged FF learns what each layer that uses it must produce."""
-    maps = {}
 
     def loss(model, batch):
         inputs = {**_inputs(batch), "use_cache": False, "output_hidden_states": True}
-        if id(model) not in maps:
-            maps[id(model)] = layer_map(model, original)
+        matching = layer_map(model, original)  # cheap: reads the manifest and counts layers
         with torch.no_grad():
             ref = original(**inputs)
         out = model(**inputs)
@@ -147,7 +145,7 @@ def _kl_layers_loss(original, weight: float = 1.0):
         target = torch.log_softmax(ref.logits.float(), -1)[mask]
         logp = torch.log_softmax(out.logits.float(), -1)[mask]
         total = torch.nn.functional.kl_div(logp, target, log_target=True, reduction="batchmean")
-        pairs = list(zip(out.hidden_states[1:], maps[id(model)][1:]))
+        pairs = list(zip(out.hidden_states[1:], matching[1:]))
         for h, j in pairs:
             t = ref.hidden_states[j][mask].float()
             total = total + weight * ((h[mask].float() - t) ** 2).mean() / (t ** 2).mean() / len(pairs)
