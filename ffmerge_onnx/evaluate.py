@@ -445,6 +445,13 @@ def image_folder(path: Path, label2id: dict[str, int]) -> tuple[list, list[int]]
     return images, labels
 
 
+def _need_tsv_and_tokenizer(target: Target, spec: str, data: Path | None, what: str, lines: str) -> None:
+    if data is None or not Path(data).is_file():
+        raise InputError(f"{what} needs --data: a TSV file of {lines}.")
+    if target.tokenizer is None:
+        raise InputError(f"No tokenizer found with {spec}; {what.lower()} needs one.")
+
+
 def evaluate(spec: str, *, data: Path | None = None, texts: list[str] | None = None, reference: str | None = None,
              max_tokens: int = 20_000, window: int = 512, stride: int | None = None, progress: bool = True) -> dict:
     """Perplexity for causal LMs; embedding cosine to the original for encoders (texts, or a text
@@ -465,20 +472,14 @@ def evaluate(spec: str, *, data: Path | None = None, texts: list[str] | None = N
         acc = image_accuracy(target.run, target.tokenizer, images, labels, progress=progress)
         return {"model": spec, "task": target.task, "metric": "accuracy", "value": acc, "images": len(labels)}
     if target.task == "text-classification":
-        if data is None or not Path(data).is_file():
-            raise InputError("Text classification accuracy needs --data: a TSV file of `text<TAB>label` lines "
-                             "(labels: the model's class names or ids).")
-        if target.tokenizer is None:
-            raise InputError(f"No tokenizer found with {spec}; text classification needs one.")
+        _need_tsv_and_tokenizer(target, spec, data, "Text classification accuracy",
+                                "`text<TAB>label` lines (labels: the model's class names or ids)")
         texts, labels = read_labelled(Path(data), target.config.get("label2id") or {})
         acc = text_accuracy(target.run, target.tokenizer, texts, labels, progress=progress)
         return {"model": spec, "task": target.task, "metric": "accuracy", "value": acc, "texts": len(labels)}
     if target.task == "seq2seq-lm":
-        if data is None or not Path(data).is_file():
-            raise InputError("Translation quality needs --data: a TSV file of `source<TAB>reference` lines "
-                             "(e.g. a Tatoeba test set).")
-        if target.tokenizer is None:
-            raise InputError(f"No tokenizer found with {spec}; translation needs one.")
+        _need_tsv_and_tokenizer(target, spec, data, "Translation quality",
+                                "`source<TAB>reference` lines (e.g. a Tatoeba test set)")
         sources, refs = read_pairs(Path(data))
         model = target.run if isinstance(target.run, OnnxSeq2Seq) else TorchSeq2Seq(target.run.model)
         hyps = translate(model, target.tokenizer, sources, progress=progress)

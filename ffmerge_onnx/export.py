@@ -121,21 +121,15 @@ class _CausalLMWithPast(nn.Module):
 
 
 class _Encoder(nn.Module):
-    def __init__(self, model):
+    """Text in, one output out: last_hidden_state (encoders) or logits (classifiers)."""
+
+    def __init__(self, model, output: str = "last_hidden_state"):
         super().__init__()
         self.model = model
+        self.output = output
 
     def forward(self, input_ids, attention_mask):
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-
-
-class _TextClassifier(nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask):
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        return getattr(self.model(input_ids=input_ids, attention_mask=attention_mask), self.output)
 
 
 class _Vision(nn.Module):
@@ -247,7 +241,7 @@ def parts_for(model: nn.Module, kv_cache: bool = False) -> list[Part]:
         return [Part("model.onnx", _Encoder(model), {"input_ids": ids, "attention_mask": mask}, ["last_hidden_state"],
                      {"input_ids": BS, "attention_mask": BS})]
     if task == "text-classification":
-        return [Part("model.onnx", _TextClassifier(model), {"input_ids": ids, "attention_mask": mask}, ["logits"],
+        return [Part("model.onnx", _Encoder(model, "logits"), {"input_ids": ids, "attention_mask": mask}, ["logits"],
                      {"input_ids": BS, "attention_mask": BS})]
     if task == "seq2seq-lm":
         return _seq2seq(model, ids, mask, kv_cache)
