@@ -278,7 +278,10 @@ def test_interrupt_mid_export_leaves_no_output_and_untouched_inputs(work, tmp_pa
     cmd = [sys.executable, "-c", "from ffmerge_onnx.cli import entry; entry()", "convert", str(model_dir),
            "-o", str(out), "--layers", "1-2", "--calibration", str(work / "cal.pt"), "--calibration-tokens", "200"]
     env = {**os.environ, "COLUMNS": "200"}
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    # a job started in the background (`cmd &` without job control) inherits SIGINT ignored, and so
+    # would the CLI: give it Ctrl-C's default handling, as in a terminal
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = []
     for line in proc.stderr:
         seen.append(line)
