@@ -182,9 +182,7 @@ def read_labelled(path: Path, label2id: dict[str, int]) -> tuple[list[str], list
     class names (config label2id) or a class id."""
     ids = set(label2id.values())
     texts, labels = [], []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
+    for n, line in _lines(path, "labelled texts"):
         text, tab, label = line.rpartition("\t")
         if not tab or not text.strip():
             raise InputError(f"{path}:{n}: expected `text<TAB>label`.")
@@ -197,9 +195,16 @@ def read_labelled(path: Path, label2id: dict[str, int]) -> tuple[list[str], list
             raise InputError(f"{path}:{n}: label {label!r} is not one of the model's classes "
                              f"{sorted(label2id)} (or ids {sorted(ids)}).")
         texts.append(text)
-    if not texts:
-        raise InputError(f"{path} has no labelled texts.")
     return texts, labels
+
+
+def _lines(path: Path, what: str):
+    """(line number, line) for every non-blank line of a UTF-8 text file; an error if there are none."""
+    found = [(n, line) for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1)
+             if line.strip()]
+    if not found:
+        raise InputError(f"{path} has no {what}.")
+    return found
 
 
 def image_accuracy(run: Runner, processor, images, labels, *, batch_size: int = 500, progress: bool = True) -> float:
@@ -293,16 +298,12 @@ class OnnxSeq2Seq:
     """encoder_model.onnx and decoder_model.onnx of a folder `convert` wrote, through onnxruntime."""
 
     def __init__(self, folder, session_entries: dict[str, str] | None = None):
-        import json
-
         folder = Path(folder)
         if not (folder / "config.json").is_file():
             raise InputError(f"{folder} has no config.json; translation needs the folder `convert` wrote.")
         self.encoder = runner(folder / "encoder_model.onnx", session_entries)
         self.decoder = runner(folder / "decoder_model.onnx", session_entries)
-        gen = folder / "generation_config.json"
-        self.ids = Seq2SeqIds.from_configs(json.loads((folder / "config.json").read_text()),
-                                           json.loads(gen.read_text()) if gen.is_file() else None)
+        self.ids = Seq2SeqIds.from_configs(_json(folder / "config.json"), _json(folder / "generation_config.json"))
 
     def encode(self, ids, mask):
         return self.encoder({"input_ids": ids, "attention_mask": mask})
@@ -356,16 +357,12 @@ def translation_scores(hypotheses: list[str], references: list[str]) -> dict[str
 def read_pairs(path: Path) -> tuple[list[str], list[str]]:
     """Source and reference sentences from a TSV file: `source<TAB>reference` per line."""
     sources, refs = [], []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
+    for n, line in _lines(path, "sentence pairs"):
         parts = line.split("\t")
         if len(parts) != 2:
             raise InputError(f"{path}:{n}: expected `source<TAB>reference`, got {len(parts)} fields.")
         sources.append(parts[0])
         refs.append(parts[1])
-    if not sources:
-        raise InputError(f"{path} has no sentence pairs.")
     return sources, refs
 
 

@@ -104,14 +104,20 @@ def _kl_loss(original):
         if "input_ids" in inputs:
             inputs["use_cache"] = False
         with torch.no_grad():
-            target = torch.log_softmax(original(**inputs).logits.float(), -1)
-        logp = torch.log_softmax(model(**inputs).logits.float(), -1)
-        if logp.dim() == 3 and "attention_mask" in batch:
-            mask = batch["attention_mask"].bool()
-            logp, target = logp[mask], target[mask]
-        return torch.nn.functional.kl_div(logp, target, log_target=True, reduction="batchmean")
+            target = original(**inputs).logits
+        return _kl(model(**inputs).logits, target, batch)
 
     return loss
+
+
+def _kl(logits: torch.Tensor, target_logits: torch.Tensor, batch: dict) -> torch.Tensor:
+    """KL(target || model) per distribution, over real tokens when the logits are per token."""
+    logp = torch.log_softmax(logits.float(), -1)
+    target = torch.log_softmax(target_logits.float(), -1)
+    if logp.dim() == 3 and "attention_mask" in batch:
+        mask = batch["attention_mask"].bool()
+        logp, target = logp[mask], target[mask]
+    return torch.nn.functional.kl_div(logp, target, log_target=True, reduction="batchmean")
 
 
 def layer_map(model: nn.Module, original: nn.Module) -> list[int]:
@@ -120,12 +126,13 @@ def layer_map(model: nn.Module, original: nn.Module) -> list[int]:
     layer-dropped ones (the manifest lists the dropped layers)."""
     manifest = getattr(model, "ffmerge_manifest", None)
     dropped = {i for layers in (manifest.dropped if manifest else {}).values() for i in layers}
-    stacks = adapter_for(original).stack_names()
+    adapter = adapter_for(original)
+    stacks = adapter.stack_names()
     if len(stacks) != 1:
         raise InputError("Layer-by-layer distillation covers single-stack models (decoders or encoders).")
-    n = adapter_for(original).num_layers(original, stacks[0])
+    n = adapter.num_layers(original, stacks[0])
     kept = [i for i in range(n) if i not in dropped]
-    if len(kept) != adapter_for(model).num_layers(model, stacks[0]):
+    if len(kept) != adapter.num_layers(model, stacks[0]):
         raise InputError("The model's layers do not line up with the original's (and no manifest says which were dropped).")
     return [0] + [i + 1 for i in kept]
 
@@ -142,9 +149,7 @@ def _kl_layers_loss(original, weight: float = 1.0):
             ref = original(**inputs)
         out = model(**inputs)
         mask = batch["attention_mask"].bool()
-        target = torch.log_softmax(ref.logits.float(), -1)[mask]
-        logp = torch.log_softmax(out.logits.float(), -1)[mask]
-        total = torch.nn.functional.kl_div(logp, target, log_target=True, reduction="batchmean")
+        total = _kl(out.logits, ref.logits, batch)
         pairs = list(zip(out.hidden_states[1:], matching[1:]))
         for h, j in pairs:
             t = ref.hidden_states[j][mask].float()
