@@ -1,7 +1,7 @@
 """Perplexity against recovery time: a merged causal LM and the layer-drop baseline, each given
 the same budget of distillation training on this machine.
 
-    .venv/bin/python tools/recovery_curve.py --model SmolLM2-135M-Instruct --window 17-27 \\
+    .venv/bin/python tools/recovery_curve.py --model SmolLM2-135M-Instruct --window 9-19 \\
         --method sequential --minutes 30
 
 The merge uses `--method` on the window; the baseline drops `--drop` adjacent layers (default
@@ -42,7 +42,7 @@ from ffmerge_onnx.search import batch_perplexity, best_drop
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="SmolLM2-135M-Instruct")
-    ap.add_argument("--window", default="17-27")
+    ap.add_argument("--window", default="9-19")
     ap.add_argument("--method", default="sequential")
     ap.add_argument("--drop", type=int, default=None, help="layers the baseline drops (default k-1)")
     ap.add_argument("--minutes", type=float, default=30.0, help="training time per model")
