@@ -48,6 +48,11 @@ class Method(str, Enum):
     sequential = "sequential"
 
 
+class Schedule(str, Enum):
+    constant = "constant"
+    linear = "linear"
+
+
 MethodOpt = Annotated[Method, typer.Option("--method", help="average (paper), regmean, refit (least-squares output projection), or sequential (refit on the drifted inputs of the merged model).")]
 CalOpt = Annotated[Optional[Path], typer.Option("--calibration", help="Text file/folder, image folder, or .pt/.safetensors tensors.")]
 TokensOpt = Annotated[int, typer.Option("--calibration-tokens", help="Token budget for calibration.")]
@@ -59,6 +64,7 @@ FtDataOpt = Annotated[Optional[Path], typer.Option("--finetune-data", help="Fine
 FtTokensOpt = Annotated[int, typer.Option("--finetune-tokens", help="Tokens of fine-tune data.")]
 ObjectiveOpt = Annotated[Optional[str], typer.Option("--finetune-objective", help="lm (causal LM default), classify (labelled images), kl (match the original's output distributions), kl+layers (kl plus every layer's output against the original's matching layer; causal LMs) or distill (hidden states; encoder default).")]
 TrainOpt = Annotated[str, typer.Option("--finetune-train", help="all, merged (only the shared FF tensors) or merged+norms.")]
+ScheduleOpt = Annotated[Schedule, typer.Option("--finetune-schedule", help="Learning rate after warmup: constant, or linear (falls to zero at the last step).")]
 
 
 def _load(model: Optional[str], trust_remote_code: bool):
@@ -99,24 +105,26 @@ def _providers(text: str) -> tuple[str, ...]:
 
 
 def _merge_and_recover(m, windows, cal, spec, pre, *, anchor: str, align: str, method: str, steps: int, lr: float,
-                       data: Optional[Path], tokens: int, objective: Optional[str], train: str) -> None:
+                       data: Optional[Path], tokens: int, objective: Optional[str], train: str,
+                       schedule: str = "constant") -> None:
     """merge in place, then (with steps > 0) a recovery fine-tune against a copy of the original."""
     from .merge import merge
 
     original = copy.deepcopy(m) if steps else None
     merge(m, windows, anchor=anchor, align=align, calibration=cal, source=spec, method=method)
     if steps:
-        _recover(m, original, pre, steps, lr, data, tokens, objective, train)
+        _recover(m, original, pre, steps, lr, data, tokens, objective, train, schedule)
 
 
 def _recover(m, original, pre, steps: int, lr: float, data: Optional[Path], tokens: int,
-             objective: Optional[str], train: str) -> None:
+             objective: Optional[str], train: str, schedule: str = "constant") -> None:
     """Recovery fine-tune of the merged model in place (best state by the validation split)."""
     from .finetune import recover
 
     batches = list(_calibration(data, m, pre, tokens, needed=True))
     validation = list(_calibration(None, m, pre, min(tokens, 8_000), needed=True, split="validation"))
-    result = recover(m, original, batches, validation, steps=steps, lr=lr, objective=objective, train=train)
+    result = recover(m, original, batches, validation, steps=steps, lr=lr, objective=objective, train=train,
+                     schedule=schedule)
     name = m.ffmerge_manifest.finetune["score"]
     console.print(f"fine-tuned {steps} steps: {name} {result.history[0]['score']:.4f} -> {result.best_score:.4f} "
                   f"(best at step {result.best_step})")
@@ -142,7 +150,7 @@ def merge_cmd(model: ModelArg = None, output: Annotated[Path, typer.Option("-o",
               method: MethodOpt = Method.average,
               finetune_steps: StepsOpt = 0, lr: LrOpt = 5e-5, finetune_data: FtDataOpt = None,
               finetune_tokens: FtTokensOpt = 50_000, finetune_objective: ObjectiveOpt = None,
-              finetune_train: TrainOpt = "all",
+              finetune_train: TrainOpt = "all", finetune_schedule: ScheduleOpt = Schedule.constant,
               overwrite: OverwriteOpt = False, trust_remote_code: RemoteOpt = False):
     """Merge a window of adjacent FF sublayers and save the tied model (each shared tensor once).
 
@@ -158,7 +166,7 @@ def merge_cmd(model: ModelArg = None, output: Annotated[Path, typer.Option("-o",
     before = m.num_parameters()
     _merge_and_recover(m, windows, cal, spec, pre, anchor=anchor.value, align=align.value, method=method.value,
                        steps=finetune_steps, lr=lr, data=finetune_data, tokens=finetune_tokens,
-                       objective=finetune_objective, train=finetune_train)
+                       objective=finetune_objective, train=finetune_train, schedule=finetune_schedule.value)
     save_merged(m, output, preprocessor=pre, overwrite=overwrite)
     for w in m.ffmerge_manifest.windows:
         scores = ", ".join(f"{k}: {v:.3f}" for k, v in w.scores.items())
@@ -208,7 +216,7 @@ def convert_cmd(model: ModelArg = None, output: Annotated[Path, typer.Option("-o
                 method: MethodOpt = Method.average,
                 finetune_steps: StepsOpt = 0, lr: LrOpt = 5e-5, finetune_data: FtDataOpt = None,
                 finetune_tokens: FtTokensOpt = 50_000, finetune_objective: ObjectiveOpt = None,
-                finetune_train: TrainOpt = "all",
+                finetune_train: TrainOpt = "all", finetune_schedule: ScheduleOpt = Schedule.constant,
                 no_reference: Annotated[bool, typer.Option("--no-reference", help="Do not keep the merged checkpoint in OUT/reference.")] = False,
                 no_compare: Annotated[bool, typer.Option("--no-compare", help="Skip the side-by-side unmerged export.")] = False,
                 overwrite: OverwriteOpt = False, trust_remote_code: RemoteOpt = False):
@@ -222,7 +230,7 @@ def convert_cmd(model: ModelArg = None, output: Annotated[Path, typer.Option("-o
     cal = _calibration(calibration, m, pre, calibration_tokens, needed=align is Align.correlation or method is not Method.average)
     _merge_and_recover(m, windows, cal, spec, pre, anchor=anchor.value, align=align.value, method=method.value,
                        steps=finetune_steps, lr=lr, data=finetune_data, tokens=finetune_tokens,
-                       objective=finetune_objective, train=finetune_train)
+                       objective=finetune_objective, train=finetune_train, schedule=finetune_schedule.value)
     if permutations is Mode.gather:
         console.print("[yellow]note:[/yellow] mode gather needs the session settings in ort_session_settings.json "
                       "(ConstantFolding off); mode fold needs none.")

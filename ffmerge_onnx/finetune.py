@@ -159,15 +159,33 @@ def _kl_layers_loss(original, weight: float = 1.0):
     return loss
 
 
+SCHEDULES = ("constant", "linear")
+
+
+def lr_factor(step: int, warmup: int, steps: int, trained_s: float, budget_s: float | None, schedule: str) -> float:
+    """Multiplier of the learning rate for `step` (1-based), `trained_s` seconds into training."""
+    factor = min(1.0, step / warmup)
+    if schedule == "linear":
+        done = (step - 1) / steps
+        if budget_s:
+            done = max(done, trained_s / budget_s)
+        factor *= max(0.0, 1.0 - done)
+    return factor
+
+
 def finetune(model: nn.Module, batches: list[dict], score: Callable[[nn.Module], float], *, higher_is_better: bool,
              steps: int, lr: float = 5e-5, eval_every: int = 25, objective: str = "lm",
              original: nn.Module | None = None, output: Path | None = None, progress: bool = True,
-             seed: int = 0, train: str = "all", budget_s: float | None = None) -> FinetuneResult:
+             seed: int = 0, train: str = "all", budget_s: float | None = None,
+             schedule: str = "constant") -> FinetuneResult:
     """Train in place for `steps` steps, or until `budget_s` seconds of training (evaluation not
     counted) have passed; the model ends at its best validation state. History "seconds" is
-    training time so far."""
+    training time so far. The learning rate warms up linearly, then stays (`constant`) or falls
+    linearly to zero at the end of the steps or of the time budget, whichever comes first (`linear`)."""
     if steps < 1 or not batches:
         raise InputError("Fine-tuning needs at least one step and one batch of data.")
+    if schedule not in SCHEDULES:
+        raise InputError(f"schedule must be one of {SCHEDULES}; got {schedule!r}.")
     if objective == "lm":
         if task_of(model) != "causal-lm":
             raise InputError("objective lm needs a causal LM; use objective distill for other models.")
@@ -186,7 +204,6 @@ def finetune(model: nn.Module, batches: list[dict], score: Callable[[nn.Module],
     device = params[0].device  # the model's device: CPU, or a GPU when the caller moved it there
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     warmup = max(1, min(steps // 10, 50))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
     result, start = FinetuneResult(), 0
     best_state = None
     state_path = Path(output) / STATE if output else None
@@ -196,7 +213,6 @@ def finetune(model: nn.Module, batches: list[dict], score: Callable[[nn.Module],
             for p, v in zip(params, saved["params"]):
                 p.copy_(v)
         opt.load_state_dict(saved["optimizer"])
-        sched.load_state_dict(saved["scheduler"])
         start = int(saved["step"])
         result.history = [dict(zip(HISTORY, row)) for row in saved["history"].tolist()]
         best_state = saved["best"]
@@ -215,13 +231,14 @@ def finetune(model: nn.Module, batches: list[dict], score: Callable[[nn.Module],
     trained = result.history[-1].get("seconds", 0.0)
     for step in track(range(start + 1, steps + 1), "fine-tuning", enabled=progress):
         tick = time.perf_counter()
+        for group in opt.param_groups:
+            group["lr"] = lr * lr_factor(step, warmup, steps, trained, budget_s, schedule)
         model.train()
         loss = loss_fn(model, to_device(batches[next(order)], device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        sched.step()
         running.append(float(loss.detach()))
         trained += time.perf_counter() - tick
         out_of_time = budget_s is not None and trained >= budget_s
@@ -235,7 +252,7 @@ def finetune(model: nn.Module, batches: list[dict], score: Callable[[nn.Module],
                 result.best_step, result.best_score = step, value
                 best_state = [p.detach().clone() for p in params]
             if state_path:
-                _save_state(state_path, params, opt, sched, step, result, best_state)
+                _save_state(state_path, params, opt, step, result, best_state)
         if out_of_time:
             break
     with torch.no_grad():
@@ -245,11 +262,11 @@ def finetune(model: nn.Module, batches: list[dict], score: Callable[[nn.Module],
     return result
 
 
-def _save_state(path: Path, params, opt, sched, step: int, result: FinetuneResult, best_state) -> None:
+def _save_state(path: Path, params, opt, step: int, result: FinetuneResult, best_state) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     history = torch.tensor([[h[k] for k in HISTORY] for h in result.history], dtype=torch.float64)
     tmp = path.with_suffix(".tmp")
-    torch.save({"params": [p.detach() for p in params], "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+    torch.save({"params": [p.detach() for p in params], "optimizer": opt.state_dict(),
                 "step": step, "history": history, "best": best_state, "best_step": result.best_step,
                 "best_score": result.best_score}, tmp)
     tmp.replace(path)
@@ -257,7 +274,8 @@ def _save_state(path: Path, params, opt, sched, step: int, result: FinetuneResul
 
 def recover(model: nn.Module, original: nn.Module, batches: list[dict], validation: list[dict], *, steps: int,
             lr: float = 5e-5, eval_every: int = 25, output: Path | None = None, progress: bool = True,
-            objective: str | None = None, train: str = "all", budget_s: float | None = None) -> FinetuneResult:
+            objective: str | None = None, train: str = "all", budget_s: float | None = None,
+            schedule: str = "constant") -> FinetuneResult:
     """Fine-tune a merged (or layer-dropped) model with the objective its task allows, scored on
     validation batches, and record it in the model's manifest."""
     from .manifest import fingerprint
@@ -269,11 +287,11 @@ def recover(model: nn.Module, original: nn.Module, batches: list[dict], validati
                               "classify" if task == "image-classification" and "labels" in batches[0] else "distill")
     result = finetune(model, batches, score, higher_is_better=higher, steps=steps, lr=lr, eval_every=eval_every,
                       objective=objective, original=original, output=output, progress=progress, train=train,
-                      budget_s=budget_s)
+                      budget_s=budget_s, schedule=schedule)
     manifest = getattr(model, "ffmerge_manifest", None)
     if manifest is not None:
         manifest.finetune = {"steps": steps, "steps_run": int(result.history[-1]["step"]), "budget_s": budget_s,
-                             "lr": lr, "objective": objective, "train": train, "score": name, "best_step": result.best_step, "best_score": result.best_score,
+                             "lr": lr, "schedule": schedule, "objective": objective, "train": train, "score": name, "best_step": result.best_step, "best_score": result.best_score,
                              "history": result.history}
         manifest.fingerprint = fingerprint(model)
     return result

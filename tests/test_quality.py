@@ -468,3 +468,35 @@ def test_greedy_translation_loop_matches_generate_and_the_onnx_export(tmp_path):
     model.config.save_pretrained(tmp_path)
     model.generation_config.save_pretrained(tmp_path)
     assert greedy_ids(OnnxSeq2Seq(tmp_path), batch["input_ids"], batch["attention_mask"], max_new_tokens=10) == got
+
+
+def test_linear_schedule_warms_up_then_falls_to_zero_by_steps_or_time_budget():
+    from ffmerge_onnx.finetune import lr_factor
+
+    assert [lr_factor(s, 4, 100, 0.0, None, "constant") for s in (1, 2, 4, 50, 100)] == [0.25, 0.5, 1.0, 1.0, 1.0]
+    assert [lr_factor(s, 4, 9, 0.0, None, "linear") for s in (1, 4, 7, 9)] == pytest.approx([0.25, 6 / 9, 3 / 9, 1 / 9])
+    # with a time budget the rate reaches zero when the time is spent, whatever the step count
+    assert lr_factor(10, 4, 10**9, 45.0, 60.0, "linear") == pytest.approx(0.25)
+    assert lr_factor(10, 4, 10**9, 61.0, 60.0, "linear") == 0.0
+    assert lr_factor(10, 4, 10**9, 45.0, 60.0, "constant") == 1.0
+
+
+def test_finetune_applies_the_schedule_to_the_optimizer(monkeypatch):
+    from ffmerge_onnx.finetune import finetune
+
+    seen = []
+    step = torch.optim.AdamW.step
+
+    def record(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", record)
+    model = _merged_llama()
+    batches = list(tm.calibration(model))
+    finetune(model, batches, lambda m: 1.0, higher_is_better=False, steps=20, lr=1e-3, eval_every=50,
+             progress=False, schedule="linear")
+    # warmup is 2 steps here (steps // 10), then 1e-3 * (1 - (step - 1) / 20)
+    assert seen == pytest.approx([5e-4] + [1e-3 * (1 - (s - 1) / 20) for s in range(2, 21)])
+    with pytest.raises(InputError, match="schedule must be one of"):
+        finetune(model, batches, lambda m: 1.0, higher_is_better=False, steps=2, progress=False, schedule="cosine")

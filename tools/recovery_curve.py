@@ -49,6 +49,8 @@ def main() -> None:
     ap.add_argument("--objective", default="kl", choices=["kl", "kl+layers", "lm"])
     ap.add_argument("--train-merged", default="merged+norms", choices=["merged", "merged+norms", "all"])
     ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--schedule", default="constant", choices=["constant", "linear"],
+                    help="learning rate after warmup: constant, or falling linearly to zero at the end of --minutes")
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--eval-every", type=int, default=25)
@@ -65,8 +67,8 @@ def main() -> None:
     old = None
     if a.append and (a.out / "recovery.json").exists():  # checked before hours of training, not after
         old = json.loads((a.out / "recovery.json").read_text())
-        settings = {"model": a.model, "window": list(map(int, a.window.split("-"))), "lr": a.lr, "minutes": a.minutes, "batch": [a.batch_size, a.seq_len]}
-        if any(old.get(k) != v for k, v in settings.items()):
+        settings = {"model": a.model, "window": list(map(int, a.window.split("-"))), "lr": a.lr, "schedule": a.schedule, "minutes": a.minutes, "batch": [a.batch_size, a.seq_len]}
+        if any(old.get(k, "constant" if k == "schedule" else None) != v for k, v in settings.items()):
             raise SystemExit(f"--append: {a.out / 'recovery.json'} was made with other settings.")
     torch.manual_seed(0)
     original = load_model(a.model).eval()
@@ -120,7 +122,7 @@ def main() -> None:
               f"training {a.minutes} min", flush=True)
         result = finetune(model, train, val_ppl, higher_is_better=False, steps=10**9, lr=a.lr,
                           eval_every=a.eval_every, objective=a.objective, original=original, train=train_what,
-                          budget_s=60 * a.minutes, progress=False)
+                          budget_s=60 * a.minutes, schedule=a.schedule, progress=False)
         after = test_ppl(model)
         print(f"  -> {result.history[-1]['step']:.0f} steps, best step {result.best_step}, test perplexity {after:.4f}",
               flush=True)
@@ -136,7 +138,7 @@ def main() -> None:
         runs = [r for r in old["runs"] if _key(r) not in new_keys] + runs
         where = where or old.get("drop_search")
     report = {"model": a.model, "window": [w.start, w.end], "method": a.method,
-              "lr": a.lr, "minutes": a.minutes, "batch": [a.batch_size, a.seq_len],
+              "lr": a.lr, "schedule": a.schedule, "minutes": a.minutes, "batch": [a.batch_size, a.seq_len],
               "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
               "original_test": test_ppl(original), "original_validation": val_ppl(original),
               "drop_search": where, "runs": runs}
@@ -156,7 +158,7 @@ def write(report: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "recovery.json").write_text(json.dumps(report, indent=2))
     lines = [f"{report['model']}: {report['minutes']:g} min of recovery each "
-             f"({report['threads']} threads, lr {report['lr']}, batch {report['batch'][0]}x{report['batch'][1]}); "
+             f"({report['threads']} threads, lr {report['lr']} {report.get('schedule', 'constant')}, batch {report['batch'][0]}x{report['batch'][1]}); "
              "perplexity on the BBC test split (window 512, stride 256)", "",
              "| model | params removed | objective | trains | steps | before | after |", "|---|---|---|---|---|---|---|",
              f"| original | 0.00% | - | - | - | {report['original_test']:.2f} | - |"]
