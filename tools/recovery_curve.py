@@ -33,7 +33,7 @@ from ffmerge_onnx.builtin import bbc_articles, write_calibration_text
 from ffmerge_onnx.data import load_calibration
 from ffmerge_onnx.datasets import shakespeare_texts
 from ffmerge_onnx.evaluate import TorchRunner, perplexity, text_ids
-from ffmerge_onnx.finetune import finetune
+from ffmerge_onnx.finetune import SCHEDULES, finetune
 from ffmerge_onnx.merge import parse_windows
 from ffmerge_onnx.modeling import load_model, load_preprocessor
 from ffmerge_onnx.search import batch_perplexity, best_drop
@@ -49,7 +49,7 @@ def main() -> None:
     ap.add_argument("--objective", default="kl", choices=["kl", "kl+layers", "lm"])
     ap.add_argument("--train-merged", default="merged+norms", choices=["merged", "merged+norms", "all"])
     ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--schedule", default="constant", choices=["constant", "linear"],
+    ap.add_argument("--schedule", default="constant", choices=SCHEDULES,
                     help="learning rate after warmup: constant, or falling linearly to zero at the end of --minutes")
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--seq-len", type=int, default=256)
@@ -67,8 +67,9 @@ def main() -> None:
     old = None
     if a.append and (a.out / "recovery.json").exists():  # checked before hours of training, not after
         old = json.loads((a.out / "recovery.json").read_text())
+        old.setdefault("schedule", "constant")  # reports before --schedule
         settings = {"model": a.model, "window": list(map(int, a.window.split("-"))), "lr": a.lr, "schedule": a.schedule, "minutes": a.minutes, "batch": [a.batch_size, a.seq_len]}
-        if any(old.get(k, "constant" if k == "schedule" else None) != v for k, v in settings.items()):
+        if any(old.get(k) != v for k, v in settings.items()):
             raise SystemExit(f"--append: {a.out / 'recovery.json'} was made with other settings.")
     torch.manual_seed(0)
     original = load_model(a.model).eval()
@@ -158,7 +159,7 @@ def write(report: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "recovery.json").write_text(json.dumps(report, indent=2))
     lines = [f"{report['model']}: {report['minutes']:g} min of recovery each "
-             f"({report['threads']} threads, lr {report['lr']} {report.get('schedule', 'constant')}, batch {report['batch'][0]}x{report['batch'][1]}); "
+             f"({report['threads']} threads, lr {report['lr']} {report['schedule']}, batch {report['batch'][0]}x{report['batch'][1]}); "
              "perplexity on the BBC test split (window 512, stride 256)", "",
              "| model | params removed | objective | trains | steps | before | after |", "|---|---|---|---|---|---|---|",
              f"| original | 0.00% | - | - | - | {report['original_test']:.2f} | - |"]
