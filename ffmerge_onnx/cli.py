@@ -279,8 +279,7 @@ def evaluate_cmd(model: Annotated[str, typer.Argument(help="Model, merged folder
     if data is not None and not data.exists():
         raise errors.InputError(f"{data} does not exist. Give a text file, a folder of .txt files or of class subfolders.")
     result = evaluate(model, data=data, reference=reference, max_tokens=max_tokens, window=window, stride=stride)
-    value = result.get("perplexity", result.get("value", result.get("BLEU")))
-    console.print(f"{result['metric']}: [bold]{value:.4f}[/bold]")
+    console.print(f"{result['metric']}: [bold]{result['value']:.4f}[/bold]")
     if "chrF" in result:
         console.print(f"chrF: [bold]{result['chrF']:.4f}[/bold]")
     if json_out:

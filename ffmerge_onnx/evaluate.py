@@ -369,10 +369,11 @@ def read_pairs(path: Path) -> tuple[list[str], list[str]]:
 # -- what `ffmerge-onnx evaluate` runs -----------------------------------------------------
 @dataclass
 class Target:
-    """A model to evaluate: its runner, tokenizer (image processor for image models), task, config
-    (as a dict: class names live there) and (for merged models) the original's spec."""
+    """A model to evaluate: its runner (a translator for encoder-decoders), tokenizer (image
+    processor for image models), task, config (as a dict: class names live there) and (for merged
+    models) the original's spec."""
 
-    run: Runner
+    run: Runner | TorchSeq2Seq | OnnxSeq2Seq
     tokenizer: object
     task: str
     source: str | None
@@ -400,10 +401,15 @@ def open_target(spec: str, trust_remote_code: bool = False) -> Target:
 
         model = load_merged(path)
         task = task_of(model)
-        return Target(TorchRunner(model), _preprocessor(path, task), task, model.ffmerge_manifest.source,
+        return Target(_torch_run(model, task), _preprocessor(path, task), task, model.ffmerge_manifest.source,
                       model.config.to_dict())
     model = load_model(spec, trust_remote_code=trust_remote_code)
-    return Target(TorchRunner(model), load_preprocessor(spec), task_of(model), None, model.config.to_dict())
+    task = task_of(model)
+    return Target(_torch_run(model, task), load_preprocessor(spec), task, None, model.config.to_dict())
+
+
+def _torch_run(model: nn.Module, task: str) -> Runner | TorchSeq2Seq:
+    return TorchSeq2Seq(model) if task == "seq2seq-lm" else TorchRunner(model)
 
 
 def _json(path: Path) -> dict:
@@ -455,7 +461,8 @@ def evaluate(spec: str, *, data: Path | None = None, texts: list[str] | None = N
     file / folder at `data`, default the BBC news test split); top-1 accuracy for image classifiers
     (`data`: images in class subfolders, default the Fashion-MNIST test set) and text classifiers
     (`data`: a TSV file of text and label); BLEU and chrF of greedy translations for encoder-decoders
-    (`data`: a TSV file of source and reference sentences)."""
+    (`data`: a TSV file of source and reference sentences). The result's `value` is the headline
+    number named by `metric`."""
     target = open_target(spec)
     if target.task == "image-classification":
         if target.tokenizer is None:
@@ -478,9 +485,9 @@ def evaluate(spec: str, *, data: Path | None = None, texts: list[str] | None = N
         _need_tsv_and_tokenizer(target, spec, data, "Translation quality",
                                 "`source<TAB>reference` lines (e.g. a Tatoeba test set)")
         sources, refs = read_pairs(Path(data))
-        model = target.run if isinstance(target.run, OnnxSeq2Seq) else TorchSeq2Seq(target.run.model)
-        hyps = translate(model, target.tokenizer, sources, progress=progress)
-        return {"model": spec, "task": target.task, "metric": "BLEU", **translation_scores(hyps, refs),
+        hyps = translate(target.run, target.tokenizer, sources, progress=progress)
+        scores = translation_scores(hyps, refs)
+        return {"model": spec, "task": target.task, "metric": "BLEU", "value": scores["BLEU"], **scores,
                 "sentences": len(sources)}
     if texts is None:
         from .builtin import bbc_articles
@@ -493,7 +500,8 @@ def evaluate(spec: str, *, data: Path | None = None, texts: list[str] | None = N
     if target.task == "causal-lm":
         ids = text_ids(target.tokenizer, texts, max_tokens)
         result = perplexity(target.run, ids, window=window, stride=stride, progress=progress)
-        return {"model": spec, "task": target.task, "metric": "perplexity", **result.as_dict()}
+        return {"model": spec, "task": target.task, "metric": "perplexity", "value": result.perplexity,
+                **result.as_dict()}
     if target.task == "feature-extraction":
         ref_spec = reference or target.source
         if not ref_spec:
