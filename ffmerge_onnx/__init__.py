@@ -1,13 +1,16 @@
-"""ffmerge-onnx: merge Transformer feed-forward sublayers and ship them as smaller ONNX models."""
+"""ffmerge-onnx: merge Transformer feed-forward sublayers and ship them as smaller ONNX models.
 
-__version__ = "0.1.0"
+The layers, lowest first (a module imports only from its own layer and the ones before it):
+families (what a model looks like) -> merging (calibrate, align, combine, tie) -> onnx (export,
+passes, runtime, validate) -> quality (evaluate, search, recovery) -> pipeline -> cli."""
 
-from .adapters import Adapter, adapter_for, registry, task_of  # noqa: E402
-from .merge import Window, drop_layers, merge, parse_windows  # noqa: E402
-from .storage import load_merged, save_merged  # noqa: E402
+from ._version import __version__
+from .families import Adapter, adapter_for, registry, task_of
+from .merging import MergeResult, Window, drop_layers, load_merged, merge, parse_windows, save_merged
 
 __all__ = [
     "Adapter",
+    "MergeResult",
     "Window",
     "__version__",
     "adapter_for",

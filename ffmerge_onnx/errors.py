@@ -1,7 +1,8 @@
 """Typed errors. Each one says what went wrong and what to do next.
 
 Exit codes of the CLI: 0 ok, 1 validation failed, 2 usage / bad input, 3 internal error,
-4 out of memory or disk, 130 interrupted.
+4 out of memory or disk, 130 interrupted. The graph passes' own pre- and postcondition errors
+(subclasses of onnx-ir's) live in `onnx/passes/base.py`.
 """
 
 from __future__ import annotations
@@ -53,13 +54,7 @@ class UnsafeModelError(InputError):
 
 
 class GraphError(FFMergeError):
-    """A graph pass found the ONNX graph in a state it cannot handle."""
-
-    exit_code = EXIT_INTERNAL
-
-
-class PostconditionError(FFMergeError):
-    """A pass finished but its promised result does not hold."""
+    """The exporter or a simplifier produced a graph the tool cannot handle (a bug or an unsupported model)."""
 
     exit_code = EXIT_INTERNAL
 
@@ -68,9 +63,3 @@ class ValidationFailed(FFMergeError):
     """An exported model does not pass validation."""
 
     exit_code = EXIT_VALIDATION
-
-
-class ResourceError(FFMergeError):
-    """The machine ran out of memory or disk space."""
-
-    exit_code = EXIT_RESOURCES

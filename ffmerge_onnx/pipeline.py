@@ -1,58 +1,207 @@
-"""`convert`: merge -> save reference -> export -> rewrite -> simplify -> validate, atomically."""
+"""The pipeline, in order, in one place:
+
+    load -> windows -> calibrate -> merge -> recover -> save -> export -> passes -> validate
+
+`merge_and_recover` runs the steps up to recovery and returns a MergeResult; the `merge` command
+saves it (`run_merge`); `export` saves the reference checkpoint, exports, runs the graph passes and
+validates, into a folder that appears only when everything passed; `convert` is all of it. The
+window search and the similarity analysis share the load and calibration steps."""
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
 
-from .errors import ValidationFailed
+from .errors import CalibrationError, InputError, OutputExistsError, ValidationFailed
+from .families import adapter_for, task_of
+from .families.builtin import (
+    DEFAULT_LAYERS,
+    bbc_articles,
+    default_model,
+    write_calibration_images,
+    write_calibration_text,
+)
+from .families.loading import load_model, load_preprocessor
 from .fsutil import atomic_dir
-from .manifest import MANIFEST_NAME
-from .onnx_build import MODES, BuildOptions, build, write_info
-from .storage import save_merged
-from .validate import REFERENCE, summary, validate
+from .merging import Calibration, MergeResult, load_calibration, merge, save_merged, windows_for
+from .merging.manifest import MANIFEST_NAME
+from .merging.methods import get_method
+from .onnx.build import BuildOptions, build, write_info
+from .onnx.validate import REFERENCE, summary, validate
+from .quality import analyze
+from .quality import search as window_search
+from .quality.finetune import recover
+from .quality.search import default_score, merge_count_for
+
+Log = Callable[[str], None]
 
 
-@dataclass
-class ConvertOptions:
+@dataclass(frozen=True)
+class MergeOptions:
+    """What to merge and how (the `merge` and `convert` options)."""
+
+    layers: str | None = None  # e.g. "3-5" or "0-2,6-8"; None: the built-in default window
+    stack: str | None = None  # None: every stack of a seq2seq model, else the only one
+    anchor: str = "first"
+    align: str = "correlation"
+    method: str = "average"
+    calibration: Path | None = None  # None: built-in data for the model's modality
+    calibration_tokens: int = 10_000
+
+
+@dataclass(frozen=True)
+class RecoveryOptions:
+    """The recovery fine-tune after merging (none when steps is 0)."""
+
+    steps: int = 0
+    lr: float = 5e-5
+    data: Path | None = None  # None: the built-in calibration split
+    tokens: int = 50_000
+    objective: str | None = None  # None: the task's default
+    train: str = "all"
+    schedule: str = "constant"
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """How the merged model becomes an ONNX folder."""
+
     mode: str = "fold"
     simplifier: str = "onnxslim"
     external_data: bool = False
     kv_cache: bool = False
     keep_reference: bool = True
     providers: tuple[str, ...] = ("cpu",)
-    compare: bool = True
-    overwrite: bool = False
+    compare: bool = True  # measure an unmerged export side by side
+
+    def build_options(self) -> BuildOptions:
+        return BuildOptions(
+            mode=self.mode, simplifier=self.simplifier, external_data=self.external_data, kv_cache=self.kv_cache
+        )
 
 
-def convert(merged: nn.Module, output: Path, options: ConvertOptions, preprocessor=None, log=print) -> dict:
-    """Export an already merged model into `output`; nothing is left behind unless it validates."""
-    if options.mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}")
+@dataclass
+class Loaded:
+    """A model as loaded, with its preprocessor (tokenizer or image processor)."""
+
+    spec: str
+    model: nn.Module
+    preprocessor: object
+
+
+def check_output(output: Path, overwrite: bool) -> None:
+    if Path(output).exists() and not overwrite:
+        raise OutputExistsError(f"{output} already exists. Choose another -o or pass --overwrite.")
+
+
+# -- the steps ---------------------------------------------------------------------------
+def load(spec: str | None, trust_remote_code: bool = False, log: Log = print) -> Loaded:
+    """Step 1: the model (default: the built-in all-MiniLM-L6-v2) and its preprocessor."""
+    path = spec or default_model()
+    log(f"loading {spec or 'built-in all-MiniLM-L6-v2'}")
+    return Loaded(path, load_model(path, trust_remote_code=trust_remote_code), load_preprocessor(path))
+
+
+def calibration_data(
+    loaded: Loaded, path: Path | None, tokens: int, split: str = "calibration", log: Log = print
+) -> Calibration:
+    """Step 3: batches of model inputs from `path`, or the built-in data for the model's modality."""
+    if path is not None:
+        return load_calibration(
+            path, model=loaded.model, tokenizer=loaded.preprocessor, processor=loaded.preprocessor, budget=tokens
+        )
+    with tempfile.TemporaryDirectory(prefix="ffmerge-cal-") as folder:
+        if task_of(loaded.model) == "image-classification":
+            path = write_calibration_images(Path(folder), split)
+            log(f"{split}: built-in Fashion-MNIST train images ({tokens} tokens)")
+        else:
+            if not bbc_articles():
+                raise CalibrationError("No calibration data: pass --calibration PATH.")
+            path = write_calibration_text(Path(folder), split)
+            log(f"{split}: built-in BBC news text ({tokens} tokens)")
+        return load_calibration(
+            path, model=loaded.model, tokenizer=loaded.preprocessor, processor=loaded.preprocessor, budget=tokens
+        )
+
+
+def merge_and_recover(
+    loaded: Loaded, options: MergeOptions, recovery: RecoveryOptions = RecoveryOptions(), log: Log = print
+) -> MergeResult:
+    """Steps 2-5: windows, calibration, merge (in place) and, with recovery steps, the recovery fine-tune."""
+    model = loaded.model
+    windows = windows_for(adapter_for(model), options.layers or DEFAULT_LAYERS, options.stack)
+    needed = options.align == "correlation" or get_method(options.method).needs_calibration
+    cal = calibration_data(loaded, options.calibration, options.calibration_tokens, log=log) if needed else None
+    original = copy.deepcopy(model) if recovery.steps else None
+    result = merge(
+        model,
+        windows,
+        anchor=options.anchor,
+        align=options.align,
+        calibration=cal,
+        source=loaded.spec,
+        method=options.method,
+    )
+    if recovery.steps:
+        batches = list(calibration_data(loaded, recovery.data, recovery.tokens, log=log))
+        val = list(calibration_data(loaded, None, min(recovery.tokens, 8_000), split="validation", log=log))
+        out = recover(
+            result,
+            original,
+            batches,
+            val,
+            steps=recovery.steps,
+            lr=recovery.lr,
+            objective=recovery.objective,
+            train=recovery.train,
+            schedule=recovery.schedule,
+        )
+        name = result.manifest.finetune["score"]
+        log(
+            f"fine-tuned {recovery.steps} steps: {name} {out.history[0]['score']:.4f} -> {out.best_score:.4f} "
+            f"(best at step {out.best_step})"
+        )
+    return result
+
+
+def export(
+    result: MergeResult,
+    output: Path,
+    options: ExportOptions = ExportOptions(),
+    *,
+    preprocessor=None,
+    overwrite: bool = False,
+    log: Log = print,
+) -> dict:
+    """Steps 6-9: save the reference, export, run the graph passes, validate; nothing is left behind
+    unless it validates. Returns the validation report."""
     output = Path(output)
-    with atomic_dir(output, overwrite=options.overwrite) as tmp:
+    model = result.model
+    with atomic_dir(output, overwrite=overwrite) as tmp:
         log("saving the merged checkpoint (reference)")
-        save_merged(merged, tmp / REFERENCE, preprocessor=preprocessor)
+        save_merged(result, tmp / REFERENCE, preprocessor=preprocessor)
         shutil.copy(tmp / REFERENCE / MANIFEST_NAME, tmp / MANIFEST_NAME)
         log("exporting to ONNX and rewriting")
-        build_options = BuildOptions(mode=options.mode, simplifier=options.simplifier,
-                                     external_data=options.external_data, kv_cache=options.kv_cache)
-        result = build(merged, tmp, build_options)
-        write_info(tmp, merged, build_options, result)
+        build_options = options.build_options()
+        built = build(result, tmp, build_options)
+        write_info(tmp, result, build_options, built)
         # config next to the ONNX files, so optimum's ORTModel classes load the folder as it is
-        merged.config.save_pretrained(tmp)
-        if getattr(merged, "generation_config", None) is not None:
-            merged.generation_config.save_pretrained(tmp)
+        model.config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
         if preprocessor is not None:
             preprocessor.save_pretrained(tmp)
         log("validating on onnxruntime")
         report = validate(tmp, providers=options.providers, compare=options.compare)
         report["folder"] = str(output)
-        report["passes"] = result.passes
+        report["passes"] = built.passes
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
         (tmp / "report.md").write_text(summary(report))
         if not report["ok"]:
@@ -60,3 +209,115 @@ def convert(merged: nn.Module, output: Path, options: ConvertOptions, preprocess
         if not options.keep_reference:
             shutil.rmtree(tmp / REFERENCE)
     return report
+
+
+# -- the commands ------------------------------------------------------------------------
+def run_merge(
+    spec: str | None,
+    output: Path,
+    options: MergeOptions,
+    recovery: RecoveryOptions = RecoveryOptions(),
+    *,
+    overwrite: bool = False,
+    trust_remote_code: bool = False,
+    log: Log = print,
+) -> tuple[MergeResult, int]:
+    """load -> ... -> recover -> save; returns the result and the parameter count before merging."""
+    check_output(output, overwrite)
+    loaded = load(spec, trust_remote_code, log)
+    before = loaded.model.num_parameters()
+    result = merge_and_recover(loaded, options, recovery, log)
+    save_merged(result, output, preprocessor=loaded.preprocessor, overwrite=overwrite)
+    return result, before
+
+
+def convert(
+    spec: str | None,
+    output: Path,
+    options: MergeOptions = MergeOptions(),
+    recovery: RecoveryOptions = RecoveryOptions(),
+    export_options: ExportOptions = ExportOptions(),
+    *,
+    overwrite: bool = False,
+    trust_remote_code: bool = False,
+    log: Log = print,
+) -> dict:
+    """The whole pipeline into `output`; returns the validation report."""
+    check_output(output, overwrite)
+    loaded = load(spec, trust_remote_code, log)
+    result = merge_and_recover(loaded, options, recovery, log)
+    if export_options.mode == "gather":
+        log(
+            "note: mode gather needs the session settings in ort_session_settings.json (ConstantFolding off); "
+            "mode fold needs none."
+        )
+    return export(result, output, export_options, preprocessor=loaded.preprocessor, overwrite=overwrite, log=log)
+
+
+def run_search(
+    spec: str | None,
+    output: Path,
+    *,
+    merge_count: int | None,
+    reduction: float | None,
+    mode: str = "full",
+    top: int = 3,
+    stack: str | None = None,
+    anchor: str = "first",
+    method: str = "average",
+    calibration: Path | None = None,
+    validation: Path | None = None,
+    calibration_tokens: int = 10_000,
+    validation_tokens: int = 10_000,
+    overwrite: bool = False,
+    trust_remote_code: bool = False,
+    log: Log = print,
+) -> dict:
+    """load -> calibrate -> score every candidate window on validation data -> search.json + search.png."""
+    if (merge_count is None) == (reduction is None):
+        raise InputError("Give exactly one of --merge-count K or --reduction FRACTION.")
+    check_output(output, overwrite)
+    loaded = load(spec, trust_remote_code, log)
+    model = loaded.model
+    stacks = [stack] if stack else adapter_for(model).stack_names()
+    k = merge_count if merge_count is not None else merge_count_for(model, reduction, stacks)
+    cal = calibration_data(loaded, calibration, calibration_tokens, log=log)
+    val = calibration_data(loaded, validation, validation_tokens, split="validation", log=log)
+    score, higher, name = default_score(model, val)
+    result = window_search.search(
+        model,
+        k,
+        cal,
+        score,
+        higher_is_better=higher,
+        stacks=stacks,
+        mode=mode,
+        top=top,
+        anchor=anchor,
+        method=method,
+        progress=True,
+    )
+    result.update(model=loaded.spec, score_name=name)
+    with atomic_dir(output, overwrite=overwrite) as tmp:
+        window_search.write(result, tmp)
+    return result
+
+
+def run_analyze(
+    spec: str | None,
+    output: Path,
+    *,
+    calibration: Path | None = None,
+    calibration_tokens: int = 10_000,
+    overwrite: bool = False,
+    trust_remote_code: bool = False,
+    log: Log = print,
+) -> dict:
+    """load -> calibrate -> layer-by-layer FF similarity -> similarity.json + heatmaps."""
+    check_output(output, overwrite)
+    loaded = load(spec, trust_remote_code, log)
+    cal = calibration_data(loaded, calibration, calibration_tokens, log=log)
+    result = analyze.similarity(loaded.model, cal)
+    with atomic_dir(output, overwrite=overwrite) as tmp:
+        analyze.write(result, tmp)
+    return result

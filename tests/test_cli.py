@@ -20,8 +20,22 @@ def tiny_gpt2(tmp_path):
 def test_merge_cli_writes_manifest_and_smaller_model(tiny_gpt2, tmp_path):
     model_dir, cal = tiny_gpt2
     out = tmp_path / "out"
-    rc = main(["merge", str(model_dir), "-o", str(out), "--layers", "1-3", "--calibration", str(cal),
-               "--calibration-tokens", "200", "--anchor", "middle"])
+    rc = main(
+        [
+            "merge",
+            str(model_dir),
+            "-o",
+            str(out),
+            "--layers",
+            "1-3",
+            "--calibration",
+            str(cal),
+            "--calibration-tokens",
+            "200",
+            "--anchor",
+            "middle",
+        ]
+    )
     assert rc == 0
     manifest = json.loads((out / "ffmerge.json").read_text())
     assert manifest["windows"][0]["anchor_layer"] == 2 and manifest["adapter"] == "gpt2"
@@ -37,7 +51,9 @@ def test_merge_cli_writes_manifest_and_smaller_model(tiny_gpt2, tmp_path):
 def test_analyze_cli_writes_json_and_png(tiny_gpt2, tmp_path):
     model_dir, cal = tiny_gpt2
     out = tmp_path / "an"
-    assert main(["analyze", str(model_dir), "--calibration", str(cal), "-o", str(out), "--calibration-tokens", "100"]) == 0
+    assert (
+        main(["analyze", str(model_dir), "--calibration", str(cal), "-o", str(out), "--calibration-tokens", "100"]) == 0
+    )
     data = json.loads((out / "similarity.json").read_text())
     corr = data["stacks"]["decoder"]["matched_correlation"]
     cka = data["stacks"]["decoder"]["cka"]
@@ -46,11 +62,14 @@ def test_analyze_cli_writes_json_and_png(tiny_gpt2, tmp_path):
     assert (out / "similarity_decoder.png").read_bytes()[:4] == b"\x89PNG"
 
 
-@pytest.mark.parametrize("args,code", [
-    (["merge", "/nonexistent/model", "-o", "x", "--align", "none"], errors.EXIT_USAGE),
-    (["merge", "--layers", "3-1", "-o", "x", "--align", "none"], errors.EXIT_USAGE),
-    (["merge", "--bogus-flag"], errors.EXIT_USAGE),
-])
+@pytest.mark.parametrize(
+    "args,code",
+    [
+        (["merge", "/nonexistent/model", "-o", "x", "--align", "none"], errors.EXIT_USAGE),
+        (["merge", "--layers", "3-1", "-o", "x", "--align", "none"], errors.EXIT_USAGE),
+        (["merge", "--bogus-flag"], errors.EXIT_USAGE),
+    ],
+)
 def test_bad_input_gets_usage_exit_code(args, code, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(args) == code
@@ -60,5 +79,38 @@ def test_bad_input_gets_usage_exit_code(args, code, tmp_path, monkeypatch):
 def test_unsupported_architecture(tmp_path):
     import transformers as T
 
-    T.T5Model(T.T5Config(d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8, vocab_size=50)).save_pretrained(tmp_path / "t5")
+    T.T5Model(T.T5Config(d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8, vocab_size=50)).save_pretrained(
+        tmp_path / "t5"
+    )
     assert main(["merge", str(tmp_path / "t5"), "-o", str(tmp_path / "o"), "--align", "none"]) == errors.EXIT_USAGE
+
+
+def test_a_failing_pass_postcondition_reaches_the_user_as_a_validation_failure(tiny_gpt2, tmp_path, monkeypatch):
+    """A pass whose promise does not hold (here: ShareMerged shares nothing) ends the run with exit 1,
+    a message naming the pass, and nothing written; not as onnx-ir's PassError and not as a bug (exit 3)."""
+    import onnx_ir as ir
+
+    from ffmerge_onnx.cli import run
+    from ffmerge_onnx.onnx.passes import PostconditionError, ShareMerged
+
+    monkeypatch.setattr(ShareMerged, "call", lambda self, model: ir.passes.PassResult(model, modified=False))
+    model_dir, cal = tiny_gpt2
+    out = tmp_path / "out"
+    code, err = run(
+        [
+            "convert",
+            str(model_dir),
+            "-o",
+            str(out),
+            "--layers",
+            "1-2",
+            "--calibration",
+            str(cal),
+            "--calibration-tokens",
+            "200",
+            "--no-compare",
+        ]
+    )
+    assert code == errors.EXIT_VALIDATION and isinstance(err, PostconditionError), err
+    assert str(err).startswith("ShareMerged: merged tensor ffmerge.decoder.w1_2.")
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp")]

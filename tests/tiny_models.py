@@ -9,41 +9,150 @@ VOCAB = 96
 
 TINY = {
     # model_type: (adapter, config factory, model class)
-    "gpt2": ("gpt2", lambda: T.GPT2Config(n_layer=4, n_embd=32, n_head=2, n_inner=48, vocab_size=VOCAB,
-                                          n_positions=64, bos_token_id=0, eos_token_id=0), T.GPT2LMHeadModel),
-    "vit": ("vit", lambda: T.ViTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
-                                       intermediate_size=48, image_size=16, patch_size=4, num_labels=5),
-            T.ViTForImageClassification),
-    "deit": ("vit", lambda: T.DeiTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
-                                         intermediate_size=48, image_size=16, patch_size=4), T.DeiTModel),
-    "bert": ("bert", lambda: T.BertConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
-                                          intermediate_size=48, vocab_size=VOCAB, max_position_embeddings=64),
-             T.BertModel),
-    "bert-cls": ("bert", lambda: T.BertConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
-                                              intermediate_size=48, vocab_size=VOCAB, max_position_embeddings=64,
-                                              num_labels=3), T.BertForSequenceClassification),
-    "roberta": ("bert", lambda: T.RobertaConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
-                                                intermediate_size=48, vocab_size=VOCAB, max_position_embeddings=70,
-                                                pad_token_id=1), T.RobertaModel),
-    "marian": ("marian", lambda: T.MarianConfig(d_model=32, encoder_layers=4, decoder_layers=4,
-                                                encoder_attention_heads=2, decoder_attention_heads=2,
-                                                encoder_ffn_dim=48, decoder_ffn_dim=48, vocab_size=VOCAB,
-                                                max_position_embeddings=64, pad_token_id=0,
-                                                decoder_start_token_id=0), T.MarianMTModel),
-    "bart": ("marian", lambda: T.BartConfig(d_model=32, encoder_layers=4, decoder_layers=4,
-                                            encoder_attention_heads=2, decoder_attention_heads=2,
-                                            encoder_ffn_dim=48, decoder_ffn_dim=48, vocab_size=VOCAB,
-                                            max_position_embeddings=64, pad_token_id=1), T.BartForConditionalGeneration),
-    "llama": ("llama", lambda: T.LlamaConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
-                                             num_key_value_heads=1, intermediate_size=48, vocab_size=VOCAB,
-                                             max_position_embeddings=64, tie_word_embeddings=True),
-              T.LlamaForCausalLM),
-    "mistral": ("llama", lambda: T.MistralConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
-                                                 num_key_value_heads=1, intermediate_size=48, vocab_size=VOCAB,
-                                                 max_position_embeddings=64, head_dim=16), T.MistralForCausalLM),
-    "qwen2": ("llama", lambda: T.Qwen2Config(hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
-                                             num_key_value_heads=1, intermediate_size=48, vocab_size=VOCAB,
-                                             max_position_embeddings=64), T.Qwen2ForCausalLM),
+    "gpt2": (
+        "gpt2",
+        lambda: T.GPT2Config(
+            n_layer=4, n_embd=32, n_head=2, n_inner=48, vocab_size=VOCAB, n_positions=64, bos_token_id=0, eos_token_id=0
+        ),
+        T.GPT2LMHeadModel,
+    ),
+    "vit": (
+        "vit",
+        lambda: T.ViTConfig(
+            hidden_size=32,
+            num_hidden_layers=4,
+            num_attention_heads=2,
+            intermediate_size=48,
+            image_size=16,
+            patch_size=4,
+            num_labels=5,
+        ),
+        T.ViTForImageClassification,
+    ),
+    "deit": (
+        "deit",
+        lambda: T.DeiTConfig(
+            hidden_size=32,
+            num_hidden_layers=4,
+            num_attention_heads=2,
+            intermediate_size=48,
+            image_size=16,
+            patch_size=4,
+        ),
+        T.DeiTModel,
+    ),
+    "bert": (
+        "bert",
+        lambda: T.BertConfig(
+            hidden_size=32,
+            num_hidden_layers=4,
+            num_attention_heads=2,
+            intermediate_size=48,
+            vocab_size=VOCAB,
+            max_position_embeddings=64,
+        ),
+        T.BertModel,
+    ),
+    "bert-cls": (
+        "bert",
+        lambda: T.BertConfig(
+            hidden_size=32,
+            num_hidden_layers=4,
+            num_attention_heads=2,
+            intermediate_size=48,
+            vocab_size=VOCAB,
+            max_position_embeddings=64,
+            num_labels=3,
+        ),
+        T.BertForSequenceClassification,
+    ),
+    "roberta": (
+        "roberta",
+        lambda: T.RobertaConfig(
+            hidden_size=32,
+            num_hidden_layers=4,
+            num_attention_heads=2,
+            intermediate_size=48,
+            vocab_size=VOCAB,
+            max_position_embeddings=70,
+            pad_token_id=1,
+        ),
+        T.RobertaModel,
+    ),
+    "marian": (
+        "marian",
+        lambda: T.MarianConfig(
+            d_model=32,
+            encoder_layers=4,
+            decoder_layers=4,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=48,
+            decoder_ffn_dim=48,
+            vocab_size=VOCAB,
+            max_position_embeddings=64,
+            pad_token_id=0,
+            decoder_start_token_id=0,
+        ),
+        T.MarianMTModel,
+    ),
+    "bart": (
+        "marian",
+        lambda: T.BartConfig(
+            d_model=32,
+            encoder_layers=4,
+            decoder_layers=4,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=48,
+            decoder_ffn_dim=48,
+            vocab_size=VOCAB,
+            max_position_embeddings=64,
+            pad_token_id=1,
+        ),
+        T.BartForConditionalGeneration,
+    ),
+    "llama": (
+        "llama",
+        lambda: T.LlamaConfig(
+            hidden_size=32,
+            num_hidden_layers=4,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            intermediate_size=48,
+            vocab_size=VOCAB,
+            max_position_embeddings=64,
+            tie_word_embeddings=True,
+        ),
+        T.LlamaForCausalLM,
+    ),
+    "mistral": (
+        "llama",
+        lambda: T.MistralConfig(
+            hidden_size=32,
+            num_hidden_layers=4,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            intermediate_size=48,
+            vocab_size=VOCAB,
+            max_position_embeddings=64,
+            head_dim=16,
+        ),
+        T.MistralForCausalLM,
+    ),
+    "qwen2": (
+        "llama",
+        lambda: T.Qwen2Config(
+            hidden_size=32,
+            num_hidden_layers=4,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            intermediate_size=48,
+            vocab_size=VOCAB,
+            max_position_embeddings=64,
+        ),
+        T.Qwen2ForCausalLM,
+    ),
 }
 
 
@@ -89,8 +198,11 @@ def inputs(model, batch: int = 2, seq: int = 9, seed: int = 1) -> dict[str, torc
 def output(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     with torch.no_grad():
         kwargs = dict(batch)
-        if "pixel_values" not in batch and not getattr(model.config, "is_encoder_decoder", False) \
-                and model.config.model_type not in ("bert", "roberta"):
+        if (
+            "pixel_values" not in batch
+            and not getattr(model.config, "is_encoder_decoder", False)
+            and model.config.model_type not in ("bert", "roberta")
+        ):
             kwargs["use_cache"] = False
         out = model(**kwargs)
     return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
@@ -98,10 +210,12 @@ def output(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def calibration(model, n: int = 24, seq: int = 16, seed: int = 2):
     """Random calibration batches as a Calibration object."""
-    from ffmerge_onnx.data import Calibration
+    from ffmerge_onnx.merging import Calibration
 
     batches = [inputs(model, batch=4, seq=seq, seed=seed + i) for i in range(n // 4)]
-    tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["pixel_values"].shape[0] for b in batches)
+    tokens = sum(
+        int(b["attention_mask"].sum()) if "attention_mask" in b else b["pixel_values"].shape[0] for b in batches
+    )
     return Calibration(batches, tokens, {"kind": "random", "tokens": tokens})
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -35,16 +36,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ffmerge_onnx import Window, adapter_for, drop_layers, merge, task_of
-from ffmerge_onnx.builtin import FASHION_MNIST_SPLITS, bbc_articles, write_calibration_text
-from ffmerge_onnx.data import Calibration, load_calibration
-from ffmerge_onnx.datasets import bbc_topics, fashion_mnist, lee_corpus, shakespeare_texts
-from ffmerge_onnx.evaluate import (TorchRunner, cosine_fidelity, mean_pooled, perplexity, pixel_accuracy, pixel_values,
-                                   probe_accuracy, runner, similarity_spearman, text_ids)
-from ffmerge_onnx.finetune import recover
-from ffmerge_onnx.merge import ff_param_count, parse_windows
-from ffmerge_onnx.modeling import load_model, load_preprocessor
-from ffmerge_onnx.search import best_drop, default_score
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # refdata, research_metrics (tools/, not shipped)
+
+from refdata import bbc_topics, lee_corpus, shakespeare_texts
+from research_metrics import probe_accuracy, similarity_spearman
+
+from ffmerge_onnx import MergeResult, Window, adapter_for, drop_layers, merge, task_of
+from ffmerge_onnx.families.builtin import FASHION_MNIST_SPLITS, bbc_articles, fashion_mnist, write_calibration_text
+from ffmerge_onnx.families.loading import load_model, load_preprocessor
+from ffmerge_onnx.merging import Calibration, ff_param_count, load_calibration, parse_windows
+from ffmerge_onnx.quality.finetune import recover
+from ffmerge_onnx.quality.metrics import (
+    cosine_fidelity,
+    mean_pooled,
+    perplexity,
+    pixel_accuracy,
+    pixel_values,
+    text_ids,
+)
+from ffmerge_onnx.quality.runners import TorchRunner, runner
+from ffmerge_onnx.quality.search import best_drop, default_score
 
 
 class Bench:
@@ -66,13 +77,16 @@ class LMBench(Bench):
         texts = [p.read_text(encoding="utf-8", errors="replace") for p in bbc_articles("test")]
         self.ids = {"perplexity (BBC test)": text_ids(tok, texts, a.eval_tokens)}
         if a.shakespeare_tokens:
-            self.ids["perplexity (Shakespeare)"] = text_ids(tok, shakespeare_texts(["as_you_like_it"]),
-                                                            a.shakespeare_tokens)
+            self.ids["perplexity (Shakespeare)"] = text_ids(
+                tok, shakespeare_texts(["as_you_like_it"]), a.shakespeare_tokens
+            )
         self.metric_names, self.higher = list(self.ids), False
         _text_data(self, original, tok, a, tmp)
 
     def metrics(self, run):
-        return {k: perplexity(run, ids, window=512, stride=256, progress=False).perplexity for k, ids in self.ids.items()}
+        return {
+            k: perplexity(run, ids, window=512, stride=256, progress=False).perplexity for k, ids in self.ids.items()
+        }
 
 
 class EncoderBench(Bench):
@@ -96,10 +110,16 @@ class EncoderBench(Bench):
         return mean_pooled(run, self.tok, list(texts), max_length=128, progress=False)
 
     def metrics(self, run):
-        return {"Lee Spearman": similarity_spearman(self._embed(run, self.lee_docs), self.lee_human),
-                "BBC probe accuracy": probe_accuracy(self._embed(run, self.probe_train[0]), self.probe_train[1],
-                                                     self._embed(run, self.probe_test[0]), self.probe_test[1]),
-                "cosine to original": cosine_fidelity(self._embed(run, self.cos_docs), self.reference)}
+        return {
+            "Lee Spearman": similarity_spearman(self._embed(run, self.lee_docs), self.lee_human),
+            "BBC probe accuracy": probe_accuracy(
+                self._embed(run, self.probe_train[0]),
+                self.probe_train[1],
+                self._embed(run, self.probe_test[0]),
+                self.probe_test[1],
+            ),
+            "cosine to original": cosine_fidelity(self._embed(run, self.cos_docs), self.reference),
+        }
 
 
 class ImageBench(Bench):
@@ -111,28 +131,48 @@ class ImageBench(Bench):
         lo, hi = FASHION_MNIST_SPLITS["calibration"]
         per_image = (original.config.image_size // original.config.patch_size) ** 2 + 1
         n_cal = min(hi - lo, -(-a.calibration_tokens // per_image))
-        self.cal = Calibration([{"pixel_values": pixels[i:i + 64]} for i in range(lo, lo + n_cal, 64)],
-                               n_cal * per_image, {"kind": "images", "source": "Fashion-MNIST train", "images": n_cal})
+        self.cal = Calibration(
+            [{"pixel_values": pixels[i : i + 64]} for i in range(lo, lo + n_cal, 64)],
+            n_cal * per_image,
+            {"kind": "images", "source": "Fashion-MNIST train", "images": n_cal},
+        )
         g = torch.Generator().manual_seed(0)
         order = torch.randperm(50_000, generator=g)[: a.finetune_images]
-        self.train = [{"pixel_values": pixels[order[i:i + 64]], "labels": torch.from_numpy(labels[order[i:i + 64].numpy()])}
-                      for i in range(0, len(order), 64)]
+        self.train = [
+            {"pixel_values": pixels[order[i : i + 64]], "labels": torch.from_numpy(labels[order[i : i + 64].numpy()])}
+            for i in range(0, len(order), 64)
+        ]
         vlo, vhi = FASHION_MNIST_SPLITS["validation"]
-        self.val = [{"pixel_values": pixels[i:i + 500], "labels": torch.from_numpy(labels[i:i + 500])}
-                    for i in range(vlo, vhi, 500)]
+        self.val = [
+            {"pixel_values": pixels[i : i + 500], "labels": torch.from_numpy(labels[i : i + 500])}
+            for i in range(vlo, vhi, 500)
+        ]
         self.metric_names, self.higher = ["accuracy (Fashion-MNIST test)"], True
 
     def metrics(self, run):
-        return {"accuracy (Fashion-MNIST test)": pixel_accuracy(run, self.test_pixels, self.test_labels, progress=False)}
+        return {
+            "accuracy (Fashion-MNIST test)": pixel_accuracy(run, self.test_pixels, self.test_labels, progress=False)
+        }
 
 
 def _text_data(bench: Bench, original, tok, a, tmp: Path) -> None:
     cal_path = write_calibration_text(tmp, "calibration")
     bench.cal = load_calibration(cal_path, model=original, tokenizer=tok, budget=a.calibration_tokens)
-    bench.train = list(load_calibration(cal_path, model=original, tokenizer=tok, budget=a.finetune_tokens,
-                                        batch_size=a.batch_size, seq_len=256))
-    bench.val = list(load_calibration(write_calibration_text(tmp, "validation"), model=original, tokenizer=tok,
-                                      budget=4_000, batch_size=4, seq_len=256))
+    bench.train = list(
+        load_calibration(
+            cal_path, model=original, tokenizer=tok, budget=a.finetune_tokens, batch_size=a.batch_size, seq_len=256
+        )
+    )
+    bench.val = list(
+        load_calibration(
+            write_calibration_text(tmp, "validation"),
+            model=original,
+            tokenizer=tok,
+            budget=4_000,
+            batch_size=4,
+            seq_len=256,
+        )
+    )
 
 
 def bench_for(original, pre, a, tmp: Path) -> Bench:
@@ -146,12 +186,12 @@ def bench_for(original, pre, a, tmp: Path) -> Bench:
     raise SystemExit(f"No reference benchmark for task {task}.")
 
 
-def onnx_metrics(model, bench: Bench, pre, tmp: Path) -> dict[str, float]:
+def onnx_metrics(result: MergeResult, bench: Bench, pre, tmp: Path) -> dict[str, float]:
     """Export like `convert` (fold, onnxslim, validated) and score through onnxruntime."""
-    from ffmerge_onnx.pipeline import ConvertOptions, convert
+    from ffmerge_onnx.pipeline import ExportOptions, export
 
     out = Path(tempfile.mkdtemp(dir=tmp)) / "onnx"
-    convert(model, out, ConvertOptions(keep_reference=False, compare=False), preprocessor=pre, log=lambda *_: None)
+    export(result, out, ExportOptions(keep_reference=False, compare=False), preprocessor=pre, log=lambda *_: None)
     return bench.metrics(runner(out))
 
 
@@ -159,15 +199,26 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="SmolLM2-135M-Instruct")
     ap.add_argument("--windows", default="16-18", help="comma-separated windows A-B (inclusive)")
-    ap.add_argument("--methods", default="regmean,refit,sequential", help="merge methods beyond average (comma-separated)")
+    ap.add_argument(
+        "--methods", default="regmean,refit,sequential", help="merge methods beyond average (comma-separated)"
+    )
     ap.add_argument("--steps", type=int, default=0, help="recovery fine-tune steps (0: none)")
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--objective", default=None, help="fine-tune objective (default: the task's; see finetune.py)")
-    ap.add_argument("--train", default="all", help="what the fine-tune trains: all (the only choice for a dropped model)")
-    ap.add_argument("--finetune-original", action="store_true",
-                    help="fine-tune the original too (fair when the fine-tune data is new to it)")
-    ap.add_argument("--onnx", default="", help="comma-separated methods whose rows are also exported and scored "
-                                               "through onnxruntime (e.g. permute,sequential)")
+    ap.add_argument(
+        "--train", default="all", help="what the fine-tune trains: all (the only choice for a dropped model)"
+    )
+    ap.add_argument(
+        "--finetune-original",
+        action="store_true",
+        help="fine-tune the original too (fair when the fine-tune data is new to it)",
+    )
+    ap.add_argument(
+        "--onnx",
+        default="",
+        help="comma-separated methods whose rows are also exported and scored "
+        "through onnxruntime (e.g. permute,sequential)",
+    )
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--calibration-tokens", type=int, default=10_000)
     ap.add_argument("--finetune-tokens", type=int, default=40_000)
@@ -201,25 +252,43 @@ def main() -> None:
 
     def run(name, window, make):
         t = time.time()
-        model = make()
-        row = {"window": window, "method": name, "removed": 1 - model.num_parameters() / total,
-               "before": bench.metrics(TorchRunner(model)), "after": None}
+        result = make()
+        result = result if isinstance(result, MergeResult) else MergeResult.unchanged(result, a.model)
+        model = result.model
+        row = {
+            "window": window,
+            "method": name,
+            "removed": 1 - model.num_parameters() / total,
+            "before": bench.metrics(TorchRunner(model)),
+            "after": None,
+        }
         merged = name in a.onnx.split(",")
         if merged:
-            row["onnx_before"] = onnx_metrics(model, bench, pre, tmp)
+            row["onnx_before"] = onnx_metrics(result, bench, pre, tmp)
         if a.steps and (name != "original" or a.finetune_original):
-            recover(model, original, bench.train, bench.val, steps=a.steps, lr=a.lr, objective=a.objective,
-                    train=a.train, eval_every=max(1, a.steps // 4), progress=False)
+            recover(
+                result,
+                original,
+                bench.train,
+                bench.val,
+                steps=a.steps,
+                lr=a.lr,
+                objective=a.objective,
+                train=a.train,
+                eval_every=max(1, a.steps // 4),
+                progress=False,
+            )
             row["after"] = bench.metrics(TorchRunner(model))
             if merged:
-                row["onnx_after"] = onnx_metrics(model, bench, pre, tmp)
+                row["onnx_after"] = onnx_metrics(result, bench, pre, tmp)
         row["seconds"] = time.time() - t
         rows.append(row)
-        text = "  ".join(f"{k} {v:.4f}" + (f" -> {row['after'][k]:.4f}" if row["after"] else "")
-                         for k, v in row["before"].items())
+        text = "  ".join(
+            f"{k} {v:.4f}" + (f" -> {row['after'][k]:.4f}" if row["after"] else "") for k, v in row["before"].items()
+        )
         print(f"{window:>7} {name:<18} removed {row['removed']:6.2%}  {text}", flush=True)
         write(rows, a, bench, done=False)
-        del model
+        del model, result
 
     run("original", "-", lambda: copy.deepcopy(original))
     for w in parse_windows(a.windows, stack) if a.windows else []:
@@ -227,22 +296,44 @@ def main() -> None:
         j = max(1, min(k, round((k - 1) * ff / layer + 0.01)))
         label = f"{w.start}-{w.end}"
         windows = [Window(s, w.start, w.end) for s in adapter.stack_names()]
-        run("vanilla", label, lambda: merge(copy.deepcopy(original), windows, align="none", progress=False))
-        run("permute", label, lambda: merge(copy.deepcopy(original), windows, calibration=bench.cal, progress=False))
+        # each `make` runs at once, inside run(): binding the loop variables by default argument is only for clarity
+        run("vanilla", label, lambda ws=windows: merge(copy.deepcopy(original), ws, align="none", progress=False))
+        run(
+            "permute",
+            label,
+            lambda ws=windows: merge(copy.deepcopy(original), ws, calibration=bench.cal, progress=False),
+        )
         for method in [m for m in a.methods.split(",") if m]:
-            run(method, label, lambda: merge(copy.deepcopy(original), windows, calibration=bench.cal, method=method,
-                                             progress=False))
+            run(
+                method,
+                label,
+                lambda ws=windows, m=method: merge(
+                    copy.deepcopy(original), ws, calibration=bench.cal, method=m, progress=False
+                ),
+            )
         if j not in drops:
             drops[j] = best_drop(original, stack, j, val_score, higher_is_better=val_higher, progress=False)["best"]
         lo, hi = drops[j]
-        run(f"drop {j} ({lo}-{hi})", label, lambda: drop_layers(copy.deepcopy(original), stack, list(range(lo, hi + 1))))
+        run(
+            f"drop {j} ({lo}-{hi})",
+            label,
+            lambda r=range(lo, hi + 1): drop_layers(copy.deepcopy(original), stack, list(r)),
+        )
     write(rows, a, bench, done=True)
 
 
 def write(rows, a, bench: Bench, done: bool) -> None:
     """The JSON, table and PNG so far (rewritten after every row, so a stopped run keeps its rows)."""
-    report = {"model": a.model, "metrics": bench.metric_names, "higher": bench.higher, "steps": a.steps,
-              "lr": a.lr, "complete": done, "args": {k: str(v) for k, v in vars(a).items()}, "rows": rows}
+    report = {
+        "model": a.model,
+        "metrics": bench.metric_names,
+        "higher": bench.higher,
+        "steps": a.steps,
+        "lr": a.lr,
+        "complete": done,
+        "args": {k: str(v) for k, v in vars(a).items()},
+        "rows": rows,
+    }
     a.out.mkdir(parents=True, exist_ok=True)
     stem = Path(a.model).stem.replace(".", "_")
     (a.out / f"{stem}.json").write_text(json.dumps(report, indent=2))
@@ -272,19 +363,32 @@ def render(report: dict, stem: Path) -> None:
     for r in rows:
         c = cells(r["before"], r["after"]) + (cells(r.get("onnx_before"), r.get("onnx_after")) if onnx else [])
         lines.append(f"| {r['window']} | {r['method']} | {r['removed']:.2%} | " + " | ".join(c) + " |")
-    head = (f"{report['model']}; " + (f"before → after {steps} recovery steps (lr {report.get('lr', report.get('args', {}).get('lr'))})" if steps
-                                       else "no recovery") + ("" if report.get("complete", True) else "; run not finished"))
+    head = (
+        f"{report['model']}; "
+        + (
+            f"before → after {steps} recovery steps (lr {report.get('lr', report.get('args', {}).get('lr'))})"
+            if steps
+            else "no recovery"
+        )
+        + ("" if report.get("complete", True) else "; run not finished")
+    )
     stem.with_suffix(".md").write_text(head + "\n\n" + "\n".join(lines) + "\n")
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for i, method in enumerate(sorted({r["method"].split()[0] for r in rows})):
         pts = [r for r in rows if r["method"].split()[0] == method]
         color = f"C{i}"
-        ax.plot([100 * r["removed"] for r in pts], [r["before"][metrics[0]] for r in pts], "o",
-                color=color, label=method)
+        ax.plot(
+            [100 * r["removed"] for r in pts], [r["before"][metrics[0]] for r in pts], "o", color=color, label=method
+        )
         tuned = [r for r in pts if r["after"]]
         if tuned:
-            ax.plot([100 * r["removed"] for r in tuned], [r["after"][metrics[0]] for r in tuned], "x", color=color,
-                    label=f"{method} + recovery")
+            ax.plot(
+                [100 * r["removed"] for r in tuned],
+                [r["after"][metrics[0]] for r in tuned],
+                "x",
+                color=color,
+                label=f"{method} + recovery",
+            )
     ax.set_xlabel("parameters removed (%)")
     ax.set_ylabel(metrics[0])
     if not report.get("higher", True):

@@ -37,11 +37,11 @@ def tiny_converted(folder: Path) -> Path:
     import tiny_models as tm
 
     from ffmerge_onnx import Window, merge
-    from ffmerge_onnx.pipeline import ConvertOptions, convert
+    from ffmerge_onnx.pipeline import ExportOptions, export
 
     model = tm.build("bert")
-    merge(model, [Window("encoder", 1, 3)], calibration=tm.calibration(model), progress=False)
-    convert(model, folder, ConvertOptions(compare=False, external_data=True), log=lambda s: None)
+    result = merge(model, [Window("encoder", 1, 3)], calibration=tm.calibration(model), progress=False)
+    export(result, folder, ExportOptions(compare=False, external_data=True), log=lambda s: None)
     return folder
 
 
@@ -82,8 +82,17 @@ def proto_mutation(model: onnx.ModelProto, rng: random.Random) -> str:
             t = rng.choice(ext)
             for e in t.external_data:
                 if kind == "location" and e.key == "location":
-                    e.value = rng.choice(["../../etc/passwd", "/etc/passwd", "missing.bin", "", "model.onnx",
-                                          "sub/../../x", "model.onnx.data\x00x"])
+                    e.value = rng.choice(
+                        [
+                            "../../etc/passwd",
+                            "/etc/passwd",
+                            "missing.bin",
+                            "",
+                            "model.onnx",
+                            "sub/../../x",
+                            "model.onnx.data\x00x",
+                        ]
+                    )
                 if kind == "offset" and e.key in ("offset", "length"):
                     e.value = str(rng.choice([-1, 0, 3, 2**40, 10**6]))
     elif kind == "drop_node" and g.node:
@@ -107,8 +116,8 @@ def proto_mutation(model: onnx.ModelProto, rng: random.Random) -> str:
 
 def run_case(target: str, folder: Path, work: Path) -> str:
     from ffmerge_onnx.errors import FFMergeError
-    from ffmerge_onnx.share_file import share_file
-    from ffmerge_onnx.validate import validate
+    from ffmerge_onnx.onnx.build import share_file
+    from ffmerge_onnx.onnx.validate import validate
 
     try:
         if target == "validate":
@@ -164,8 +173,10 @@ def main() -> int:
             outcomes[target][outcome] += 1
     for target, counts in outcomes.items():
         print(f"{target}: {sum(counts.values())} cases: " + ", ".join(f"{k} {v}" for k, v in counts.most_common()))
-    print(f"cases tried {a.cases * 2}; crashes {sum(1 for c in crashes if c[3] != 'hang')}; "
-          f"hangs {sum(1 for c in crashes if c[3] == 'hang')}")
+    print(
+        f"cases tried {a.cases * 2}; crashes {sum(1 for c in crashes if c[3] != 'hang')}; "
+        f"hangs {sum(1 for c in crashes if c[3] == 'hang')}"
+    )
     for i, target, kind, tb in crashes[:5]:
         print(f"--- case {i} ({target}, {kind}):\n{tb}")
     return 1 if crashes else 0

@@ -16,12 +16,11 @@ from pathlib import Path
 
 import torch
 
-from ffmerge_onnx import adapter_for, load_merged
-from ffmerge_onnx.builtin import FASHION_MNIST_SPLITS
-from ffmerge_onnx.datasets import fashion_mnist
-from ffmerge_onnx.finetune import recover
-from ffmerge_onnx.modeling import load_model
-from ffmerge_onnx.search import batch_accuracy
+from ffmerge_onnx import MergeResult, adapter_for, load_merged
+from ffmerge_onnx.families.builtin import FASHION_MNIST_SPLITS, fashion_mnist
+from ffmerge_onnx.families.loading import load_model
+from ffmerge_onnx.quality.finetune import recover
+from ffmerge_onnx.quality.metrics import batch_accuracy
 
 
 def pixels(images, config: dict) -> torch.Tensor:
@@ -29,9 +28,10 @@ def pixels(images, config: dict) -> torch.Tensor:
     return ((x - config["image_mean"][0]) / config["image_std"][0])[:, None]
 
 
-def ties(model) -> bool:
+def ties(merged: MergeResult) -> bool:
+    model = merged.model
     adapter = adapter_for(model)
-    for w in model.ffmerge_manifest.windows:
+    for w in merged.manifest.windows:
         layers = adapter.layers(model, w.stack)
         first = adapter.ff_params(layers[w.start])
         for i in range(w.start + 1, w.end + 1):
@@ -60,28 +60,60 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     order = torch.randperm(50_000, generator=g)[: a.finetune_images]
     train_x = pixels(images[order.numpy()], config)
-    train = [{"pixel_values": train_x[i:i + 64], "labels": torch.from_numpy(labels[order[i:i + 64].numpy()])}
-             for i in range(0, len(order), 64)]
+    train = [
+        {"pixel_values": train_x[i : i + 64], "labels": torch.from_numpy(labels[order[i : i + 64].numpy()])}
+        for i in range(0, len(order), 64)
+    ]
     lo, hi = FASHION_MNIST_SPLITS["validation"]
-    val = [{"pixel_values": pixels(images[i:i + 500], config), "labels": torch.from_numpy(labels[i:i + 500])}
-           for i in range(lo, hi, 500)]
-    test = [{"pixel_values": pixels(test_images[i:i + 1000], config), "labels": torch.from_numpy(test_labels[i:i + 1000])}
-            for i in range(0, len(test_images), 1000)]
+    val = [
+        {"pixel_values": pixels(images[i : i + 500], config), "labels": torch.from_numpy(labels[i : i + 500])}
+        for i in range(lo, hi, 500)
+    ]
+    test = [
+        {
+            "pixel_values": pixels(test_images[i : i + 1000], config),
+            "labels": torch.from_numpy(test_labels[i : i + 1000]),
+        }
+        for i in range(0, len(test_images), 1000)
+    ]
     original = load_model(a.original).eval().to(device)
-    model = load_merged(a.merged).to(device)
-    report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
-              "ties_after_move": ties(model), "original_test": batch_accuracy(original, test),
-              "merged_test_before": batch_accuracy(model, test)}
+    merged = load_merged(a.merged)
+    model = merged.model.to(device)
+    report = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "ties_after_move": ties(merged),
+        "original_test": batch_accuracy(original, test),
+        "merged_test_before": batch_accuracy(model, test),
+    }
     t = time.time()
-    result = recover(model, original, train, val, steps=a.steps, lr=a.lr, eval_every=max(1, a.steps // 4),
-                     progress=False, objective=a.objective, train=a.train)
+    result = recover(
+        merged,
+        original,
+        train,
+        val,
+        steps=a.steps,
+        lr=a.lr,
+        eval_every=max(1, a.steps // 4),
+        progress=False,
+        objective=a.objective,
+        train=a.train,
+    )
     if device.type == "cuda":
         torch.cuda.synchronize()
-    report.update(seconds=time.time() - t, steps=a.steps, best_step=result.best_step,
-                  objective=model.ffmerge_manifest.finetune["objective"], train=a.train, lr=a.lr,
-                  finetune_images=a.finetune_images, ties_after_training=ties(model),
-                  param_devices=sorted({str(p.device) for p in model.parameters()}),
-                  merged_test_after=batch_accuracy(model, test), history=result.history)
+    report.update(
+        seconds=time.time() - t,
+        steps=a.steps,
+        best_step=result.best_step,
+        objective=merged.manifest.finetune["objective"],
+        train=a.train,
+        lr=a.lr,
+        finetune_images=a.finetune_images,
+        ties_after_training=ties(merged),
+        param_devices=sorted({str(p.device) for p in model.parameters()}),
+        merged_test_after=batch_accuracy(model, test),
+        history=result.history,
+    )
     a.out.write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
     if not (report["ties_after_move"] and report["ties_after_training"]):

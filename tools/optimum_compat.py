@@ -27,8 +27,14 @@ def _prompt():
 def _generate(model, prompt):
     import torch
 
-    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=STEPS,
-                         min_new_tokens=STEPS, do_sample=False, pad_token_id=0)
+    out = model.generate(
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=STEPS,
+        min_new_tokens=STEPS,
+        do_sample=False,
+        pad_token_id=0,
+    )
     return out[0].tolist()
 
 
@@ -37,14 +43,16 @@ def prepare(root: Path) -> None:
     import tiny_models as tm
 
     from ffmerge_onnx import Window, adapter_for, merge
-    from ffmerge_onnx.pipeline import ConvertOptions, convert
+    from ffmerge_onnx.pipeline import ExportOptions, export
 
     expected = {}
     for name in MODELS:
         model = tm.build(name)
         adapter = adapter_for(model)
-        merge(model, [Window(s, 1, 3) for s in adapter.stack_names()], calibration=tm.calibration(model), progress=False)
-        convert(model, root / name, ConvertOptions(kv_cache=True, compare=False, overwrite=True), log=lambda s: None)
+        result = merge(
+            model, [Window(s, 1, 3) for s in adapter.stack_names()], calibration=tm.calibration(model), progress=False
+        )
+        export(result, root / name, ExportOptions(kv_cache=True, compare=False), overwrite=True, log=lambda s: None)
         expected[name] = _generate(model, _prompt())
     (root / "expected.json").write_text(json.dumps(expected))
     print(f"prepared {', '.join(MODELS)} in {root}")

@@ -22,21 +22,25 @@ import argparse
 import copy
 import json
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # refdata (tools/, not shipped)
+
+from refdata import shakespeare_texts
+
 from ffmerge_onnx import Window, adapter_for, drop_layers, merge, task_of
-from ffmerge_onnx.builtin import bbc_articles, write_calibration_text
-from ffmerge_onnx.data import load_calibration
-from ffmerge_onnx.datasets import shakespeare_texts
-from ffmerge_onnx.evaluate import TorchRunner, perplexity, text_ids
-from ffmerge_onnx.finetune import SCHEDULES, finetune
-from ffmerge_onnx.merge import parse_windows
-from ffmerge_onnx.modeling import load_model, load_preprocessor
-from ffmerge_onnx.search import batch_perplexity, best_drop
+from ffmerge_onnx.families.builtin import bbc_articles, write_calibration_text
+from ffmerge_onnx.families.loading import load_model, load_preprocessor
+from ffmerge_onnx.merging import load_calibration, parse_windows
+from ffmerge_onnx.quality.finetune import SCHEDULES, finetune
+from ffmerge_onnx.quality.metrics import batch_perplexity, perplexity, text_ids
+from ffmerge_onnx.quality.runners import TorchRunner
+from ffmerge_onnx.quality.search import best_drop
 
 
 def main() -> None:
@@ -49,8 +53,12 @@ def main() -> None:
     ap.add_argument("--objective", default="kl", choices=["kl", "kl+layers", "lm"])
     ap.add_argument("--train-merged", default="merged+norms", choices=["merged", "merged+norms", "all"])
     ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--schedule", default="constant", choices=SCHEDULES,
-                    help="learning rate after warmup: constant, or falling linearly to zero at the end of --minutes")
+    ap.add_argument(
+        "--schedule",
+        default="constant",
+        choices=SCHEDULES,
+        help="learning rate after warmup: constant, or falling linearly to zero at the end of --minutes",
+    )
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--eval-every", type=int, default=25)
@@ -68,7 +76,14 @@ def main() -> None:
     if a.append and (a.out / "recovery.json").exists():  # checked before hours of training, not after
         old = json.loads((a.out / "recovery.json").read_text())
         old.setdefault("schedule", "constant")  # reports before --schedule
-        settings = {"model": a.model, "window": list(map(int, a.window.split("-"))), "lr": a.lr, "schedule": a.schedule, "minutes": a.minutes, "batch": [a.batch_size, a.seq_len]}
+        settings = {
+            "model": a.model,
+            "window": list(map(int, a.window.split("-"))),
+            "lr": a.lr,
+            "schedule": a.schedule,
+            "minutes": a.minutes,
+            "batch": [a.batch_size, a.seq_len],
+        }
         if any(old.get(k) != v for k, v in settings.items()):
             raise SystemExit(f"--append: {a.out / 'recovery.json'} was made with other settings.")
     torch.manual_seed(0)
@@ -83,13 +98,32 @@ def main() -> None:
     cal_path = write_calibration_text(tmp, "calibration")
     cal = load_calibration(cal_path, model=original, tokenizer=tok, budget=a.calibration_tokens)
     train_path = tmp / "recovery.txt"
-    plays = [p.read_text(encoding="utf-8", errors="replace") for p in shakespeare_texts()
-             if not p.name.startswith("as_you_like_it")]
+    plays = [
+        p.read_text(encoding="utf-8", errors="replace")
+        for p in shakespeare_texts()
+        if not p.name.startswith("as_you_like_it")
+    ]
     train_path.write_text("\n\n".join([cal_path.read_text()] + plays))
-    train = list(load_calibration(train_path, model=original, tokenizer=tok, budget=a.finetune_tokens,
-                                  batch_size=a.batch_size, seq_len=a.seq_len))
-    val = list(load_calibration(write_calibration_text(tmp, "validation"), model=original, tokenizer=tok,
-                                budget=4_000, batch_size=4, seq_len=256))
+    train = list(
+        load_calibration(
+            train_path,
+            model=original,
+            tokenizer=tok,
+            budget=a.finetune_tokens,
+            batch_size=a.batch_size,
+            seq_len=a.seq_len,
+        )
+    )
+    val = list(
+        load_calibration(
+            write_calibration_text(tmp, "validation"),
+            model=original,
+            tokenizer=tok,
+            budget=4_000,
+            batch_size=4,
+            seq_len=256,
+        )
+    )
     texts = [p.read_text(encoding="utf-8", errors="replace") for p in bbc_articles("test")]
     test_ids = text_ids(tok, texts, a.eval_tokens)
 
@@ -104,45 +138,86 @@ def main() -> None:
     jobs = []
     if a.runs in ("both", "merged"):
         t = time.time()
-        model = merge(copy.deepcopy(original), [Window(stack, w.start, w.end)], calibration=cal,
-                      method=a.method, progress=False)
-        jobs.append((f"{a.method} merge {w.start}-{w.end}", model, a.train_merged, time.time() - t))
+        result = merge(
+            copy.deepcopy(original), [Window(stack, w.start, w.end)], calibration=cal, method=a.method, progress=False
+        )
+        jobs.append((f"{a.method} merge {w.start}-{w.end}", result, a.train_merged, time.time() - t))
     where = None
     if a.runs in ("both", "drop"):
         t = time.time()
         where = best_drop(original, stack, drop, val_ppl, higher_is_better=False, progress=False)
         a_, b_ = where["best"]
-        model = drop_layers(copy.deepcopy(original), stack, list(range(a_, b_ + 1)))
-        jobs.append((f"drop {drop} ({a_}-{b_})", model, "all", time.time() - t))
-    del model  # jobs holds the only reference, so each model is freed after its run
+        result = drop_layers(copy.deepcopy(original), stack, list(range(a_, b_ + 1)))
+        jobs.append((f"drop {drop} ({a_}-{b_})", result, "all", time.time() - t))
+    del result  # jobs holds the only reference, so each model is freed after its run
     runs = []
     while jobs:
-        name, model, train_what, setup_s = jobs.pop(0)
+        name, result, train_what, setup_s = jobs.pop(0)
+        model = result.model
+        dropped = {i for layers in result.manifest.dropped.values() for i in layers}
         before = test_ppl(model)
-        print(f"{name}: removed {1 - model.num_parameters() / total:.2%}, test perplexity {before:.4f}; "
-              f"training {a.minutes} min", flush=True)
-        result = finetune(model, train, val_ppl, higher_is_better=False, steps=10**9, lr=a.lr,
-                          eval_every=a.eval_every, objective=a.objective, original=original, train=train_what,
-                          budget_s=60 * a.minutes, schedule=a.schedule, progress=False)
+        print(
+            f"{name}: removed {1 - model.num_parameters() / total:.2%}, test perplexity {before:.4f}; "
+            f"training {a.minutes} min",
+            flush=True,
+        )
+        result = finetune(
+            model,
+            train,
+            val_ppl,
+            higher_is_better=False,
+            steps=10**9,
+            lr=a.lr,
+            eval_every=a.eval_every,
+            objective=a.objective,
+            original=original,
+            train=train_what,
+            shared=result.shared_parameters(),
+            dropped=dropped,
+            budget_s=60 * a.minutes,
+            schedule=a.schedule,
+            progress=False,
+        )
         after = test_ppl(model)
-        print(f"  -> {result.history[-1]['step']:.0f} steps, best step {result.best_step}, test perplexity {after:.4f}",
-              flush=True)
-        runs.append({"name": name, "removed": 1 - model.num_parameters() / total, "train": train_what,
-                     "objective": a.objective,
-                     "setup_seconds": setup_s, "test_before": before, "test_after": after,
-                     "best_step": result.best_step, "history": result.history})
-        del model
+        print(
+            f"  -> {result.history[-1]['step']:.0f} steps, best step {result.best_step}, test perplexity {after:.4f}",
+            flush=True,
+        )
+        runs.append(
+            {
+                "name": name,
+                "removed": 1 - model.num_parameters() / total,
+                "train": train_what,
+                "objective": a.objective,
+                "setup_seconds": setup_s,
+                "test_before": before,
+                "test_after": after,
+                "best_step": result.best_step,
+                "history": result.history,
+            }
+        )
+        del model, result
     if old:
         for r in old["runs"]:
             r.setdefault("objective", old.get("objective"))  # reports before per-run objectives
         new_keys = {_key(r) for r in runs}
         runs = [r for r in old["runs"] if _key(r) not in new_keys] + runs
         where = where or old.get("drop_search")
-    report = {"model": a.model, "window": [w.start, w.end], "method": a.method,
-              "lr": a.lr, "schedule": a.schedule, "minutes": a.minutes, "batch": [a.batch_size, a.seq_len],
-              "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
-              "original_test": test_ppl(original), "original_validation": val_ppl(original),
-              "drop_search": where, "runs": runs}
+    report = {
+        "model": a.model,
+        "window": [w.start, w.end],
+        "method": a.method,
+        "lr": a.lr,
+        "schedule": a.schedule,
+        "minutes": a.minutes,
+        "batch": [a.batch_size, a.seq_len],
+        "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+        "original_test": test_ppl(original),
+        "original_validation": val_ppl(original),
+        "drop_search": where,
+        "runs": runs,
+    }
     write(report, a.out)
 
 
@@ -158,19 +233,33 @@ def write(report: dict, out: Path) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "recovery.json").write_text(json.dumps(report, indent=2))
-    lines = [f"{report['model']}: {report['minutes']:g} min of recovery each "
-             f"({report['threads']} threads, lr {report['lr']} {report['schedule']}, batch {report['batch'][0]}x{report['batch'][1]}); "
-             "perplexity on the BBC test split (window 512, stride 256)", "",
-             "| model | params removed | objective | trains | steps | before | after |", "|---|---|---|---|---|---|---|",
-             f"| original | 0.00% | - | - | - | {report['original_test']:.2f} | - |"]
+    lines = [
+        (
+            f"{report['model']}: {report['minutes']:g} min of recovery each "
+            f"({report['threads']} threads, lr {report['lr']} {report['schedule']}, "
+            f"batch {report['batch'][0]}x{report['batch'][1]}); perplexity on the BBC test split (window 512, stride 256)"
+        ),
+        "",
+        "| model | params removed | objective | trains | steps | before | after |",
+        "|---|---|---|---|---|---|---|",
+        f"| original | 0.00% | - | - | - | {report['original_test']:.2f} | - |",
+    ]
     for r in report["runs"]:
-        lines.append(f"| {r['name']} | {r['removed']:.2%} | {r['objective']} | {r['train']} | {r['history'][-1]['step']:.0f} | "
-                     f"{r['test_before']:.2f} | {r['test_after']:.2f} |")
+        lines.append(
+            f"| {r['name']} | {r['removed']:.2%} | {r['objective']} | {r['train']} | {r['history'][-1]['step']:.0f} | "
+            f"{r['test_before']:.2f} | {r['test_after']:.2f} |"
+        )
     (out / "recovery.md").write_text("\n".join(lines) + "\n")
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for r in report["runs"]:
         h = r["history"]
-        ax.plot([x["seconds"] / 60 for x in h], [x["score"] for x in h], "o-", ms=3, label=f"{r['name']} ({r['objective']}, trains {r['train']})")
+        ax.plot(
+            [x["seconds"] / 60 for x in h],
+            [x["score"] for x in h],
+            "o-",
+            ms=3,
+            label=f"{r['name']} ({r['objective']}, trains {r['train']})",
+        )
     ax.axhline(report["original_validation"], color="gray", ls="--", label="original")
     ax.set_xlabel("recovery training time (min)")
     ax.set_ylabel("validation perplexity")

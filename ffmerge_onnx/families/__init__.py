@@ -1,0 +1,5 @@
+"""What a model looks like: architecture adapters (data), loading, and the built-in models and data."""
+
+from .adapter import Adapter, Role, adapter_for, registry, supported_model_types, task_of
+
+__all__ = ["Adapter", "Role", "adapter_for", "registry", "supported_model_types", "task_of"]

@@ -1,0 +1,242 @@
+"""Architecture adapters. What a family looks like is data (one JSON file per family beside this
+module); this module only reads that data and resolves it on a loaded model or its config."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+
+from torch import nn
+
+from ..errors import UnsupportedArchitectureError
+
+HOW_TO_ADD = (
+    "To add a family, write ffmerge_onnx/families/<name>.json (stacks, FF projection "
+    "names, layout, bias, config keys) and a tiny test model in tests/tiny_models.py."
+)
+
+
+@dataclass(frozen=True)
+class Role:
+    """One FF tensor: where it lives and which axis runs over the FF hidden units."""
+
+    name: str  # e.g. "fc_in.weight"
+    projection: str  # "in" | "gate" | "out"
+    attr: str  # "weight" | "bias"
+    hidden_axis: int | None  # None: lives in model space (b_out), never permuted
+
+
+def _config_value(config, spec: str | None):
+    """A config value by key spec: alternatives split by '|', each `key` or `N*key`; first not None."""
+    for alternative in (spec or "").split("|"):
+        factor, _, key = alternative.strip().rpartition("*")
+        value = getattr(config, key, None) if key else None
+        if value is not None:
+            return int(factor) * value if factor else value
+    return None
+
+
+@dataclass(frozen=True)
+class Adapter:
+    name: str
+    description: str
+    model_types: tuple[str, ...]
+    task: str  # of the family's base model class
+    heads: dict[str, str]  # model class name suffix -> task (a head on the base model)
+    stacks: dict[str, tuple[str, ...]]  # stack name -> candidate paths under base_model
+    projections: dict[str, tuple[str, ...] | None]  # in/gate/out -> candidate paths in a layer
+    layout: str  # "linear" ([out, in]) or "conv1d" ([in, out])
+    bias: bool
+    config_keys: dict  # canonical name -> config key spec (per stack for num_layers and heads)
+    position_offset: int = 0  # positions the embedding reserves (RoBERTa: 2)
+    extra_tokens: int = 0  # tokens an image adds beyond its patches (ViT: CLS; DeiT: CLS + distillation)
+
+    @classmethod
+    def from_json(cls, data: dict) -> Adapter:
+        ff = data["ff"]
+        return cls(
+            name=data["name"],
+            description=data.get("description", ""),
+            model_types=tuple(data["model_types"]),
+            task=data["task"],
+            heads=dict(data.get("heads", {})),
+            stacks={k: tuple(v) for k, v in data["stacks"].items()},
+            projections={k: (tuple(v) if v else None) for k, v in ff.items()},
+            layout=data["layout"],
+            bias=bool(data["bias"]),
+            config_keys=data["config_keys"],
+            position_offset=int(data.get("position_offset", 0)),
+            extra_tokens=int(data.get("extra_tokens", 0)),
+        )
+
+    def task_of(self, model: nn.Module) -> str:
+        """The model's task: by its head class (e.g. BertForSequenceClassification), else the family's."""
+        name = type(model).__name__
+        return next((task for suffix, task in self.heads.items() if name.endswith(suffix)), self.task)
+
+    @property
+    def gated(self) -> bool:
+        return self.projections.get("gate") is not None
+
+    def roles(self) -> list[Role]:
+        """Every FF tensor of one layer, with its hidden axis in PyTorch layout."""
+        w_in_axis, w_out_axis = (0, 1) if self.layout == "linear" else (1, 0)
+        roles = []
+        names = {"in": "fc_in", "gate": "gate", "out": "fc_out"}
+        for proj in ("in", "gate", "out"):
+            if self.projections.get(proj) is None:
+                continue
+            axis = w_out_axis if proj == "out" else w_in_axis
+            roles.append(Role(f"{names[proj]}.weight", proj, "weight", axis))
+            if self.bias:
+                roles.append(Role(f"{names[proj]}.bias", proj, "bias", None if proj == "out" else 0))
+        return roles
+
+    def role(self, name: str) -> Role:
+        return next(r for r in self.roles() if r.name == name)
+
+    # -- sizes from the config ------------------------------------------------------------
+    def _key(self, name: str, stack: str | None = None) -> str | None:
+        spec = self.config_keys.get(name)
+        return spec.get(stack) if isinstance(spec, dict) else spec
+
+    def d_model(self, config) -> int:
+        return int(_config_value(config, self._key("d_model")))
+
+    def d_ff(self, config, stack: str | None = None) -> int:
+        return int(_config_value(config, self._key("d_ff", stack)))
+
+    def activation(self, config) -> str | None:
+        return _config_value(config, self._key("activation"))
+
+    def config_layers(self, config, stack: str) -> int:
+        """Layers the config declares for a stack (the loaded model's count is `num_layers`)."""
+        return int(_config_value(config, self._key("num_layers", stack)))
+
+    def attention(self, config, stack: str) -> tuple[int, int]:
+        """(key/value heads, head dim) of one attention layer of the stack."""
+        heads = int(_config_value(config, self._key("heads", stack)))
+        kv_heads = _config_value(config, self._key("kv_heads", stack)) or heads
+        head_dim = _config_value(config, self._key("head_dim", stack)) or self.d_model(config) // heads
+        return int(kv_heads), int(head_dim)
+
+    def max_positions(self, config) -> int | None:
+        """Longest input the position embeddings take (None: no limit declared)."""
+        limit = _config_value(config, self._key("max_positions"))
+        return int(limit) - self.position_offset if limit else None
+
+    def image_tokens(self, config) -> int:
+        """Tokens one image becomes: its patches plus the family's extra tokens."""
+        return (config.image_size // config.patch_size) ** 2 + self.extra_tokens
+
+    # -- resolving on a model -------------------------------------------------------
+    def stack_names(self) -> list[str]:
+        return list(self.stacks)
+
+    def layers(self, model: nn.Module, stack: str) -> nn.ModuleList:
+        if stack not in self.stacks:
+            raise UnsupportedArchitectureError(f"{self.name} models have stacks {self.stack_names()}, not {stack!r}.")
+        base = getattr(model, "base_model", model)
+        for path in self.stacks[stack]:
+            found = _get(base, path)
+            if isinstance(found, nn.ModuleList):
+                return found
+        raise UnsupportedArchitectureError(
+            f"Could not find the {stack} layers of this {self.name} model at any of "
+            f"{list(self.stacks[stack])}. The model code may have changed; {HOW_TO_ADD}"
+        )
+
+    def stack_path(self, model: nn.Module, stack: str) -> str:
+        """Qualified name of a stack's ModuleList inside the full model."""
+        return _qualified_name(model, self.layers(model, stack))
+
+    def projection(self, layer: nn.Module, proj: str) -> nn.Module:
+        for path in self.projections[proj] or ():
+            found = _get(layer, path)
+            if isinstance(found, nn.Module):
+                return found
+        raise UnsupportedArchitectureError(
+            f"Layer {type(layer).__name__} has no FF projection at {self.projections[proj]}. {HOW_TO_ADD}"
+        )
+
+    def projection_path(self, layer: nn.Module, proj: str) -> str:
+        return _qualified_name(layer, self.projection(layer, proj))
+
+    def ff_params(self, layer: nn.Module) -> dict[str, nn.Parameter]:
+        """Role name -> Parameter for one layer's FF sublayer."""
+        out = {}
+        for role in self.roles():
+            module = self.projection(layer, role.projection)
+            param = getattr(module, role.attr, None)
+            if param is None:
+                raise UnsupportedArchitectureError(f"{self.name}: {role.name} is missing on {type(module).__name__}")
+            out[role.name] = param
+        return out
+
+    def ff_dim(self, layer: nn.Module) -> int:
+        w = self.projection(layer, "in").weight
+        return w.shape[0] if self.layout == "linear" else w.shape[1]
+
+    def model_dim(self, layer: nn.Module) -> int:
+        """Width of the FF output (model space)."""
+        w = self.projection(layer, "out").weight
+        return w.shape[0] if self.layout == "linear" else w.shape[1]
+
+    def num_layers(self, model: nn.Module, stack: str) -> int:
+        return len(self.layers(model, stack))
+
+    def layer_count_key(self, stack: str) -> str:
+        return self._key("num_layers", stack).split("|")[0]
+
+
+def _qualified_name(root: nn.Module, target: nn.Module) -> str:
+    for name, module in root.named_modules():
+        if module is target:
+            return name
+    raise UnsupportedArchitectureError(f"{type(target).__name__} is not part of {type(root).__name__}")
+
+
+def _get(root: nn.Module, path: str):
+    obj = root
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def task_of(model: nn.Module) -> str:
+    """What a loaded model does: causal-lm, feature-extraction, text-classification, image-classification, seq2seq-lm."""
+    return adapter_for(model).task_of(model)
+
+
+@lru_cache(maxsize=1)
+def registry() -> dict[str, Adapter]:
+    """All families shipped in ffmerge_onnx/families, by name."""
+    adapters = {}
+    for entry in resources.files("ffmerge_onnx.families").iterdir():
+        if entry.name.endswith(".json"):
+            adapter = Adapter.from_json(json.loads(entry.read_text()))
+            adapters[adapter.name] = adapter
+    return dict(sorted(adapters.items()))
+
+
+def supported_model_types() -> list[str]:
+    return sorted(t for a in registry().values() for t in a.model_types)
+
+
+def adapter_for(model_or_type) -> Adapter:
+    """The adapter for a model, its config, or a config.model_type string."""
+    if isinstance(model_or_type, str):
+        model_type = model_or_type
+    else:
+        config = getattr(model_or_type, "config", model_or_type)
+        model_type = getattr(config, "model_type", None) or type(model_or_type).__name__
+    for adapter in registry().values():
+        if model_type in adapter.model_types:
+            return adapter
+    raise UnsupportedArchitectureError(
+        f"Model type {model_type!r} is not supported. Supported: {', '.join(supported_model_types())}. {HOW_TO_ADD}"
+    )

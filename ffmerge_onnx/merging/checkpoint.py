@@ -1,0 +1,102 @@
+"""save_merged / load_merged: a tied model on disk stores each shared tensor once.
+
+safetensors refuses tensors that share memory. We write one canonical key per distinct
+tensor and record every other key as an alias in the manifest; loading fills the aliases
+and re-ties them to the very same Parameter objects.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..errors import CorruptModelError, InputError, ManifestError
+from ..families.loading import model_class
+from ..fsutil import atomic_dir
+from .manifest import Manifest, fingerprint, load_permutations
+from .merge import MergeResult
+
+WEIGHTS_NAME = "model.safetensors"
+
+
+def _storage_key(t: torch.Tensor):
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+
+
+def canonical_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors to write, alias -> canonical key) for the model's state dict."""
+    tensors, aliases, seen = {}, {}, {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        key = _storage_key(t) if t.numel() else ("empty", name)
+        if key in seen:
+            aliases[name] = seen[key]
+        else:
+            seen[key] = name
+            tensors[name] = t.detach().contiguous()
+    return tensors, aliases
+
+
+def save_merged(result: MergeResult, folder, *, preprocessor=None, overwrite: bool = False) -> Path:
+    """Write config, weights (each shared tensor once), manifest and permutations."""
+    if not isinstance(result, MergeResult):
+        raise InputError(
+            f"save_merged takes the MergeResult that merge() or drop_layers() return, not {type(result).__name__}."
+        )
+    folder = Path(folder)
+    model, manifest = result.model, result.manifest
+    tensors, aliases = canonical_state(model)
+    manifest.aliases = aliases
+    with atomic_dir(folder, overwrite=overwrite) as tmp:
+        model.config.save_pretrained(tmp)
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "ffmerge": "1"})
+        manifest.save(tmp, result.permutations)
+        if preprocessor is not None:
+            preprocessor.save_pretrained(tmp)
+    return folder
+
+
+def _retie(model: nn.Module, aliases: dict[str, str]) -> None:
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for alias, canonical in aliases.items():
+        if alias in params and canonical in params:
+            module_path, _, attr = alias.rpartition(".")
+            module = model.get_submodule(module_path) if module_path else model
+            setattr(module, attr, params[canonical])
+
+
+def load_merged(folder, *, device: str = "cpu") -> MergeResult:
+    """Rebuild the tied model written by save_merged; ties are the same Parameter objects."""
+    folder = Path(folder)
+    manifest = Manifest.load(folder)
+    weights = folder / WEIGHTS_NAME
+    if not weights.exists():
+        raise InputError(f"{folder} has no {WEIGHTS_NAME}; was it written by save_merged()?")
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(folder)
+        model = model_class(config)._from_config(config)
+        state = load_file(str(weights), device=device)
+    except (OSError, ValueError, KeyError) as e:
+        raise CorruptModelError(
+            f"Cannot read the merged checkpoint in {folder} ({type(e).__name__}: {str(e)[:200]}); re-run the merge."
+        ) from e
+    for alias, canonical in manifest.aliases.items():
+        if canonical not in state:
+            raise ManifestError(f"Manifest alias {alias} -> {canonical}, but {canonical} is not in {WEIGHTS_NAME}.")
+        state[alias] = state[canonical]
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ManifestError(f"The weights in {folder} do not fit its config: {str(e)[:300]}") from e
+    _retie(model, manifest.aliases)
+    model.eval()
+    if manifest.fingerprint and fingerprint(model) != manifest.fingerprint:
+        raise ManifestError(
+            f"The weights in {folder} do not match its manifest's fingerprint; the folder was changed "
+            "after it was written. Re-run the merge."
+        )
+    return MergeResult(model, manifest, load_permutations(folder, manifest))

@@ -1,0 +1,221 @@
+"""Calibration data: text files, image folders or saved tensors, as model input batches
+holding exactly the token budget (padding excluded)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import CalibrationError, InputError
+from ..families import adapter_for
+
+TEXT_SUFFIXES = {".txt", ".md", ".text"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+TENSOR_SUFFIXES = {".pt", ".pth", ".safetensors", ".npy"}
+
+
+@dataclass
+class Calibration:
+    """Batches of model inputs plus a description for the manifest."""
+
+    batches: list[dict[str, torch.Tensor]]
+    tokens: int
+    description: dict = field(default_factory=dict)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return iter(self.batches)
+
+
+def to_device(batch: dict, device) -> dict:
+    """The batch's tensors moved to `device` (other entries as they are)."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def token_mask(batch: dict[str, torch.Tensor], stack: str, tokens_per_item: int) -> torch.Tensor:
+    """Boolean [batch, tokens] mask of real tokens for the given stack."""
+    key = "decoder_attention_mask" if stack == "decoder" and "decoder_input_ids" in batch else "attention_mask"
+    mask = batch.get(key)
+    if mask is None:
+        first = next(iter(batch.values()))
+        return torch.ones(first.shape[0], tokens_per_item, dtype=torch.bool)
+    return mask.bool()
+
+
+def _chunk_ids(ids: list[int], seq_len: int, budget: int) -> list[list[int]]:
+    chunks, used = [], 0
+    for start in range(0, len(ids), seq_len):
+        if used >= budget:
+            break
+        chunk = ids[start : start + seq_len][: budget - used]
+        if len(chunk) < 2:
+            break
+        chunks.append(chunk)
+        used += len(chunk)
+    return chunks
+
+
+def _batch_chunks(chunks: list[list[int]], batch_size: int, pad_id: int, seq2seq: bool):
+    batches = []
+    for i in range(0, len(chunks), batch_size):
+        group = chunks[i : i + batch_size]
+        width = max(len(c) for c in group)
+        ids = torch.full((len(group), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(group), width), dtype=torch.long)
+        for row, c in enumerate(group):
+            ids[row, : len(c)] = torch.tensor(c)
+            mask[row, : len(c)] = 1
+        batch = {"input_ids": ids, "attention_mask": mask}
+        if seq2seq:  # teacher forcing on the same text; decoder FF sees real token statistics
+            batch["decoder_input_ids"] = ids.clone()
+            batch["decoder_attention_mask"] = mask.clone()
+        batches.append(batch)
+    return batches
+
+
+def read_texts(path: Path) -> list[str]:
+    files = sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES) if path.is_dir() else [path]
+    texts = [f.read_text(encoding="utf-8", errors="replace") for f in files]
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise CalibrationError(f"No text found in {path}. Give a .txt file or a folder of .txt files.")
+    return texts
+
+
+def nonblank_lines(path: Path, what: str):
+    """(line number, line) for every non-blank line of a UTF-8 text file; an error if there are none."""
+    found = [(n, line) for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
+    if not found:
+        raise InputError(f"{path} has no {what}.")
+    return found
+
+
+def from_text(
+    path: Path, tokenizer, budget: int, seq_len: int = 256, batch_size: int = 8, seq2seq: bool = False
+) -> Calibration:
+    if tokenizer is None:
+        raise CalibrationError(
+            "Text calibration needs the model's tokenizer, and none was found next to the model. "
+            "Save the tokenizer with the model or pass tensors (.pt/.safetensors) instead."
+        )
+    ids: list[int] = []
+    for text in read_texts(path):
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if len(ids) >= budget:
+            break
+    seq_len = min(seq_len, getattr(tokenizer, "model_max_length", seq_len) or seq_len)
+    chunks = _chunk_ids(ids, seq_len, budget)
+    tokens = sum(len(c) for c in chunks)
+    if tokens < budget:
+        raise CalibrationError(
+            f"{path} holds {tokens} tokens, fewer than the calibration budget of {budget}. "
+            "Add more text or lower --calibration-tokens."
+        )
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return Calibration(
+        _batch_chunks(chunks, batch_size, pad_id, seq2seq),
+        tokens,
+        {"kind": "text", "source": str(path), "tokens": tokens, "seq_len": seq_len},
+    )
+
+
+def from_images(path: Path, processor, budget: int, tokens_per_image: int, batch_size: int = 16) -> Calibration:
+    from PIL import Image
+
+    if processor is None:
+        raise CalibrationError(
+            "Image calibration needs the model's image processor (preprocessor_config.json) next to the model."
+        )
+    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    needed = -(-budget // tokens_per_image)
+    if len(files) < needed:
+        raise CalibrationError(
+            f"{path} has {len(files)} images; the budget of {budget} tokens needs {needed} "
+            f"({tokens_per_image} patches each). Add images or lower --calibration-tokens."
+        )
+    files = files[:needed]
+    mode = "L" if len(getattr(processor, "image_mean", None) or [0, 0, 0]) == 1 else "RGB"  # 1-channel models
+    batches = []
+    for i in range(0, len(files), batch_size):
+        images = [Image.open(f).convert(mode) for f in files[i : i + batch_size]]
+        batches.append({"pixel_values": processor(images=images, return_tensors="pt")["pixel_values"]})
+    return Calibration(
+        batches,
+        needed * tokens_per_image,
+        {"kind": "images", "source": str(path), "images": needed, "tokens": needed * tokens_per_image},
+    )
+
+
+def from_tensors(path: Path, budget: int | None, batch_size: int = 8, seq2seq: bool = False) -> Calibration:
+    """A .pt/.safetensors/.npy file: a dict of model inputs, or a bare input_ids / pixel_values tensor."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            data = load_file(str(path))
+        elif path.suffix == ".npy":
+            import numpy as np
+
+            data = torch.from_numpy(np.load(path, allow_pickle=False))
+        else:  # pickle: tensors only, never code
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CalibrationError(
+            f"Cannot read calibration tensors from {path} ({type(e).__name__}: {str(e)[:200]}). "
+            "Give a .pt/.safetensors/.npy file of input tensors."
+        ) from e
+    if isinstance(data, torch.Tensor):
+        key = "pixel_values" if data.is_floating_point() else "input_ids"
+        data = {key: data}
+    if not isinstance(data, dict) or not data:
+        raise CalibrationError(f"{path} must hold a tensor or a dict of input tensors.")
+    if "input_ids" in data:
+        data.setdefault("attention_mask", torch.ones_like(data["input_ids"]))
+        if seq2seq:
+            data.setdefault("decoder_input_ids", data["input_ids"])
+            data.setdefault("decoder_attention_mask", data["attention_mask"])
+    n = next(iter(data.values())).shape[0]
+    batches = [{k: v[i : i + batch_size] for k, v in data.items()} for i in range(0, n, batch_size)]
+    if "attention_mask" in data:
+        tokens = int(data["attention_mask"].sum())
+    else:
+        tokens = n
+    if budget and tokens < budget and "input_ids" in data:
+        raise CalibrationError(f"{path} holds {tokens} tokens, fewer than the budget of {budget}.")
+    return Calibration(batches, tokens, {"kind": "tensors", "source": str(path), "tokens": tokens})
+
+
+def load_calibration(
+    path, *, model, tokenizer=None, processor=None, budget: int = 10_000, seq_len: int = 256, batch_size: int = 8
+) -> Calibration:
+    """Pick the loader by what the path holds and check it fits the model's modality."""
+    path = Path(path)
+    if not path.exists():
+        raise CalibrationError(f"Calibration data {path} does not exist.")
+    config = model.config
+    adapter = adapter_for(model)
+    seq2seq = bool(getattr(config, "is_encoder_decoder", False))
+    limit = adapter.max_positions(config)
+    if limit:  # chunks must fit the model's positions
+        seq_len = min(seq_len, limit)
+    is_vision = hasattr(config, "image_size") and hasattr(config, "patch_size")
+    suffixes = {p.suffix.lower() for p in path.rglob("*")} if path.is_dir() else {path.suffix.lower()}
+    if suffixes & TENSOR_SUFFIXES and not path.is_dir():
+        cal = from_tensors(path, budget, batch_size, seq2seq)
+        first = next(iter(cal), {})
+        if is_vision and "pixel_values" not in first:
+            raise CalibrationError(f"{path} holds no pixel_values but the model is an image model.")
+        if not is_vision and "input_ids" not in first:
+            raise CalibrationError(f"{path} holds no input_ids (integer token ids) but the model takes text.")
+        return cal
+    if suffixes & IMAGE_SUFFIXES:
+        if not is_vision:
+            raise CalibrationError(f"{path} holds images but the model takes text.")
+        return from_images(path, processor, budget, adapter.image_tokens(config), batch_size)
+    if is_vision:
+        raise CalibrationError(f"{path} holds no images but the model is an image model.")
+    if path.is_file() and path.stat().st_size == 0:
+        raise CalibrationError(f"Calibration file {path} is empty.")
+    return from_text(path, tokenizer, budget, seq_len, batch_size, seq2seq)

@@ -1,0 +1,234 @@
+"""Merge and tie windows of adjacent FF sublayers (paper §3.2-3.3), and the layer-drop baseline.
+
+Both return a `MergeResult`: the changed model, its manifest and the permutations. That object is
+what later steps (recovery, saving, ONNX export, validation) take."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import CalibrationError, InputError, WindowError
+from ..families import Adapter, adapter_for
+from ..progress import track
+from . import calibration as calibrate
+from .align import ALIGNERS, ANCHORS, Match, anchor_layer, identity, match
+from .data import Calibration
+from .manifest import Manifest, WindowRecord, fingerprint, perm_key
+from .methods import WindowFit, combine, get_method
+from .windows import Window, check_windows
+
+
+@dataclass
+class MergeResult:
+    """A merged (or layer-dropped) model with the record of what was done to it."""
+
+    model: nn.Module
+    manifest: Manifest
+    permutations: dict[str, torch.Tensor] = field(default_factory=dict)  # "<stack>.<layer>" -> perm
+
+    @classmethod
+    def unchanged(cls, model: nn.Module, source: str = "") -> MergeResult:
+        """An unmerged model as a result (method "none"): baselines go through the same steps."""
+        return cls(model, _manifest(model, adapter_for(model), source, method="none"))
+
+    @property
+    def adapter(self) -> Adapter:
+        return adapter_for(self.model)
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """The Parameter objects every merged window's layers share (once each)."""
+        adapter = self.adapter
+        out = {}
+        for w in self.manifest.windows:
+            for p in adapter.ff_params(adapter.layers(self.model, w.stack)[w.start]).values():
+                out[id(p)] = p
+        return list(out.values())
+
+    def merged_away_bytes(self, stacks: list[str] | None = None) -> int:
+        """Bytes of the k-1 FF copies each window no longer stores."""
+        adapter = self.adapter
+        total = 0
+        for w in self.manifest.windows:
+            if stacks is None or w.stack in stacks:
+                params = adapter.ff_params(adapter.layers(self.model, w.stack)[w.start])
+                total += (w.end - w.start) * sum(p.numel() * p.element_size() for p in params.values())
+        return total
+
+    def refresh_fingerprint(self) -> None:
+        """After the weights changed (recovery), tie the manifest to them again."""
+        self.manifest.fingerprint = fingerprint(self.model)
+
+
+# -- permutations and ties ---------------------------------------------------------------
+@torch.no_grad()
+def permute_ff(adapter: Adapter, layer: nn.Module, perm: torch.Tensor | np.ndarray) -> None:
+    """Reorder one layer's FF hidden units in place: unit p becomes old unit perm[p]. Exact."""
+    perm = torch.as_tensor(perm, dtype=torch.long)
+    for role, param in adapter.ff_params(layer).items():
+        axis = adapter.role(role).hidden_axis
+        if axis is not None:
+            param.copy_(param.index_select(axis, perm))
+
+
+def _aligned_tensors(adapter: Adapter, layer: nn.Module, perm: np.ndarray) -> dict[str, torch.Tensor]:
+    idx = torch.as_tensor(perm, dtype=torch.long)
+    out = {}
+    params = adapter.ff_params(layer)
+    for role in adapter.roles():
+        t = params[role.name].detach()
+        out[role.name] = t.index_select(role.hidden_axis, idx) if role.hidden_axis is not None else t.clone()
+    return out
+
+
+def tie(adapter: Adapter, layers: list[nn.Module], shared: dict[str, nn.Parameter]) -> None:
+    """Point every layer's FF projections at the same Parameter objects."""
+    for layer in layers:
+        for role in adapter.roles():
+            module = adapter.projection(layer, role.projection)
+            setattr(module, role.attr, shared[role.name])
+
+
+# -- the merge ---------------------------------------------------------------------------
+def _alignments(model, adapter, windows, anchor, align, calibration, progress, max_stat_bytes):
+    """Per window: {layer: Match} against the window's anchor."""
+    matches: dict[Window, dict[int, Match]] = {}
+    if align == "none":
+        for w in windows:
+            d = adapter.ff_dim(adapter.layers(model, w.stack)[w.start])
+            matches[w] = {i: identity(d) for i in w.layers}
+        return matches
+    if calibration is None:
+        raise CalibrationError(
+            "Correlation alignment needs calibration data: pass --calibration PATH (or --align none)."
+        )
+    pairs = []
+    for w in windows:
+        a = anchor_layer(w.layers, anchor)
+        pairs += [(f"{w.stack}.{a}.pre", f"{w.stack}.{i}.pre") for i in w.layers if i != a]
+    moments = calibrate.collect(model, adapter, calibration, pairs, max_bytes=max_stat_bytes, progress=progress)
+    jobs = [(w, i) for w in windows for i in w.layers]
+    for w, i in track(jobs, "aligning", enabled=progress):
+        a = anchor_layer(w.layers, anchor)
+        if i == a:
+            d = adapter.ff_dim(adapter.layers(model, w.stack)[a])
+            matches.setdefault(w, {})[i] = Match(np.arange(d, dtype=np.int64), 1.0)
+            continue
+        ka, ki = f"{w.stack}.{a}.pre", f"{w.stack}.{i}.pre"
+        corr = calibrate.find(moments, ka, ki).correlation(ka, ki)
+        matches.setdefault(w, {})[i] = match(corr)
+    return matches
+
+
+@torch.no_grad()
+def merge(
+    model: nn.Module,
+    windows: list[Window],
+    *,
+    anchor: str = "first",
+    align: str = "correlation",
+    calibration: Calibration | None = None,
+    source: str = "",
+    progress: bool = True,
+    max_stat_bytes: int = calibrate.DEFAULT_MAX_STAT_BYTES,
+    method: str = "average",
+) -> MergeResult:
+    """Align, combine (`method`, see merging/methods) and tie each window's FF sublayers, in place."""
+    if anchor not in ANCHORS:
+        raise InputError(f"--anchor must be one of {', '.join(ANCHORS)}; got {anchor!r}.")
+    if align not in ALIGNERS:
+        raise InputError(f"--align must be one of {', '.join(ALIGNERS)}; got {align!r}.")
+    merge_method = get_method(method)
+    adapter = adapter_for(model)
+    check_windows(model, adapter, windows)
+    matches = _alignments(model, adapter, windows, anchor, align, calibration, progress, max_stat_bytes)
+    records, permutations = [], {}
+    for w in windows:
+        layers = adapter.layers(model, w.stack)
+        fit = WindowFit(
+            model=model,
+            adapter=adapter,
+            stack=w.stack,
+            layers=w.layers,
+            aligned=[_aligned_tensors(adapter, layers[i], matches[w][i].perm) for i in w.layers],
+            perms=[torch.as_tensor(matches[w][i].perm, dtype=torch.long) for i in w.layers],
+            calibration=calibration,
+        )
+        values = combine(fit, method)
+        first = adapter.ff_params(layers[w.start])
+        shared = {
+            r.name: nn.Parameter(values[r.name], requires_grad=first[r.name].requires_grad) for r in adapter.roles()
+        }
+        tie(adapter, [layers[i] for i in w.layers], shared)
+        for i in w.layers:
+            permutations[perm_key(w.stack, i)] = torch.as_tensor(matches[w][i].perm)
+        records.append(
+            WindowRecord(
+                stack=w.stack,
+                start=w.start,
+                end=w.end,
+                anchor_layer=anchor_layer(w.layers, anchor) if align != "none" else w.start,
+                align=align,
+                method=method,
+                params=dict(merge_method.params),
+                scores={str(i): matches[w][i].score for i in w.layers},
+                shared={role.name: f"{w.prefix()}.{role.name}" for role in adapter.roles()},
+            )
+        )
+    manifest = _manifest(
+        model,
+        adapter,
+        source,
+        method="merge",
+        windows=records,
+        calibration=dict(calibration.description) if calibration is not None else {},
+    )
+    return MergeResult(model, manifest, permutations)
+
+
+def _manifest(model: nn.Module, adapter: Adapter, source: str, **fields) -> Manifest:
+    """The record of how the model was changed."""
+    return Manifest(
+        source=source or getattr(model.config, "_name_or_path", ""),
+        adapter=adapter.name,
+        model_type=model.config.model_type,
+        stacks={s: adapter.num_layers(model, s) for s in adapter.stacks},
+        fingerprint=fingerprint(model),
+        **fields,
+    )
+
+
+# -- layer dropping baseline ---------------------------------------------------------------
+def drop_layers(model: nn.Module, stack: str, layers: list[int], source: str = "") -> MergeResult:
+    """Remove whole layers (attention + FF) from one stack, in place; the config follows."""
+    adapter = adapter_for(model)
+    stack_list = adapter.layers(model, stack)
+    n = len(stack_list)
+    bad = [i for i in layers if not 0 <= i < n]
+    if bad or not layers:
+        raise WindowError(f"Cannot drop layers {layers}: the {stack} has layers 0-{n - 1}.")
+    if len(set(layers)) >= n:
+        raise WindowError("Dropping every layer leaves no model; drop fewer layers.")
+    keep = [m for i, m in enumerate(stack_list) if i not in set(layers)]
+    new_list = nn.ModuleList(keep)
+    parent_path, _, attr = adapter.stack_path(model, stack).rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, attr, new_list)
+    for new_idx, layer in enumerate(new_list):
+        for module in layer.modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = new_idx
+    setattr(model.config, adapter.layer_count_key(stack), len(new_list))
+    layer_types = getattr(model.config, "layer_types", None)
+    if isinstance(layer_types, list) and len(layer_types) == n:
+        model.config.layer_types = [t for i, t in enumerate(layer_types) if i not in set(layers)]
+    manifest = _manifest(model, adapter, source, method="drop", dropped={stack: sorted(set(layers))})
+    return MergeResult(model, manifest, {})
+
+
+def ff_param_count(model: nn.Module, stack: str, layer: int = 0) -> int:
+    adapter = adapter_for(model)
+    return sum(p.numel() for p in adapter.ff_params(adapter.layers(model, stack)[layer]).values())

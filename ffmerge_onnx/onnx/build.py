@@ -1,0 +1,234 @@
+"""A MergeResult -> ONNX files whose merged FF tensors are stored once; and `share` for any ONNX file.
+
+The order of the graph passes is written once, in `graph_passes`; they run through onnx-ir's
+PassManager, and a pass's typed error reaches the caller as itself."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common
+import torch
+from torch import nn
+
+from ..errors import FFMergeError, InputError, OutputExistsError
+from ..families import task_of
+from ..merging import MergeResult
+from .export import Part, export_part, parts_for
+from .files import load_ir
+from .passes import (
+    DetectShared,
+    FoldWeightTransposes,
+    GraphPass,
+    LayerOrder,
+    PermuteGather,
+    ShareMerged,
+    SharingSafeSimplify,
+    Target,
+)
+from .passes.simplify import SIMPLIFIERS
+from .runtime import write_settings
+
+EXTERNAL_DATA_THRESHOLD = 2 * 2**30
+SIMPLIFIER_CHOICES = {**SIMPLIFIERS, "none": "no simplifier"}
+INFO = "onnx_export.json"
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    mode: str = "fold"  # "fold" | "gather" (runtime.MODES)
+    simplifier: str = "onnxslim"  # passes.SIMPLIFIERS, or "none"
+    external_data: bool = False  # force external data at any size
+    share: bool = True  # False: the unmerged baseline
+    kv_cache: bool = False  # decoders take and return past key/values
+
+
+@dataclass
+class BuildResult:
+    files: list[str]
+    passes: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)  # file -> pass -> counts
+
+
+def part_stacks(filename: str, stacks: list[str]) -> list[str]:
+    """Which stacks an export file holds (seq2seq files hold one each)."""
+    if filename.startswith("encoder_"):
+        return ["encoder"]
+    if filename.startswith("decoder_"):
+        return ["decoder"]
+    return stacks
+
+
+def _suffix(model, adapter, stack: str, layer: int, proj: str) -> str:
+    layers = adapter.layers(model, stack)
+    tail = adapter.stack_path(model, stack).rsplit(".", 1)[-1]
+    return f"{tail}.{layer}.{adapter.projection_path(layers[layer], proj)}"
+
+
+def targets(result: MergeResult, stacks: list[str]) -> list[Target]:
+    """One Target per merged tensor of every window in the given stacks."""
+    model, adapter = result.model, result.adapter
+    out = []
+    for w in result.manifest.windows:
+        if w.stack not in stacks:
+            continue
+        params = adapter.ff_params(adapter.layers(model, w.stack)[w.start])
+        for role in adapter.roles():
+            out.append(
+                Target(
+                    name=w.shared[role.name],
+                    value=params[role.name].detach().cpu().numpy(),
+                    hidden_axis=role.hidden_axis,
+                    module_suffixes=[_suffix(model, adapter, w.stack, i, role.projection) for i in w.layers],
+                )
+            )
+    return out
+
+
+def layer_orders(result: MergeResult, stacks: list[str]) -> list[LayerOrder]:
+    """For mode gather: each permuted layer's own neuron order within the shared tensor."""
+    model, adapter = result.model, result.adapter
+    out = []
+    projections = [p for p in ("in", "gate", "out") if adapter.projections.get(p)]
+    for w in result.manifest.windows:
+        if w.stack not in stacks:
+            continue
+        for i in w.layers:
+            perm = np.asarray(result.permutations[f"{w.stack}.{i}"])
+            if np.array_equal(perm, np.arange(len(perm))):
+                continue
+            out.append(
+                LayerOrder(
+                    name=f"ffmerge.{w.stack}.w{w.start}_{w.end}.order{i}",
+                    order=np.argsort(perm).astype(np.int64),
+                    module_suffixes=[_suffix(model, adapter, w.stack, i, p) for p in projections],
+                )
+            )
+    return out
+
+
+def untied_copy(result: MergeResult) -> MergeResult:
+    """The merged model with every window tie broken into k equal copies (the paper's practice)."""
+    clone = copy.deepcopy(result)
+    adapter = clone.adapter
+    for w in clone.manifest.windows:
+        for i in w.layers:
+            layer = adapter.layers(clone.model, w.stack)[i]
+            for role in adapter.roles():
+                module = adapter.projection(layer, role.projection)
+                setattr(module, role.attr, nn.Parameter(getattr(module, role.attr).detach().clone()))
+    return clone
+
+
+def graph_passes(
+    *,
+    simplifier: str,
+    share: list[Target] | None = None,
+    orders: list[LayerOrder] | None = None,
+    detect: bool = False,
+) -> list[GraphPass]:
+    """The order of the ONNX passes: fold weight transposes, share the merged tensors (or detect
+    copies without a manifest), give permuted layers their Gather, simplify without undoing it."""
+    passes: list[GraphPass] = [FoldWeightTransposes()]
+    if share is not None:
+        passes.append(ShareMerged(share))
+    if detect:
+        passes.append(DetectShared())
+    if orders:
+        passes.append(PermuteGather(share or [], orders))
+    if simplifier != "none":
+        passes.append(SharingSafeSimplify(simplifier))
+    return passes
+
+
+def run_passes(ir_model: ir.Model, passes: list[GraphPass]) -> tuple[ir.Model, dict[str, dict[str, int]]]:
+    """Run the passes through onnx-ir's PassManager; returns the model and each pass's counts."""
+    try:
+        result = ir.passes.PassManager(passes)(ir_model)
+    except ir.passes.PassError as e:
+        cause = e.__cause__
+        while cause is not None and not isinstance(cause, FFMergeError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise
+    # scopes and stack traces were only needed by the passes; they would bloat the file
+    ir.passes.common.ClearMetadataAndDocStringPass()(result.model)
+    return result.model, {type(p).__name__: dict(p.counts) for p in passes}
+
+
+def save(ir_model: ir.Model, path: Path, external: bool) -> list[str]:
+    size = sum(v.const_value.nbytes for v in ir_model.graph.initializers.values() if v.const_value is not None)
+    if external or size > EXTERNAL_DATA_THRESHOLD:
+        data = path.name + ".data"
+        # tensors under 1 KB (shape constants) stay inline: onnxruntime's shape inference reads them
+        ir.save(ir_model, path, external_data=data, size_threshold_bytes=1024)
+        return [path.name, data]
+    ir.save(ir_model, path)
+    return [path.name]
+
+
+def build(result: MergeResult, folder: Path, options: BuildOptions) -> BuildResult:
+    """Export every part of the model into folder, run the graph passes on each and save it."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = BuildResult(files=[])
+    stack_names = result.adapter.stack_names()
+    with torch.no_grad():
+        for part in parts_for(result.model, options.kv_cache):
+            ir_model = export_part(part, folder / part.filename)
+            stacks = part_stacks(part.filename, stack_names)
+            share = targets(result, stacks) if options.share else None
+            orders = layer_orders(result, stacks) if options.share and options.mode == "gather" else None
+            ir_model, counts = run_passes(
+                ir_model, graph_passes(simplifier=options.simplifier, share=share, orders=orders)
+            )
+            out.files += save(ir_model, folder / part.filename, options.external_data)
+            out.passes[part.filename] = counts
+    return out
+
+
+def write_info(folder: Path, result: MergeResult, options: BuildOptions, built: BuildResult) -> None:
+    """onnx_export.json (what the folder holds) and the session settings it needs."""
+    parts: list[Part] = parts_for(result.model, options.kv_cache)
+    info = {
+        "task": task_of(result.model),
+        "mode": options.mode,
+        "simplifier": options.simplifier,
+        "kv_cache": options.kv_cache,
+        "files": built.files,
+        "parts": [p.filename for p in parts],
+        "passes": built.passes,
+    }
+    (Path(folder) / INFO).write_text(json.dumps(info, indent=2))
+    write_settings(folder, options.mode)
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.parent.glob(path.name + "*"))
+
+
+def share_file(path, output, *, simplifier: str = "none", overwrite: bool = False) -> dict:
+    """Without a manifest: share initializers that are equal, or equal up to a permutation."""
+    path, output = Path(path), Path(output)
+    if output.exists() and not overwrite:
+        raise OutputExistsError(f"{output} exists. Choose another -o or pass --overwrite.")
+    if output.resolve() == path.resolve():
+        raise InputError("The output must not overwrite the input; choose another -o.")
+    model, counts = run_passes(load_ir(path), graph_passes(simplifier=simplifier, detect=True))
+    report = {"bytes_before": _size(path)}
+    for c in counts.values():
+        report.update(c)
+    with tempfile.TemporaryDirectory(dir=output.parent if output.parent.exists() else None) as tmp:
+        save(model, Path(tmp) / output.name, external=False)  # external data above 2 GB
+        output.parent.mkdir(parents=True, exist_ok=True)
+        for f in Path(tmp).iterdir():
+            shutil.move(str(f), output.parent / f.name)
+    report["bytes_after"] = _size(output)
+    return report

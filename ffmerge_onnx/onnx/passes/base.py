@@ -1,0 +1,98 @@
+"""Pass infrastructure: onnx-ir passes that count what they did and check what they promise.
+
+A pass declares `requires` (what the graph must look like before it) and `ensures` (what it
+promises after). Their errors subclass both onnx-ir's and this tool's, so they pass through onnx-ir's
+PassManager unchanged and reach the CLI as typed errors: a precondition as bad input (exit 2), a
+postcondition as a failed validation (exit 1; nothing is written)."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import onnx_ir as ir
+
+from ...errors import EXIT_VALIDATION, FFMergeError, InputError
+
+SCOPES = "pkg.torch.onnx.name_scopes"
+
+
+class PreconditionError(InputError, ir.passes.PreconditionError):
+    """A pass was given a graph it cannot work on."""
+
+
+class PostconditionError(FFMergeError, ir.passes.PostconditionError):
+    """A pass finished but what it promises does not hold."""
+
+    exit_code = EXIT_VALIDATION
+
+
+class GraphPass(ir.passes.InPlacePass):
+    """An in-place pass with a `counts` report; `refuse` / `fail` raise the typed errors above."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def count(self, key: str, n: int = 1) -> None:
+        self.counts[key] = self.counts.get(key, 0) + n
+
+    def refuse(self, message: str) -> None:
+        raise PreconditionError(f"{type(self).__name__}: {message}")
+
+    def fail(self, message: str) -> None:
+        raise PostconditionError(f"{type(self).__name__}: {message}")
+
+
+def array(value: ir.Value) -> np.ndarray:
+    return value.const_value.numpy()
+
+
+def digest(a: np.ndarray) -> str:
+    a = np.ascontiguousarray(a)
+    return hashlib.sha1(a.tobytes() + str(a.dtype).encode() + str(a.shape).encode()).hexdigest()
+
+
+def digest_groups(graph: ir.Graph) -> dict[str, list[ir.Value]]:
+    """Initializers grouped by content."""
+    groups: dict[str, list[ir.Value]] = {}
+    for v in graph.initializers.values():
+        if v.const_value is not None:
+            groups.setdefault(digest(array(v)), []).append(v)
+    return groups
+
+
+def scopes(node: ir.Node) -> list[str]:
+    raw = node.metadata_props.get(SCOPES)
+    if not raw:
+        return []
+    return [s.strip().strip("'\"") for s in raw.strip("[]").split(",")]
+
+
+def in_module(node: ir.Node, suffixes: list[str]) -> bool:
+    """Whether the node was traced inside a module whose path ends with one of suffixes."""
+    return any(s == suf or s.endswith("." + suf) for s in scopes(node) for suf in suffixes)
+
+
+def transposed_initializers(graph: ir.Graph) -> list[str]:
+    """Names of Transpose nodes that still read an initializer."""
+    return [
+        node.name
+        for node in graph
+        if node.op_type == "Transpose" and node.inputs[0] is not None and node.inputs[0].is_initializer()
+    ]
+
+
+def add_initializer(graph: ir.Graph, name: str, data: np.ndarray) -> ir.Value:
+    value = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(data), name=name))
+    value.shape = ir.Shape(data.shape)
+    value.dtype = value.const_value.dtype
+    graph.register_initializer(value)
+    return value
+
+
+def remove_if_unused(graph: ir.Graph, value: ir.Value) -> bool:
+    if not value.uses() and not value.is_graph_output() and value.name in graph.initializers:
+        graph.initializers.pop(value.name)
+        return True
+    return False

@@ -1,0 +1,342 @@
+"""Validate an exported folder: outputs against PyTorch, sharing, memory and latency.
+
+Output tolerance (fp32): |onnx - torch| <= 1e-4 + 1e-5 * max|torch| per output. The relative
+part covers float32 re-association on large logits (e.g. vocab logits around 30)."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from ..errors import InputError
+from ..families import adapter_for
+from ..merging import MergeResult, load_merged
+from .build import INFO, BuildOptions, build, part_stacks, untied_copy
+from .export import Seq2SeqDecoder, parts_for
+from .files import check_onnx, sharing
+from .memprobe import measure
+from .runtime import PREPACKING_OFF, SESSION_SETTINGS, open_session, session_entries
+
+ATOL, RTOL = 1e-4, 1e-5
+MIN_MEASURABLE_BYTES = 4 * 2**20  # below this, page granularity and allocator noise swamp RSS
+CONSTANT_SLACK = 64 * 2**10  # fixed graph constants (shape vectors, gather indices) in the size gates
+REFERENCE = "reference"
+
+
+@dataclass
+class Check:
+    name: str
+    status: str  # "pass" | "fail" | "skipped"
+    detail: dict = field(default_factory=dict)
+
+
+def _cases(model) -> list[tuple[int, int, int]]:
+    """(batch, new tokens, past tokens): a prompt, a longer prompt after a past, one decoding step."""
+    limit = adapter_for(model).max_positions(model.config) or 512
+    cases = [(1, 7, 0), (2, 16, 5), (3, 1, 32)]
+    return [(b, min(s, limit), min(p, max(0, limit - s))) for b, s, p in cases]
+
+
+def _axis_sizes(batch: int, seq: int, past: int, has_past: bool) -> dict[str, int]:
+    # parts without a past see the whole sequence at once
+    total = seq + past
+    return {
+        "batch_size": batch,
+        "sequence_length": seq if has_past else total,
+        "total_sequence_length": total,
+        "past_sequence_length": past,
+        "encoder_sequence_length": total,
+        "decoder_sequence_length": seq if has_past else max(2, total // 2),
+        "past_decoder_sequence_length": past,
+    }
+
+
+def feeds_for(model, part, batch: int, seq: int, past: int = 0, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random named inputs for a part, every dynamic axis sized from (batch, seq, past)."""
+    g = torch.Generator().manual_seed(seed + 31 * batch + seq + 7 * past)
+    sizes = _axis_sizes(batch, seq, past, bool(part.past))
+    vocab = max(4, min(getattr(model.config, "vocab_size", 4), 1000))
+    feeds = {}
+    for name, example in part.example.items():
+        shape = list(example.shape)
+        for axis, axis_name in part.dynamic.get(name, {}).items():
+            shape[axis] = sizes[axis_name]
+        if name == "input_ids":
+            feeds[name] = torch.randint(3, vocab, shape, generator=g)
+        elif name.endswith("attention_mask"):
+            feeds[name] = torch.ones(shape, dtype=torch.long)
+        elif name == "position_ids":
+            feeds[name] = torch.arange(past, past + shape[1]).expand(shape).contiguous()
+        elif name == "encoder_hidden_states":
+            ids = torch.randint(3, vocab, shape[:2], generator=g)
+            with torch.no_grad():
+                feeds[name] = model.get_encoder()(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+        else:  # pixel values; past key/values are replaced below
+            feeds[name] = torch.randn(shape, generator=g, dtype=example.dtype)
+    if part.past:
+        feeds.update(_model_past(model, part, feeds, past, g))
+    return feeds
+
+
+def _model_past(model, part, feeds, past: int, g) -> dict[str, torch.Tensor]:
+    """Past key/values the model itself produces for a random prefix (random values are not a
+    state a model can be in, and they amplify float32 rounding unrealistically)."""
+    names = list(part.example)[-part.past :]
+    batch = feeds["input_ids"].shape[0]
+    vocab = max(4, min(getattr(model.config, "vocab_size", 4), 1000))
+    prefix = torch.randint(3, vocab, (batch, max(past, 1)), generator=g)
+    if "position_ids" in part.example:  # causal LM: run the part itself from an empty past
+        empty = {n: feeds[n][:, :, :0] for n in names}
+        first = {
+            "input_ids": prefix,
+            "attention_mask": torch.ones_like(prefix),
+            "position_ids": torch.arange(prefix.shape[1]).expand_as(prefix).contiguous(),
+            **empty,
+        }
+        present = part.run(first)[1:]
+    else:  # seq2seq: the first decoder step gives self and cross key/values
+        enc_mask = feeds["encoder_attention_mask"]
+        src = torch.randint(3, vocab, enc_mask.shape, generator=g)
+        with torch.no_grad():
+            hidden = model.get_encoder()(input_ids=src, attention_mask=enc_mask).last_hidden_state
+            present = list(Seq2SeqDecoder(model, cache=True)(prefix, enc_mask, hidden))[1:]
+    return {n: (t[:, :, :past] if ".encoder." not in n else t).contiguous() for n, t in zip(names, present)}
+
+
+def check_outputs(folder: Path, model, provider: str, entries: dict[str, str], kv_cache: bool = False) -> Check:
+    rows, ok = [], True
+    for part in parts_for(model, kv_cache):
+        sess = open_session(folder / part.filename, provider, entries)
+        if provider == "cuda" and sess.get_providers()[0] != "CUDAExecutionProvider":
+            return Check(f"outputs[{provider}]", "skipped", {"reason": "CUDA provider fell back to CPU"})
+        for batch, seq, past in _cases(model):
+            feeds = feeds_for(model, part, batch, seq, past)
+            refs = part.run(feeds)
+            try:
+                got = sess.run(None, {k: v.numpy() for k, v in feeds.items()})
+            except Exception as e:  # noqa: BLE001 - a graph that loads but cannot run fails validation
+                ok = False
+                rows.append(
+                    {
+                        "part": part.filename,
+                        "case": [batch, seq, past],
+                        "error": f"onnxruntime failed to run: {str(e)[:200]}",
+                    }
+                )
+                continue
+            names = [o.name for o in sess.get_outputs()]
+            if names != part.outputs:
+                ok = False
+                rows.append({"part": part.filename, "error": f"outputs {names} != {part.outputs}"})
+                continue
+            for name, r, o in zip(names, refs, got):
+                r = r.numpy()
+                if r.shape != o.shape:
+                    ok = False
+                    rows.append(
+                        {
+                            "part": part.filename,
+                            "output": name,
+                            "case": [batch, seq, past],
+                            "error": f"shape {o.shape} != {r.shape}",
+                        }
+                    )
+                    continue
+                diff = float(np.abs(r - o).max())
+                rel = float(diff / max(np.abs(r).max(), 1e-12))
+                tol = ATOL + RTOL * float(np.abs(r).max())
+                passed = bool(np.isfinite(o).all() and diff <= tol)
+                ok &= passed
+                rows.append(
+                    {
+                        "part": part.filename,
+                        "output": name,
+                        "case": [batch, seq, past],
+                        "shape": list(o.shape),
+                        "max_abs": diff,
+                        "max_rel": rel,
+                        "tolerance": tol,
+                        "ok": passed,
+                    }
+                )
+    return Check(f"outputs[{provider}]", "pass" if ok else "fail", {"rows": rows})
+
+
+def unique_param_bytes(model) -> int:
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel() * p.element_size()
+    return total
+
+
+def validate(folder, *, reference=None, providers=("cpu",), compare=True, runs: int = 20) -> dict:
+    """Run every check; `report["ok"]` is True only if none failed."""
+    folder = Path(folder)
+    info_path = folder / INFO
+    if not info_path.exists():
+        raise InputError(f"{folder} has no {INFO}: give a folder written by `ffmerge-onnx convert`.")
+    try:
+        info = json.loads(info_path.read_text())
+        files = [str(f) for f in info["files"]]
+    except (ValueError, KeyError, TypeError) as e:
+        raise InputError(f"{info_path} is not valid ({type(e).__name__}); re-run `ffmerge-onnx convert`.") from e
+    for f in files:
+        if f.endswith(".onnx"):
+            check_onnx(folder / f)  # before onnxruntime sees it: safe paths, sizes that match
+    ref_dir = Path(reference) if reference else folder / REFERENCE
+    if not ref_dir.exists():
+        raise InputError(f"No reference model at {ref_dir}: pass --reference MODEL_DIR (a folder written by merge).")
+    result = load_merged(ref_dir)
+    model = result.model
+    entries = session_entries(folder / SESSION_SETTINGS)
+    kv_cache = bool(info.get("kv_cache", False))
+    checks = [check_outputs(folder, model, "cpu", entries, kv_cache)]
+    for p in providers:
+        if p == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                checks.append(Check("outputs[cuda]", "skipped", {"reason": "onnxruntime has no CUDA provider here"}))
+            else:
+                checks.append(check_outputs(folder, model, "cuda", entries, kv_cache))
+    parts = parts_for(model, kv_cache)
+    share_rows = {}
+    for part in parts:
+        files = [f for f in info["files"] if f.startswith(part.filename)]
+        share_rows[part.filename] = sharing(folder / part.filename, files)
+    file_bytes = sum(r["file_bytes"] for r in share_rows.values())
+    dups = sum(r["duplicated_tensors"] for r in share_rows.values())
+    sharing_detail = {"files": share_rows, "file_bytes": file_bytes, "duplicated_tensors": dups}
+    if len(parts) == 1:  # seq2seq parts each hold only some of the parameters
+        params = unique_param_bytes(model)
+        init = sum(r["unique_bytes"] for r in share_rows.values())
+        sharing_detail.update(
+            unique_param_bytes=params, file_over_params=file_bytes / params, initializers_over_params=init / params
+        )
+    ok = dups == 0 and (len(parts) > 1 or init <= 1.01 * params + CONSTANT_SLACK)
+    checks.append(Check("sharing", "pass" if ok else "fail", sharing_detail))
+    if compare and result.manifest.windows:
+        checks += compare_unmerged(folder, result, info, entries, runs)
+    report = {"folder": str(folder), "mode": info.get("mode"), "checks": [asdict(c) for c in checks]}
+    report["ok"] = all(c.status != "fail" for c in checks)
+    return report
+
+
+def compare_unmerged(folder: Path, result: MergeResult, info: dict, entries: dict[str, str], runs: int) -> list[Check]:
+    """Export the same weights untied (k copies) and measure both side by side."""
+    model = result.model
+    with tempfile.TemporaryDirectory(prefix="ffmerge-unmerged-") as tmp:
+        tmp = Path(tmp)
+        kv_cache = bool(info.get("kv_cache", False))
+        base = build(
+            untied_copy(result),
+            tmp / "unmerged",
+            BuildOptions(simplifier=info.get("simplifier", "onnxslim"), share=False, kv_cache=kv_cache),
+        )
+        rows, mem_ok, size_ok, lat, measurable = {}, True, True, [], False
+        for part in parts_for(model, kv_cache):
+            feeds = feeds_for(model, part, 1, *_cases(model)[1][1:])
+            np.savez(tmp / "feeds.npz", **{k: v.numpy() for k, v in feeds.items()})
+            merged = measure(folder / part.filename, tmp / "feeds.npz", entries, runs)
+            # same prepacking setting as the merged model, so the comparison isolates the sharing
+            base_entries = {k: v for k, v in entries.items() if k in PREPACKING_OFF}
+            unmerged = measure(tmp / "unmerged" / part.filename, tmp / "feeds.npz", base_entries, runs)
+            default = measure(tmp / "unmerged" / part.filename, tmp / "feeds.npz", {}, runs, repeats=1)
+            away = result.merged_away_bytes(part_stacks(part.filename, result.adapter.stack_names()))
+            files_m = [f for f in info["files"] if f.startswith(part.filename)]
+            files_u = [f for f in base.files if f.startswith(part.filename)]
+            size_m = sum((folder / f).stat().st_size for f in files_m)
+            size_u = sum((tmp / "unmerged" / f).stat().st_size for f in files_u)
+            row = {
+                "merged_away_bytes": away,
+                "file_bytes": {"merged": size_m, "unmerged": size_u},
+                "file_saving_over_away": (size_u - size_m) / away if away else None,
+                "rss_session": {"merged": merged["session_bytes"], "unmerged": unmerged["session_bytes"]},
+                "rss_first_run": {"merged": merged["first_run_bytes"], "unmerged": unmerged["first_run_bytes"]},
+                "rss_saving_over_away": (unmerged["first_run_bytes"] - merged["first_run_bytes"]) / away
+                if away
+                else None,
+                "latency_ms": {"merged": merged["latency_ms"], "unmerged": unmerged["latency_ms"]},
+                "latency_ratio": merged["latency_ms"] / unmerged["latency_ms"],
+                "unmerged_default_settings": {
+                    "rss_first_run": default["first_run_bytes"],
+                    "latency_ms": default["latency_ms"],
+                },
+            }
+            if away:
+                size_ok &= size_u - size_m >= 0.99 * away - CONSTANT_SLACK
+                if away >= MIN_MEASURABLE_BYTES:
+                    mem_ok &= row["rss_saving_over_away"] >= 0.90
+            measurable = measurable or away >= MIN_MEASURABLE_BYTES
+            lat.append(row["latency_ratio"])
+            rows[part.filename] = row
+    return [
+        Check(
+            "size_vs_unmerged", "pass" if size_ok else "fail", {"target": ">= 0.99 of merged-away bytes", "parts": rows}
+        ),
+        Check(
+            "memory_vs_unmerged",
+            ("pass" if mem_ok else "fail") if measurable else "skipped",
+            {
+                "target": ">= 0.90 of merged-away bytes",
+                "saving_over_away": {p: r["rss_saving_over_away"] for p, r in rows.items()},
+                **(
+                    {}
+                    if measurable
+                    else {"reason": f"merged-away bytes under {MIN_MEASURABLE_BYTES:,}: too small for RSS"}
+                ),
+            },
+        ),
+        Check("latency_vs_unmerged", "pass", {"ratio": max(lat), "note": "reported, not gated (timing noise)"}),
+    ]
+
+
+def summary(report: dict) -> str:
+    """A readable report.md."""
+    lines = [
+        f"# ffmerge-onnx validation: {'PASS' if report['ok'] else 'FAIL'}",
+        "",
+        f"folder `{report['folder']}`, mode `{report['mode']}`",
+        "",
+    ]
+    for c in report["checks"]:
+        lines.append(f"## {c['name']}: {c['status']}")
+        d = c["detail"]
+        if c["name"].startswith("outputs") and "rows" in d:
+            lines += ["| part | output | case | max abs | tolerance | ok |", "|---|---|---|---|---|---|"]
+            lines += [
+                f"| {r['part']} | {r.get('output', '')} | {r.get('case', '')} | {r.get('max_abs', float('nan')):.2e} | "
+                f"{r.get('tolerance', float('nan')):.2e} | {'✓' if r.get('ok') else '✗ ' + r.get('error', '')} |"
+                for r in d["rows"]
+            ]
+        elif c["name"] == "sharing":
+            lines.append(
+                f"file bytes {d['file_bytes']:,}; duplicated tensors {d['duplicated_tensors']}"
+                + (
+                    f"; file / unique parameter bytes {d['file_over_params']:.4f}; initializer / parameter "
+                    f"bytes {d['initializers_over_params']:.4f} (gate <= 1.01)"
+                    if "file_over_params" in d
+                    else ""
+                )
+            )
+        elif c["name"] == "size_vs_unmerged":
+            for part, r in d["parts"].items():
+                lines.append(
+                    f"- {part}: merged-away {r['merged_away_bytes']:,} B; file saving / merged-away "
+                    f"{r['file_saving_over_away']:.4f}; RSS saving / merged-away {r['rss_saving_over_away']:.3f} "
+                    f"(RSS after first run {r['rss_first_run']['merged']:,} vs {r['rss_first_run']['unmerged']:,}); "
+                    f"latency {r['latency_ms']['merged']:.2f} ms vs {r['latency_ms']['unmerged']:.2f} ms "
+                    f"(ratio {r['latency_ratio']:.3f}); unmerged with onnxruntime defaults: "
+                    f"RSS {r['unmerged_default_settings']['rss_first_run']:,}, "
+                    f"latency {r['unmerged_default_settings']['latency_ms']:.2f} ms"
+                )
+        elif d:
+            lines.append("```\n" + json.dumps(d, indent=1)[:1500] + "\n```")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,210 @@
+"""Window search (paper §3.4): which k adjacent FF sublayers to merge.
+
+`full` merges every window position and scores it on validation data; `aligned` ranks the
+positions by their neuron-alignment score (mean matched correlation to the anchor, one
+calibration pass) and scores only the best `top`. Encoder-decoder models use the same indices
+on both sides."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+from torch import nn
+
+from ..errors import InputError, WindowError
+from ..families import adapter_for, task_of
+from ..merging import Calibration, Window, drop_layers, ff_param_count, merge
+from ..merging import calibration as calibrate
+from ..merging.align import anchor_layer, match
+from ..progress import track
+from .metrics import batch_accuracy, batch_perplexity, cosine_fidelity
+from .runners import TorchRunner
+
+SEARCH_MODES = {
+    "full": "merge and score every window position (paper §3.4)",
+    "aligned": "rank positions by neuron alignment (one calibration pass), score only the best --top",
+}
+
+
+@dataclass
+class Candidate:
+    start: int
+    end: int
+    align_score: float
+    score: float | None = None
+
+
+def merge_count_for(model: nn.Module, reduction: float, stacks: list[str]) -> int:
+    """k such that merging k FF sublayers (per stack) removes about `reduction` of all parameters."""
+    if not 0 < reduction < 1:
+        raise WindowError(f"--reduction must be between 0 and 1; got {reduction}.")
+    total = model.num_parameters()  # a tied parameter counts once
+    ff = sum(ff_param_count(model, s) for s in stacks)
+    k = round(reduction * total / ff) + 1
+    n = min(adapter_for(model).num_layers(model, s) for s in stacks)
+    if k > n:
+        raise WindowError(
+            f"Removing {reduction:.0%} of the parameters needs merging {k} FF sublayers; "
+            f"the model has {n} per stack. Ask for less."
+        )
+    return max(k, 2)
+
+
+def alignment_scores(
+    model: nn.Module, calibration: Calibration, stack: str, k: int, anchor: str = "first", progress: bool = True
+) -> dict[tuple[int, int], float]:
+    """Mean matched correlation of each window's layers to its anchor (1.0: permuted copies)."""
+    adapter = adapter_for(model)
+    n = adapter.num_layers(model, stack)
+    windows = [(a, a + k - 1) for a in range(n - k + 1)]
+    pairs = set()
+    for a, b in windows:
+        c = anchor_layer(list(range(a, b + 1)), anchor)
+        pairs |= {tuple(sorted((c, i))) for i in range(a, b + 1) if i != c}
+    keys = [(f"{stack}.{i}.pre", f"{stack}.{j}.pre") for i, j in sorted(pairs)]
+    moments = calibrate.collect(model, adapter, calibration, keys, progress=progress)
+    pair_score = {}
+    for (i, j), (ka, kb) in zip(sorted(pairs), keys):
+        pair_score[(i, j)] = match(calibrate.find(moments, ka, kb).correlation(ka, kb)).score
+    out = {}
+    for a, b in windows:
+        c = anchor_layer(list(range(a, b + 1)), anchor)
+        out[(a, b)] = sum(pair_score[tuple(sorted((c, i)))] for i in range(a, b + 1) if i != c) / (b - a)
+    return out
+
+
+def search(
+    model: nn.Module,
+    k: int,
+    calibration: Calibration,
+    score: Callable[[nn.Module], float],
+    *,
+    higher_is_better: bool,
+    stacks: list[str] | None = None,
+    mode: str = "full",
+    top: int = 3,
+    anchor: str = "first",
+    align: str = "correlation",
+    method: str = "average",
+    progress: bool = True,
+) -> dict:
+    """Score candidate windows of k layers; returns the rows and the best window. `model` is not changed."""
+    if mode not in SEARCH_MODES:
+        raise InputError(f"--mode is one of {', '.join(SEARCH_MODES)}; got {mode!r}.")
+    adapter = adapter_for(model)
+    stacks = stacks or adapter.stack_names()
+    n = min(adapter.num_layers(model, s) for s in stacks)
+    if not 2 <= k <= n:
+        raise WindowError(f"A window of {k} layers does not fit: the model has {n} layers per stack.")
+    ranking = alignment_scores(model, calibration, stacks[-1], k, anchor, progress)
+    rows = [Candidate(a, b, ranking[(a, b)]) for a, b in sorted(ranking)]
+    chosen = rows if mode == "full" else sorted(rows, key=lambda c: -c.align_score)[:top]
+    for c in track(chosen, f"scoring {len(chosen)} windows of {k}", enabled=progress):
+        trial = copy.deepcopy(model)
+        merge(
+            trial,
+            [Window(s, c.start, c.end) for s in stacks],
+            anchor=anchor,
+            align=align,
+            calibration=calibration,
+            method=method,
+            progress=False,
+        )
+        c.score = float(score(trial))
+        del trial
+    scored = [c for c in rows if c.score is not None and math.isfinite(c.score)]
+    best = (max if higher_is_better else min)(scored, key=lambda c: c.score)
+    by_align = max(rows, key=lambda c: c.align_score)
+    return {
+        "k": k,
+        "stacks": stacks,
+        "mode": mode,
+        "higher_is_better": higher_is_better,
+        "rows": [asdict(c) for c in rows],
+        "best": [best.start, best.end],
+        "best_by_alignment": [by_align.start, by_align.end],
+    }
+
+
+def best_drop(
+    model: nn.Module,
+    stack: str,
+    count: int,
+    score: Callable[[nn.Module], float],
+    *,
+    higher_is_better: bool,
+    progress: bool = True,
+) -> dict:
+    """The layer-drop baseline at its best: every run of `count` adjacent layers of `stack` is
+    dropped in turn and scored; returns the rows and the best run. `model` is not changed."""
+    n = adapter_for(model).num_layers(model, stack)
+    if not 1 <= count < n:
+        raise WindowError(f"Cannot drop {count} of the {n} layers of the {stack}.")
+    rows = []
+    for a in track(range(n - count + 1), f"scoring {n - count + 1} drops of {count}", enabled=progress):
+        trial = drop_layers(copy.deepcopy(model), stack, list(range(a, a + count))).model
+        rows.append({"start": a, "end": a + count - 1, "score": float(score(trial))})
+        del trial
+    scored = [r for r in rows if math.isfinite(r["score"])]
+    best = (max if higher_is_better else min)(scored, key=lambda r: r["score"])
+    return {"count": count, "stack": stack, "rows": rows, "best": [best["start"], best["end"]]}
+
+
+# -- scores ------------------------------------------------------------------------------
+def fidelity(original: nn.Module, batches) -> Callable[[nn.Module], float]:
+    """Mean cosine between a model's main output and the original's, per token (or per sample)."""
+
+    def main_out(model, b):
+        x = TorchRunner(model)({k: v for k, v in b.items()})
+        if x.dim() == 3 and "attention_mask" in b and x.shape[1] == b["attention_mask"].shape[1]:
+            return x[b["attention_mask"].bool()]
+        return x.flatten(1)
+
+    refs = [main_out(original, b) for b in batches]
+
+    def score(model):
+        return sum(cosine_fidelity(main_out(model, b), r) for b, r in zip(batches, refs)) / len(refs)
+
+    return score
+
+
+def default_score(original: nn.Module, batches) -> tuple[Callable[[nn.Module], float], bool, str]:
+    """(score, higher_is_better, name) for the model's task."""
+    batches = list(batches)
+    if task_of(original) == "causal-lm":
+        return (lambda m: batch_perplexity(m, batches)), False, "perplexity"
+    if batches and "labels" in batches[0]:
+        return (lambda m: batch_accuracy(m, batches)), True, "accuracy"
+    return fidelity(original, batches), True, "cosine to original"
+
+
+def write(result: dict, folder) -> None:
+    """search.json and search.png (score and alignment per window start)."""
+    import json
+    from pathlib import Path
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder = Path(folder)
+    (folder / "search.json").write_text(json.dumps(result, indent=2))
+    rows = result["rows"]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    starts = [r["start"] for r in rows]
+    ax.plot(starts, [r["align_score"] for r in rows], "o-", color="tab:blue", label="alignment (mean matched corr.)")
+    ax.set_xlabel(f"window start (k={result['k']})")
+    ax.set_ylabel("alignment", color="tab:blue")
+    scored = [r for r in rows if r["score"] is not None]
+    if scored:
+        ax2 = ax.twinx()
+        ax2.plot([r["start"] for r in scored], [r["score"] for r in scored], "s--", color="tab:red")
+        ax2.set_ylabel(result.get("score_name", "score"), color="tab:red")
+    ax.set_title(f"window search: best {result['best'][0]}-{result['best'][1]}")
+    fig.tight_layout()
+    fig.savefig(folder / "search.png", dpi=120)
+    plt.close(fig)

@@ -1,0 +1,67 @@
+import pytest
+import tiny_models as tm
+import torch
+
+from ffmerge_onnx import adapter_for, registry
+from ffmerge_onnx.errors import UnsupportedArchitectureError
+
+
+def test_every_registered_family_has_a_tiny_model():
+    covered = {adapter for adapter, _, _ in tm.TINY.values()}
+    missing = set(registry()) - covered
+    assert not missing, f"families without a tiny test model: {missing}"
+
+
+@pytest.mark.parametrize("model_type", list(tm.TINY))
+def test_tiny_model_resolves(model_type):
+    model = tm.build(model_type)
+    adapter = adapter_for(model)
+    assert adapter.name == tm.TINY[model_type][0]
+    for stack in adapter.stack_names():
+        layers = adapter.layers(model, stack)
+        assert len(layers) == 4
+        params = adapter.ff_params(layers[0])
+        assert {r.name for r in adapter.roles()} == set(params)
+        assert adapter.ff_dim(layers[0]) == 48
+
+
+def test_unknown_architecture_names_supported_ones():
+    with pytest.raises(UnsupportedArchitectureError) as e:
+        adapter_for("t5")
+    assert "gpt2" in str(e.value) and "llama" in str(e.value) and "families/<name>.json" in str(e.value)
+
+
+@pytest.mark.parametrize("model_type", list(tm.TINY))
+def test_config_keys_agree_with_the_loaded_modules(model_type):
+    """The sizes the adapter reads from the config are the ones the weights have."""
+    model = tm.build(model_type)
+    adapter = adapter_for(model)
+    config = model.config
+    for stack in adapter.stack_names():
+        layer = adapter.layers(model, stack)[0]
+        assert adapter.config_layers(config, stack) == adapter.num_layers(model, stack)
+        assert adapter.d_ff(config, stack) == adapter.ff_dim(layer)
+        assert adapter.d_model(config) == adapter.model_dim(layer)
+        kv_heads, head_dim = adapter.attention(config, stack)
+        assert kv_heads >= 1 and head_dim >= 1 and adapter.activation(config)
+
+
+def test_family_quirks_are_data():
+    """RoBERTa reserves two positions; DeiT adds a distillation token to ViT's CLS token."""
+    roberta, bert = tm.build("roberta"), tm.build("bert")
+    assert adapter_for(roberta).max_positions(roberta.config) == roberta.config.max_position_embeddings - 2
+    assert adapter_for(bert).max_positions(bert.config) == bert.config.max_position_embeddings
+    vit, deit = tm.build("vit"), tm.build("deit")
+    patches = (16 // 4) ** 2
+    assert adapter_for(vit).image_tokens(vit.config) == patches + 1
+    assert adapter_for(deit).image_tokens(deit.config) == patches + 2
+    with torch.no_grad():  # the model agrees: its hidden states hold that many tokens
+        hidden = deit(pixel_values=torch.randn(1, 3, 16, 16)).last_hidden_state
+    assert hidden.shape[1] == patches + 2
+
+
+def test_gpt2_ff_width_defaults_to_four_times_the_model_width():
+    import transformers as T
+
+    config = T.GPT2Config(n_embd=32, n_inner=None)
+    assert adapter_for(config).d_ff(config) == 128

@@ -1,0 +1,233 @@
+"""ONNX pipeline on every family's tiny model: sharing survives simplification, outputs match."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import tiny_models as tm
+import torch
+
+from ffmerge_onnx import Window, adapter_for, merge, task_of
+from ffmerge_onnx.cli import main
+from ffmerge_onnx.errors import EXIT_VALIDATION, OutputExistsError
+from ffmerge_onnx.onnx.build import BuildOptions, build, untied_copy
+from ffmerge_onnx.onnx.files import sharing
+from ffmerge_onnx.onnx.runtime import session_settings
+from ffmerge_onnx.onnx.validate import check_outputs
+from ffmerge_onnx.pipeline import ExportOptions, export
+
+FAMILIES = ["gpt2", "vit", "bert", "bert-cls", pytest.param("marian", marks=pytest.mark.slow), "llama"]
+
+
+def merged(model_type, windows=((1, 3),)):
+    model = tm.build(model_type)
+    adapter = adapter_for(model)
+    return merge(
+        model,
+        [Window(s, a, b) for s in adapter.stack_names() for a, b in windows],
+        calibration=tm.calibration(model),
+        progress=False,
+    )
+
+
+def shared_names(result):
+    return {name for w in result.manifest.windows for name in w.shared.values()}
+
+
+@pytest.mark.parametrize("mode", ["fold", "gather"])
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_each_merged_tensor_exists_once_and_outputs_match(model_type, mode, tmp_path):
+    merge_result = merged(model_type)
+    result = build(merge_result, tmp_path, BuildOptions(mode=mode))
+    assert all("SharingSafeSimplify" in c for c in result.passes.values())
+    names_needed = shared_names(merge_result)
+    found = set()
+    for f in [f for f in result.files if f.endswith(".onnx")]:
+        stats = sharing(tmp_path / f)
+        assert stats["duplicated_tensors"] == 0
+        inits = {t.name for t in onnx.load(str(tmp_path / f)).graph.initializer}
+        found |= {n for n in names_needed if n in inits or n + ".T" in inits}
+        if mode == "gather":
+            assert stats["gathers_on_shared"] > 0
+    assert found == names_needed
+    # outputs (CPU) against PyTorch in both modes, through the validator
+    check = check_outputs(tmp_path, merge_result.model, "cpu", session_settings(mode)["session_config_entries"])
+    assert check.status == "pass", check.detail
+    assert max(r["max_abs"] for r in check.detail["rows"]) < 1e-4
+
+
+def test_unmerged_export_keeps_k_copies_and_detect_shares_them(tmp_path):
+    """The paper's practice (k equal copies) and how `share` repairs it without a manifest."""
+    result = merged("gpt2")
+    build(untied_copy(result), tmp_path / "u", BuildOptions(share=False))
+    assert (
+        sharing(tmp_path / "u" / "model.onnx")["duplicated_tensors"] == 2 * 2
+    )  # 2 FF weights x (k-1); biases are under the 1024-element threshold
+    assert main(["share", str(tmp_path / "u" / "model.onnx"), "-o", str(tmp_path / "s.onnx")]) == 0
+    assert sharing(tmp_path / "s.onnx")["duplicated_tensors"] == 0
+    assert (tmp_path / "s.onnx").stat().st_size < (tmp_path / "u" / "model.onnx").stat().st_size
+
+
+def test_detect_finds_permuted_copies(tmp_path):
+    """A checkpoint whose layers store the shared FF in their own neuron order."""
+    import onnxruntime as ort
+
+    from ffmerge_onnx.merging import permute_ff
+
+    result = merged("llama")
+    model = result.model
+    clone = untied_copy(result)
+    adapter = adapter_for(clone.model)
+    perm = torch.randperm(48, generator=torch.Generator().manual_seed(5))
+    permute_ff(adapter, adapter.layers(clone.model, "decoder")[2], perm)
+    build(clone, tmp_path / "u", BuildOptions(share=False))
+    assert main(["share", str(tmp_path / "u" / "model.onnx"), "-o", str(tmp_path / "s.onnx")]) == 0
+    x = tm.inputs(model)
+    feed = {k: v.numpy() for k, v in x.items()}
+    a = ort.InferenceSession(str(tmp_path / "u" / "model.onnx")).run(None, feed)[0]
+    b = ort.InferenceSession(str(tmp_path / "s.onnx")).run(None, feed)[0]
+    np.testing.assert_array_equal(a, b)
+    g = onnx.load(str(tmp_path / "s.onnx")).graph
+    assert sum(1 for n in g.node if n.op_type == "Gather" and n.input[1].endswith(".order")) == 3
+    assert sharing(tmp_path / "s.onnx")["duplicated_tensors"] == 0
+
+
+def test_convert_writes_folder_and_validate_passes_then_fails_on_broken_graph(tmp_path):
+    result = merged("bert")
+    out = tmp_path / "out"
+    report = export(result, out, ExportOptions(mode="gather"), log=lambda s: None)
+    assert report["ok"]
+    for name in ("model.onnx", "report.json", "report.md", "ffmerge.json", "ort_session_settings.json", "reference"):
+        assert (out / name).exists(), name
+    settings = json.loads((out / "ort_session_settings.json").read_text())
+    assert settings["session_config_entries"] == {
+        "optimization.disable_specified_optimizers": "ConstantFolding",
+        "session.disable_prepacking": "1",
+    }
+    assert main(["validate", str(out), "--json", str(tmp_path / "v.json"), "--providers", "cpu,cuda"]) == 0
+    checks = {c["name"]: c["status"] for c in json.loads((tmp_path / "v.json").read_text())["checks"]}
+    assert checks["outputs[cpu]"] == "pass" and checks["sharing"] == "pass"
+    assert checks.get("outputs[cuda]") in ("skipped", "pass")
+    # break the graph: perturb one shared weight above tolerance
+    m = onnx.load(str(out / "model.onnx"))
+    t = next(t for t in m.graph.initializer if t.name.startswith("ffmerge.") and "fc_out.weight" in t.name)
+    a = onnx.numpy_helper.to_array(t).copy()
+    a[0, 0] += 0.5
+    t.CopyFrom(onnx.numpy_helper.from_array(a, t.name))
+    onnx.save(m, str(out / "model.onnx"))
+    assert main(["validate", str(out), "--no-compare"]) == EXIT_VALIDATION
+
+
+def test_convert_refuses_existing_output_and_leaves_nothing_on_failure(tmp_path):
+    result = merged("gpt2")
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(OutputExistsError):
+        export(result, tmp_path / "exists", ExportOptions(), log=lambda s: None)
+    assert list((tmp_path / "exists").iterdir()) == []
+    leftovers = [p for p in tmp_path.iterdir() if p.name != "exists"]
+    assert leftovers == []
+
+
+def test_external_data_forced(tmp_path):
+    merge_result = merged("gpt2")
+    result = build(merge_result, tmp_path, BuildOptions(external_data=True))
+    assert result.files == ["model.onnx", "model.onnx.data"]
+    assert (tmp_path / "model.onnx").stat().st_size < 50_000
+    assert check_outputs(tmp_path, merge_result.model, "cpu", {}).status == "pass"
+
+
+def _greedy_onnx(folder, model, prompt, steps):
+    """Greedy decoding through the with-past files, the way an ORTModel drives them; each step's logits."""
+    import onnxruntime as ort
+
+    def sess(name):
+        return ort.InferenceSession(str(folder / name))
+
+    ids = prompt.numpy()
+    out = []
+    if task_of(model) == "causal-lm":
+        s = sess("model.onnx")
+        past_names = [i.name for i in s.get_inputs() if i.name.startswith("past_key_values.")]
+        shape = {i.name: i.shape for i in s.get_inputs()}
+        past = {n: np.zeros((1, shape[n][1], 0, shape[n][3]), np.float32) for n in past_names}
+        length, step = 0, ids
+        for _ in range(steps):
+            n = step.shape[1]
+            feeds = {
+                "input_ids": step,
+                "attention_mask": np.ones((1, length + n), np.int64),
+                "position_ids": np.arange(length, length + n)[None],
+                **past,
+            }
+            logits, *present = s.run(None, feeds)
+            past = dict(zip(past_names, present))
+            length += n
+            step = logits[:, -1:].argmax(-1)
+            out.append(logits[0, -1])
+        return out
+    enc, first, later = sess("encoder_model.onnx"), sess("decoder_model.onnx"), sess("decoder_with_past_model.onnx")
+    mask = np.ones_like(ids)
+    hidden = enc.run(None, {"input_ids": ids, "attention_mask": mask})[0]
+    step = np.array([[model.config.decoder_start_token_id]])
+    logits, *present = first.run(
+        None, {"input_ids": step, "encoder_attention_mask": mask, "encoder_hidden_states": hidden}
+    )
+    names = [i.name for i in later.get_inputs() if i.name.startswith("past_key_values.")]
+    past = dict(zip(names, present))
+    for _ in range(steps):
+        step = logits[:, -1:].argmax(-1)
+        out.append(logits[0, -1])
+        logits, *present_dec = later.run(None, {"input_ids": step, "encoder_attention_mask": mask, **past})
+        for n, v in zip([n for n in names if ".decoder." in n], present_dec):
+            past[n] = v
+    return out
+
+
+def _greedy_torch_without_cache(model, prompt, steps):
+    out = []
+    seq = prompt if task_of(model) == "causal-lm" else torch.tensor([[model.config.decoder_start_token_id]])
+    with torch.no_grad():
+        for _ in range(steps):
+            if task_of(model) == "causal-lm":
+                logits = model(input_ids=seq, use_cache=False).logits
+            else:
+                logits = model(input_ids=prompt, decoder_input_ids=seq, use_cache=False).logits
+            nxt = logits[:, -1:].argmax(-1)
+            out.append(logits[0, -1].numpy())
+            seq = torch.cat([seq, nxt], dim=1)
+    return out
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama", pytest.param("marian", marks=pytest.mark.slow)])
+def test_kv_cache_export_matches_and_greedy_decoding_agrees(model_type, tmp_path):
+    merge_result = merged(model_type)
+    model = merge_result.model
+    result = build(merge_result, tmp_path, BuildOptions(kv_cache=True))
+    files = [f for f in result.files if f.endswith(".onnx")]
+    assert files == (
+        ["model.onnx"]
+        if model_type != "marian"
+        else ["encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx"]
+    )
+    for f in files:
+        assert sharing(tmp_path / f)["duplicated_tensors"] == 0
+    layers = model.config.num_hidden_layers if model_type != "marian" else model.config.decoder_layers
+    inputs = [i.name for i in onnx.load(str(tmp_path / files[-1])).graph.input]
+    outputs = [o.name for o in onnx.load(str(tmp_path / files[-1])).graph.output]
+    if model_type == "marian":
+        assert inputs[:2] == ["input_ids", "encoder_attention_mask"]
+        assert f"past_key_values.{layers - 1}.encoder.value" in inputs
+        assert outputs == ["logits"] + [f"present.{i}.decoder.{kv}" for i in range(layers) for kv in ("key", "value")]
+    else:
+        assert inputs[:3] == ["input_ids", "attention_mask", "position_ids"]
+        assert f"past_key_values.{layers - 1}.value" in inputs
+        assert outputs == ["logits"] + [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    check = check_outputs(tmp_path, model, "cpu", session_settings("fold")["session_config_entries"], kv_cache=True)
+    assert check.status == "pass", check.detail
+    assert {tuple(r["case"]) for r in check.detail["rows"]} >= {(1, 7, 0), (3, 1, 32)}  # empty past and one-token steps
+    prompt = torch.randint(3, 90, (1, 6), generator=torch.Generator().manual_seed(1))
+    expected = _greedy_torch_without_cache(model, prompt, 8)
+    got = _greedy_onnx(tmp_path, model, prompt, 8)
+    assert [int(a.argmax()) for a in got] == [int(a.argmax()) for a in expected]
+    np.testing.assert_allclose(np.stack(got), np.stack(expected), atol=1e-4, rtol=0)
