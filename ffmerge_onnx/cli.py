@@ -16,10 +16,11 @@ from rich.console import Console
 from . import errors
 from .merging.align import ALIGNERS, ANCHORS
 from .merging.methods import METHODS
+from .merging.methods.delta import DELTA
 from .onnx.build import SIMPLIFIER_CHOICES
-from .onnx.runtime import MODES
 from .quality.finetune import OBJECTIVES, SCHEDULES, TRAINABLE
 from .quality.search import SEARCH_MODES
+from .runtime import MODES
 
 app = typer.Typer(
     add_completion=False,
@@ -87,15 +88,38 @@ ScheduleOpt = Annotated[
 ]
 
 
-def _merge_options(layers, stack, anchor, align, method, calibration, calibration_tokens):
+DeltaRankOpt = Annotated[
+    int | None,
+    typer.Option("--delta-rank", help="--method delta: rank of each layer's correction of each projection."),
+]
+DeltaBudgetOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--delta-budget",
+        help="--method delta: the corrections' size as a fraction of the merged-away FF parameters (default 0.25).",
+    ),
+]
+
+
+def _merge_options(layers, stack, anchor, align, method, calibration, calibration_tokens, delta_rank, delta_budget):
     from .pipeline import MergeOptions
 
+    params = {}
+    if delta_rank is not None or delta_budget is not None:
+        if method.value != DELTA.name:
+            raise errors.InputError("--delta-rank and --delta-budget go with --method delta.")
+        if delta_rank is not None and delta_budget is not None:
+            raise errors.InputError("Give --delta-rank or --delta-budget, not both.")
+        if delta_rank is not None and delta_rank < 0:
+            raise errors.InputError(f"--delta-rank must be 0 or more; got {delta_rank}.")
+        params = {"rank": delta_rank} if delta_rank is not None else {"rank": -1, "budget": delta_budget}
     return MergeOptions(
         layers=layers,
         stack=stack.value if stack else None,
         anchor=anchor.value,
         align=align.value,
         method=method.value,
+        method_params=params,
         calibration=calibration,
         calibration_tokens=calibration_tokens,
     )
@@ -130,6 +154,8 @@ def merge_cmd(
     calibration: CalOpt = None,
     calibration_tokens: TokensOpt = 10_000,
     method: MethodOpt = Method.average,
+    delta_rank: DeltaRankOpt = None,
+    delta_budget: DeltaBudgetOpt = None,
     finetune_steps: StepsOpt = 0,
     lr: LrOpt = 5e-5,
     finetune_data: FtDataOpt = None,
@@ -148,7 +174,7 @@ def merge_cmd(
     result, before = run_merge(
         model,
         output,
-        _merge_options(layers, stack, anchor, align, method, calibration, calibration_tokens),
+        _merge_options(layers, stack, anchor, align, method, calibration, calibration_tokens, delta_rank, delta_budget),
         _recovery(
             finetune_steps, lr, finetune_data, finetune_tokens, finetune_objective, finetune_train, finetune_schedule
         ),
@@ -214,6 +240,8 @@ def convert_cmd(
         ),
     ] = False,
     method: MethodOpt = Method.average,
+    delta_rank: DeltaRankOpt = None,
+    delta_budget: DeltaBudgetOpt = None,
     finetune_steps: StepsOpt = 0,
     lr: LrOpt = 5e-5,
     finetune_data: FtDataOpt = None,
@@ -224,19 +252,30 @@ def convert_cmd(
     no_reference: Annotated[
         bool, typer.Option("--no-reference", help="Do not keep the merged checkpoint in OUT/reference.")
     ] = False,
-    no_compare: Annotated[bool, typer.Option("--no-compare", help="Skip the side-by-side unmerged export.")] = False,
+    no_prepack: Annotated[
+        bool,
+        typer.Option(
+            "--no-prepack",
+            help="Write session.disable_prepacking=1: only for onnxruntime < 1.23, which packs a shared weight once "
+            "per reader. Slower; saves nothing on 1.23 and newer.",
+        ),
+    ] = False,
+    no_compare: Annotated[
+        bool, typer.Option("--no-compare", help="Skip the side-by-side measurement against the original model.")
+    ] = False,
     overwrite: OverwriteOpt = False,
     trust_remote_code: RemoteOpt = False,
 ):
     """Merge, export to ONNX with one shared initializer per merged FF, simplify and validate."""
-    from .onnx.runtime import parse_providers
     from .pipeline import ExportOptions, convert
+    from .runtime import parse_providers
 
     export_options = ExportOptions(
         mode=permutations.value,
         simplifier=Simplifier.none.value if no_simplify else simplifier.value,
         external_data=external_data,
         kv_cache=kv_cache,
+        prepack=not no_prepack,
         keep_reference=not no_reference,
         providers=parse_providers(providers),
         compare=not no_compare,
@@ -244,7 +283,7 @@ def convert_cmd(
     report = convert(
         model,
         output,
-        _merge_options(layers, stack, anchor, align, method, calibration, calibration_tokens),
+        _merge_options(layers, stack, anchor, align, method, calibration, calibration_tokens, delta_rank, delta_budget),
         _recovery(
             finetune_steps, lr, finetune_data, finetune_tokens, finetune_objective, finetune_train, finetune_schedule
         ),
@@ -259,11 +298,21 @@ def convert_cmd(
 
 
 def _print_report(report: dict) -> None:
+    from rich.markup import escape
+
+    from .onnx.validate import side_by_side_lines
+
     for c in report["checks"]:
         color = {"pass": "green", "fail": "red", "skipped": "yellow"}[c["status"]]
-        console.print(f"[{color}]{c['status']:>7}[/{color}] {c['name']}")
+        reason = f" ({c['detail']['reason']})" if "reason" in c["detail"] else ""
+        console.print(f"[{color}]{c['status']:>7}[/{color}] {escape(c['name'])}{escape(reason)}")
         d = c["detail"]
-        if c["name"] == "sharing":
+        if c["name"] == "sharing" and "duplicated_tensors" not in d:
+            console.print(
+                f"         file bytes {d['file_bytes']:,}, unique initializer bytes {d['unique_bytes']:,}, "
+                f"copies {d['exact_copies']} exact + {d['permuted_copies']} permuted, wasting {d['wasted_bytes']:,} bytes"
+            )
+        elif c["name"] == "sharing":
             extra = (
                 f", file/unique params {d['file_over_params']:.4f}, initializers/params {d['initializers_over_params']:.4f}"
                 if "file_over_params" in d
@@ -272,16 +321,21 @@ def _print_report(report: dict) -> None:
             console.print(
                 f"         file bytes {d['file_bytes']:,}, duplicated tensors {d['duplicated_tensors']}{extra}"
             )
-        if c["name"] == "size_vs_unmerged":
-            for part, r in d["parts"].items():
-                console.print(
-                    f"         {part}: file saving/merged-away {r['file_saving_over_away']:.4f}, "
-                    f"RSS saving/merged-away {r['rss_saving_over_away']:.3f}, latency ratio {r['latency_ratio']:.3f}"
-                )
-        if c["status"] == "fail" and "rows" in d:
+        if c["name"] == "memory_latency":
+            console.print(
+                f"         peak {d['peak'] / 2**20:.1f} MB, steady {d['steady'] / 2**20:.1f} MB (trimmed "
+                f"{d['steady_trimmed'] / 2**20:.1f}, recipe {d['steady_recipe'] / 2**20:.1f}), {d['latency_ms']:.2f} ms"
+            )
+        for key in ("error", "fix"):
+            if key in d and c["status"] == "fail":
+                console.print(f"         {key}: {escape(str(d[key]))}")
+        if c["status"] == "fail" and "rows" in d and isinstance(d["rows"], list):
             for r in d["rows"]:
                 if not r.get("ok"):
-                    console.print(f"         {r}")
+                    console.print(f"         {escape(str(r))}")
+    if "side_by_side" in report:
+        for line in side_by_side_lines(report["side_by_side"]):
+            console.print(escape(line), soft_wrap=True)
 
 
 @app.command("evaluate")
@@ -375,21 +429,37 @@ def search_cmd(
 
 @app.command("validate")
 def validate_cmd(
-    path: Annotated[Path, typer.Argument(help="Folder written by convert.")],
+    path: Annotated[
+        Path, typer.Argument(help="A folder written by convert, any other folder with a model.onnx, or an .onnx file.")
+    ],
     reference: Annotated[
-        Path | None, typer.Option("--reference", help="Merged checkpoint folder (default PATH/reference).")
+        Path | None,
+        typer.Option(
+            "--reference",
+            help="convert folders: the merged checkpoint (default PATH/reference); other models: an ONNX model "
+            "(file or folder) whose outputs must match.",
+        ),
     ] = None,
-    providers: Annotated[str, typer.Option("--providers")] = "cpu",
+    providers: Annotated[str, typer.Option("--providers", help="cpu and/or cuda, comma separated.")] = "cpu",
+    feeds: Annotated[
+        Path | None, typer.Option("--feeds", help="Other models: inputs as an .npz file (default: generated).")
+    ] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the report as JSON here.")] = None,
-    no_compare: Annotated[bool, typer.Option("--no-compare", help="Skip the side-by-side unmerged export.")] = False,
+    no_compare: Annotated[bool, typer.Option("--no-compare", help="Skip the memory and latency measurements.")] = False,
 ):
-    """Check outputs, sharing, memory and latency; exit 0 only if everything passes."""
-    from .onnx.runtime import parse_providers
-    from .onnx.validate import validate
+    """Check outputs, sharing, memory and latency; exit 0 only if everything passes (1 if a check fails)."""
+    from .onnx.validate import INFO, validate
+    from .onnx.validate_graph import validate_graph
+    from .runtime import parse_providers
 
-    if not path.is_dir():
-        raise errors.InputError(f"{path} is not a folder written by convert.")
-    report = validate(path, reference=reference, providers=parse_providers(providers), compare=not no_compare)
+    if not path.exists():
+        raise errors.InputError(f"{path} does not exist. Give a folder written by convert or an .onnx file.")
+    names = parse_providers(providers)
+    if path.is_dir() and (path / INFO).is_file():
+        report = validate(path, reference=reference, providers=names, side_by_side=not no_compare, log=_log)
+    else:
+        report = validate_graph(path, reference=reference, providers=names, feeds_file=feeds,
+                                measure_memory=not no_compare)  # fmt: skip
     _print_report(report)
     if json_out:
         json_out.write_text(json.dumps(report, indent=2))

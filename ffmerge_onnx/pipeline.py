@@ -14,7 +14,7 @@ import json
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from torch import nn
@@ -39,6 +39,7 @@ from .quality import analyze
 from .quality import search as window_search
 from .quality.finetune import recover
 from .quality.search import default_score, merge_count_for
+from .runtime import version_warning
 
 Log = Callable[[str], None]
 
@@ -52,6 +53,7 @@ class MergeOptions:
     anchor: str = "first"
     align: str = "correlation"
     method: str = "average"
+    method_params: dict = field(default_factory=dict)  # overrides of the method's declared parameters
     calibration: Path | None = None  # None: built-in data for the model's modality
     calibration_tokens: int = 10_000
 
@@ -77,13 +79,19 @@ class ExportOptions:
     simplifier: str = "onnxslim"
     external_data: bool = False
     kv_cache: bool = False
+    prepack: bool = True  # False: session.disable_prepacking=1 in the written settings (onnxruntime < 1.23)
     keep_reference: bool = True
     providers: tuple[str, ...] = ("cpu",)
-    compare: bool = True  # measure an unmerged export side by side
+    compare: bool = True  # measure against the original model and the paper's practice, side by side
+    runs: int = 20  # timed runs per measuring process
 
     def build_options(self) -> BuildOptions:
         return BuildOptions(
-            mode=self.mode, simplifier=self.simplifier, external_data=self.external_data, kv_cache=self.kv_cache
+            mode=self.mode,
+            simplifier=self.simplifier,
+            external_data=self.external_data,
+            kv_cache=self.kv_cache,
+            prepack=self.prepack,
         )
 
 
@@ -148,6 +156,7 @@ def merge_and_recover(
         calibration=cal,
         source=loaded.spec,
         method=options.method,
+        params=options.method_params,
     )
     if recovery.steps:
         batches = list(calibration_data(loaded, recovery.data, recovery.tokens, log=log))
@@ -199,7 +208,7 @@ def export(
         if preprocessor is not None:
             preprocessor.save_pretrained(tmp)
         log("validating on onnxruntime")
-        report = validate(tmp, providers=options.providers, compare=options.compare)
+        report = validate(tmp, providers=options.providers, side_by_side=options.compare, runs=options.runs, log=log)
         report["folder"] = str(output)
         report["passes"] = built.passes
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
@@ -244,6 +253,9 @@ def convert(
 ) -> dict:
     """The whole pipeline into `output`; returns the validation report."""
     check_output(output, overwrite)
+    warning = version_warning()
+    if warning:
+        log(f"warning: {warning}")
     loaded = load(spec, trust_remote_code, log)
     result = merge_and_recover(loaded, options, recovery, log)
     if export_options.mode == "gather":

@@ -201,7 +201,7 @@ def _cases(root: Path):
         ("calibration .pt that runs code when unpickled", pickled_code, errors.CalibrationError),
         ("text calibration, model has no tokenizer", text_without_tokenizer, errors.CalibrationError),
         ("output folder exists", exists, errors.OutputExistsError),
-        ("validate: folder not written by convert", not_converted, errors.InputError),
+        ("validate: folder with no model in it", not_converted, errors.InputError),
         ("validate: truncated model.onnx", truncated_onnx, errors.CorruptModelError),
         ("validate: truncated external data file", truncated_data, errors.CorruptModelError),
         ("validate: external data at ../../etc/passwd", escaping_data, errors.UnsafeModelError),

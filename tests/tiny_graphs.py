@@ -125,3 +125,30 @@ def shared_pair(d: int = 4, d_ff: int = 6, seed: int = 0) -> tuple[ir.Model, dic
 
     model, ff = k_copies(2, d, d_ff, seed)
     return ShareMerged(ff_targets(ff))(model).model, ff
+
+
+def shared_weight_model(path, d: int = 1024, d_ff: int = 4096, layers: int = 6, seed: int = 0) -> None:
+    """`layers` residual FF blocks that all read one shared pair of weights (MatMul + Relu + MatMul),
+    written with onnx.helper: d x d_ff floats are too many to write out as text."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    w_in = numpy_helper.from_array((rng.standard_normal((d, d_ff)) / d**0.5).astype(np.float32), "w_in")
+    w_out = numpy_helper.from_array((rng.standard_normal((d_ff, d)) / d_ff**0.5).astype(np.float32), "w_out")
+    nodes, cur = [], "x"
+    for i in range(layers):
+        nodes += [
+            helper.make_node("MatMul", [cur, "w_in"], [f"h{i}"]),
+            helper.make_node("Relu", [f"h{i}"], [f"a{i}"]),
+            helper.make_node("MatMul", [f"a{i}", "w_out"], [f"o{i}"]),
+            helper.make_node("Add", [cur, f"o{i}"], [f"x{i + 1}"]),
+        ]
+        cur = f"x{i + 1}"
+    graph = helper.make_graph(
+        nodes,
+        "shared",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", d])],
+        [helper.make_tensor_value_info(cur, TensorProto.FLOAT, ["n", d])],
+        [w_in, w_out],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))

@@ -121,7 +121,7 @@ def run_case(target: str, folder: Path, work: Path) -> str:
 
     try:
         if target == "validate":
-            report = validate(folder, compare=False)
+            report = validate(folder, side_by_side=False)
             return "pass" if report["ok"] else "validation failed"
         share_file(folder / "model.onnx", work / "shared.onnx", overwrite=True)
         return "pass"

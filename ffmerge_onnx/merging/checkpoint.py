@@ -14,10 +14,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import CorruptModelError, InputError, ManifestError
+from ..families import adapter_for
 from ..families.loading import model_class
 from ..fsutil import atomic_dir
 from .manifest import Manifest, fingerprint, load_permutations
-from .merge import MergeResult
+from .merge import MergeResult, restore_deltas
 
 WEIGHTS_NAME = "model.safetensors"
 
@@ -84,6 +85,7 @@ def load_merged(folder, *, device: str = "cpu") -> MergeResult:
         raise CorruptModelError(
             f"Cannot read the merged checkpoint in {folder} ({type(e).__name__}: {str(e)[:200]}); re-run the merge."
         ) from e
+    restore_deltas(model, adapter_for(model), manifest.windows)
     for alias, canonical in manifest.aliases.items():
         if canonical not in state:
             raise ManifestError(f"Manifest alias {alias} -> {canonical}, but {canonical} is not in {WEIGHTS_NAME}.")

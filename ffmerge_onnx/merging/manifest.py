@@ -28,7 +28,8 @@ class WindowRecord:
     scores: dict[str, float]  # layer -> mean matched correlation with the anchor
     shared: dict[str, str]  # role -> stable name, e.g. "ffmerge.decoder.w3_5.fc_in.weight"
     method: str = "average"  # how the aligned FF tensors were combined (methods.METHODS)
-    params: dict[str, float] = field(default_factory=dict)  # the method's parameters
+    params: dict = field(default_factory=dict)  # the method's parameters
+    deltas: dict[str, int] = field(default_factory=dict)  # projection -> rank of each layer's correction
 
     @property
     def layers(self) -> list[int]:

@@ -17,8 +17,9 @@ from ..progress import track
 from . import calibration as calibrate
 from .align import ALIGNERS, ANCHORS, Match, anchor_layer, identity, match
 from .data import Calibration
+from .lowrank import DELTA_NAMES, LowRankDelta, delta_parameters, wrap
 from .manifest import Manifest, WindowRecord, fingerprint, perm_key
-from .methods import WindowFit, combine, get_method
+from .methods import Delta, WindowFit, combine, method_params
 from .windows import Window, check_windows
 
 
@@ -48,14 +49,24 @@ class MergeResult:
                 out[id(p)] = p
         return list(out.values())
 
+    def delta_parameters(self) -> list[nn.Parameter]:
+        """Each merged layer's own low-rank corrections (method `delta`)."""
+        return delta_parameters(self.model)
+
     def merged_away_bytes(self, stacks: list[str] | None = None) -> int:
-        """Bytes of the k-1 FF copies each window no longer stores."""
+        """Bytes the merge removes: the k-1 FF copies each window no longer stores, less its layers' corrections."""
         adapter = self.adapter
         total = 0
         for w in self.manifest.windows:
             if stacks is None or w.stack in stacks:
-                params = adapter.ff_params(adapter.layers(self.model, w.stack)[w.start])
+                layers = adapter.layers(self.model, w.stack)
+                params = adapter.ff_params(layers[w.start])
                 total += (w.end - w.start) * sum(p.numel() * p.element_size() for p in params.values())
+                for i in w.layers:
+                    for m in layers[i].modules():
+                        if isinstance(m, LowRankDelta):
+                            total -= sum(getattr(m, n).numel() * getattr(m, n).element_size()
+                                         for n in DELTA_NAMES if getattr(m, n) is not None)  # fmt: skip
         return total
 
     def refresh_fingerprint(self) -> None:
@@ -82,6 +93,30 @@ def _aligned_tensors(adapter: Adapter, layer: nn.Module, perm: np.ndarray) -> di
         t = params[role.name].detach()
         out[role.name] = t.index_select(role.hidden_axis, idx) if role.hidden_axis is not None else t.clone()
     return out
+
+
+@torch.no_grad()
+def add_deltas(adapter: Adapter, layers: nn.ModuleList, deltas: dict[int, dict[str, Delta]]) -> dict[str, int]:
+    """Give each layer its own low-rank corrections beside the tied projections; returns projection -> rank."""
+    ranks: dict[str, int] = {}
+    for i, per_projection in deltas.items():
+        for projection, d in per_projection.items():
+            module = wrap(adapter, layers[i], projection, d.up.shape[1])
+            module.delta_up.copy_(d.up)
+            module.delta_down.copy_(d.down)
+            if module.delta_bias is not None and d.bias is not None:
+                module.delta_bias.copy_(d.bias)
+            ranks[projection] = d.up.shape[1]
+    return ranks
+
+
+def restore_deltas(model: nn.Module, adapter: Adapter, windows) -> None:
+    """Rebuild the correction modules a manifest records (zeros; the checkpoint fills them)."""
+    for w in windows:
+        layers = adapter.layers(model, w.stack)
+        for i in w.layers:
+            for projection, rank in w.deltas.items():
+                wrap(adapter, layers[i], projection, rank)
 
 
 def tie(adapter: Adapter, layers: list[nn.Module], shared: dict[str, nn.Parameter]) -> None:
@@ -135,13 +170,15 @@ def merge(
     progress: bool = True,
     max_stat_bytes: int = calibrate.DEFAULT_MAX_STAT_BYTES,
     method: str = "average",
+    params: dict | None = None,
 ) -> MergeResult:
-    """Align, combine (`method`, see merging/methods) and tie each window's FF sublayers, in place."""
+    """Align, combine (`method` with its `params`, see merging/methods) and tie each window's FF
+    sublayers, in place; a method's per-layer corrections go beside the shared tensors (lowrank.py)."""
     if anchor not in ANCHORS:
         raise InputError(f"--anchor must be one of {', '.join(ANCHORS)}; got {anchor!r}.")
     if align not in ALIGNERS:
         raise InputError(f"--align must be one of {', '.join(ALIGNERS)}; got {align!r}.")
-    merge_method = get_method(method)
+    params = method_params(method, params)
     adapter = adapter_for(model)
     check_windows(model, adapter, windows)
     matches = _alignments(model, adapter, windows, anchor, align, calibration, progress, max_stat_bytes)
@@ -157,12 +194,14 @@ def merge(
             perms=[torch.as_tensor(matches[w][i].perm, dtype=torch.long) for i in w.layers],
             calibration=calibration,
         )
-        values = combine(fit, method)
+        combined = combine(fit, method, params)
         first = adapter.ff_params(layers[w.start])
         shared = {
-            r.name: nn.Parameter(values[r.name], requires_grad=first[r.name].requires_grad) for r in adapter.roles()
+            r.name: nn.Parameter(combined.shared[r.name], requires_grad=first[r.name].requires_grad)
+            for r in adapter.roles()
         }
         tie(adapter, [layers[i] for i in w.layers], shared)
+        ranks = add_deltas(adapter, layers, combined.deltas)
         for i in w.layers:
             permutations[perm_key(w.stack, i)] = torch.as_tensor(matches[w][i].perm)
         records.append(
@@ -173,7 +212,8 @@ def merge(
                 anchor_layer=anchor_layer(w.layers, anchor) if align != "none" else w.start,
                 align=align,
                 method=method,
-                params=dict(merge_method.params),
+                params=params,
+                deltas=ranks,
                 scores={str(i): matches[w][i].score for i in w.layers},
                 shared={role.name: f"{w.prefix()}.{role.name}" for role in adapter.roles()},
             )

@@ -21,6 +21,7 @@ from torch import nn
 from ..errors import FFMergeError, InputError, OutputExistsError
 from ..families import task_of
 from ..merging import MergeResult
+from ..runtime import write_settings
 from .export import Part, export_part, parts_for
 from .files import load_ir
 from .passes import (
@@ -34,7 +35,6 @@ from .passes import (
     Target,
 )
 from .passes.simplify import SIMPLIFIERS
-from .runtime import write_settings
 
 EXTERNAL_DATA_THRESHOLD = 2 * 2**30
 SIMPLIFIER_CHOICES = {**SIMPLIFIERS, "none": "no simplifier"}
@@ -48,6 +48,7 @@ class BuildOptions:
     external_data: bool = False  # force external data at any size
     share: bool = True  # False: the unmerged baseline
     kv_cache: bool = False  # decoders take and return past key/values
+    prepack: bool = True  # False writes session.disable_prepacking=1 (onnxruntime < 1.23)
 
 
 @dataclass
@@ -176,6 +177,11 @@ def save(ir_model: ir.Model, path: Path, external: bool) -> list[str]:
 
 def build(result: MergeResult, folder: Path, options: BuildOptions) -> BuildResult:
     """Export every part of the model into folder, run the graph passes on each and save it."""
+    if options.mode == "gather" and any(w.deltas for w in result.manifest.windows):
+        raise InputError(
+            "Mode gather cannot carry the delta method's corrections (they are fitted in the shared neuron "
+            "order); use --permutations fold."
+        )
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     out = BuildResult(files=[])
@@ -202,12 +208,13 @@ def write_info(folder: Path, result: MergeResult, options: BuildOptions, built: 
         "mode": options.mode,
         "simplifier": options.simplifier,
         "kv_cache": options.kv_cache,
+        "prepack": options.prepack,
         "files": built.files,
         "parts": [p.filename for p in parts],
         "passes": built.passes,
     }
     (Path(folder) / INFO).write_text(json.dumps(info, indent=2))
-    write_settings(folder, options.mode)
+    write_settings(folder, options.mode, options.prepack)
 
 
 def _size(path: Path) -> int:

@@ -361,8 +361,9 @@ def dynamic_shapes(part: Part) -> tuple:
     return part.args(per_input)
 
 
-def export_part(part: Part, path: Path):
-    """Export one part; returns the onnx_ir model (not yet saved)."""
+def export_part(part: Part, path: Path, optimize: bool = False):
+    """Export one part; returns the onnx_ir model (not yet saved). `optimize`: the exporter's own
+    optimizer, off for our exports (it copies a shared weight per reader; see the module docstring)."""
     part.module.eval()
     with warnings.catch_warnings(), torch.no_grad(), _attention(part):
         warnings.simplefilter("ignore")
@@ -372,7 +373,7 @@ def export_part(part: Part, path: Path):
             part.module,
             part.args(part.example),
             dynamo=True,
-            optimize=False,
+            optimize=optimize,
             opset_version=OPSET,
             input_names=list(part.example),
             output_names=part.outputs,

@@ -180,7 +180,7 @@ def sharing(path: Path, files: list[str] | None = None) -> dict:
         d = digest(a)
         if d not in groups:
             unique += a.nbytes
-        if a.size >= DUPLICATE_MIN_ELEMENTS:
+        if a.size >= DUPLICATE_MIN_ELEMENTS and ".delta_" not in t.name:  # corrections are per layer by design
             groups.setdefault(d, []).append(t.name)
     dups = {names[0]: names[1:] for names in groups.values() if len(names) > 1}
     names = {t.name for t in model.graph.initializer}

@@ -6,7 +6,6 @@ part covers float32 re-association on large logits (e.g. vocab logits around 30)
 from __future__ import annotations
 
 import json
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -16,16 +15,15 @@ import torch
 
 from ..errors import InputError
 from ..families import adapter_for
-from ..merging import MergeResult, load_merged
-from .build import INFO, BuildOptions, build, part_stacks, untied_copy
+from ..merging import load_merged
+from ..runtime import MALLOC_RECIPE, SESSION_SETTINGS, open_session, session_entries
+from . import compare
+from .build import INFO
 from .export import Seq2SeqDecoder, parts_for
 from .files import check_onnx, sharing
-from .memprobe import measure
-from .runtime import PREPACKING_OFF, SESSION_SETTINGS, open_session, session_entries
 
 ATOL, RTOL = 1e-4, 1e-5
-MIN_MEASURABLE_BYTES = 4 * 2**20  # below this, page granularity and allocator noise swamp RSS
-CONSTANT_SLACK = 64 * 2**10  # fixed graph constants (shape vectors, gather indices) in the size gates
+CONSTANT_SLACK = compare.CONSTANT_SLACK
 REFERENCE = "reference"
 
 
@@ -177,12 +175,18 @@ def unique_param_bytes(model) -> int:
     return total
 
 
-def validate(folder, *, reference=None, providers=("cpu",), compare=True, runs: int = 20) -> dict:
-    """Run every check; `report["ok"]` is True only if none failed."""
+def validate(
+    folder, *, reference=None, providers=("cpu",), side_by_side=True, runs: int = 20, log=lambda s: None
+) -> dict:
+    """Run every check; `report["ok"]` is True only if none failed. `side_by_side`: measure file, memory
+    and latency against the original model under onnxruntime defaults and the paper's practice."""
     folder = Path(folder)
     info_path = folder / INFO
     if not info_path.exists():
-        raise InputError(f"{folder} has no {INFO}: give a folder written by `ffmerge-onnx convert`.")
+        raise InputError(
+            f"{folder} has no {INFO}: give a folder written by `ffmerge-onnx convert` "
+            "(or validate_graph() for any other ONNX model)."
+        )
     try:
         info = json.loads(info_path.read_text())
         files = [str(f) for f in info["files"]]
@@ -221,80 +225,69 @@ def validate(folder, *, reference=None, providers=("cpu",), compare=True, runs: 
         )
     ok = dups == 0 and (len(parts) > 1 or init <= 1.01 * params + CONSTANT_SLACK)
     checks.append(Check("sharing", "pass" if ok else "fail", sharing_detail))
-    if compare and result.manifest.windows:
-        checks += compare_unmerged(folder, result, info, entries, runs)
-    report = {"folder": str(folder), "mode": info.get("mode"), "checks": [asdict(c) for c in checks]}
+    table = None
+    if side_by_side and result.manifest.windows:
+        table = compare.side_by_side(compare.measure_variants(folder, result, info, entries, runs, feeds_for, log))
+        checks += [Check(name, status, detail) for name, status, detail in compare.checks(table)]
+    report = {"folder": str(folder), "mode": info.get("mode"), "onnxruntime": ort.__version__,
+              "session_config_entries": entries, "checks": [asdict(c) for c in checks]}  # fmt: skip
+    if table is not None:
+        report["side_by_side"] = table
     report["ok"] = all(c.status != "fail" for c in checks)
     return report
 
 
-def compare_unmerged(folder: Path, result: MergeResult, info: dict, entries: dict[str, str], runs: int) -> list[Check]:
-    """Export the same weights untied (k copies) and measure both side by side."""
-    model = result.model
-    with tempfile.TemporaryDirectory(prefix="ffmerge-unmerged-") as tmp:
-        tmp = Path(tmp)
-        kv_cache = bool(info.get("kv_cache", False))
-        base = build(
-            untied_copy(result),
-            tmp / "unmerged",
-            BuildOptions(simplifier=info.get("simplifier", "onnxslim"), share=False, kv_cache=kv_cache),
-        )
-        rows, mem_ok, size_ok, lat, measurable = {}, True, True, [], False
-        for part in parts_for(model, kv_cache):
-            feeds = feeds_for(model, part, 1, *_cases(model)[1][1:])
-            np.savez(tmp / "feeds.npz", **{k: v.numpy() for k, v in feeds.items()})
-            merged = measure(folder / part.filename, tmp / "feeds.npz", entries, runs)
-            # same prepacking setting as the merged model, so the comparison isolates the sharing
-            base_entries = {k: v for k, v in entries.items() if k in PREPACKING_OFF}
-            unmerged = measure(tmp / "unmerged" / part.filename, tmp / "feeds.npz", base_entries, runs)
-            default = measure(tmp / "unmerged" / part.filename, tmp / "feeds.npz", {}, runs, repeats=1)
-            away = result.merged_away_bytes(part_stacks(part.filename, result.adapter.stack_names()))
-            files_m = [f for f in info["files"] if f.startswith(part.filename)]
-            files_u = [f for f in base.files if f.startswith(part.filename)]
-            size_m = sum((folder / f).stat().st_size for f in files_m)
-            size_u = sum((tmp / "unmerged" / f).stat().st_size for f in files_u)
-            row = {
-                "merged_away_bytes": away,
-                "file_bytes": {"merged": size_m, "unmerged": size_u},
-                "file_saving_over_away": (size_u - size_m) / away if away else None,
-                "rss_session": {"merged": merged["session_bytes"], "unmerged": unmerged["session_bytes"]},
-                "rss_first_run": {"merged": merged["first_run_bytes"], "unmerged": unmerged["first_run_bytes"]},
-                "rss_saving_over_away": (unmerged["first_run_bytes"] - merged["first_run_bytes"]) / away
-                if away
-                else None,
-                "latency_ms": {"merged": merged["latency_ms"], "unmerged": unmerged["latency_ms"]},
-                "latency_ratio": merged["latency_ms"] / unmerged["latency_ms"],
-                "unmerged_default_settings": {
-                    "rss_first_run": default["first_run_bytes"],
-                    "latency_ms": default["latency_ms"],
-                },
-            }
-            if away:
-                size_ok &= size_u - size_m >= 0.99 * away - CONSTANT_SLACK
-                if away >= MIN_MEASURABLE_BYTES:
-                    mem_ok &= row["rss_saving_over_away"] >= 0.90
-            measurable = measurable or away >= MIN_MEASURABLE_BYTES
-            lat.append(row["latency_ratio"])
-            rows[part.filename] = row
-    return [
-        Check(
-            "size_vs_unmerged", "pass" if size_ok else "fail", {"target": ">= 0.99 of merged-away bytes", "parts": rows}
+VARIANT_NAMES = {
+    "merged": "merged (written settings)",
+    compare.BASELINE: "unmerged, onnxruntime defaults",
+    "paper_practice": "paper's practice, defaults",
+}
+
+
+def _mb(x: float) -> str:
+    return f"{x / 2**20:.1f}"
+
+
+def _ratio(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def side_by_side_lines(table: dict) -> list[str]:
+    """The side-by-side figures as two markdown tables (also printed by the CLI)."""
+    recipe = ", ".join(f"{k}={v}" for k, v in MALLOC_RECIPE.items())
+    lines = [
+        (
+            f"Baseline: {table['baseline']}. Each figure: fresh processes, 3 repeats, medians, 1 intra-op thread; "
+            "RSS growth over the process after its imports; trimmed = after malloc_trim(0); recipe = a process "
+            f"started with {recipe}."
         ),
-        Check(
-            "memory_vs_unmerged",
-            ("pass" if mem_ok else "fail") if measurable else "skipped",
-            {
-                "target": ">= 0.90 of merged-away bytes",
-                "saving_over_away": {p: r["rss_saving_over_away"] for p, r in rows.items()},
-                **(
-                    {}
-                    if measurable
-                    else {"reason": f"merged-away bytes under {MIN_MEASURABLE_BYTES:,}: too small for RSS"}
-                ),
-            },
-        ),
-        Check("latency_vs_unmerged", "pass", {"ratio": max(lat), "note": "reported, not gated (timing noise)"}),
+        "",
+        "| part, shape | model | file MB | peak MB | steady MB | steady, trimmed MB | steady, recipe MB | latency ms |",
+        "|---|---|---|---|---|---|---|---|",
     ]
+    for key, r in table["rows"].items():
+        for variant, label in VARIANT_NAMES.items():
+            f = r["figures"][variant]
+            lines.append(
+                f"| {key} | {label} | {_mb(f['file_bytes'])} | {_mb(f['peak'])} | {_mb(f['steady'])} | "
+                f"{_mb(f['steady_trimmed'])} | {_mb(f['steady_recipe'])} | {f['latency_ms']:.2f} |"
+            )
+    lines += [
+        "",
+        (
+            "| part, shape | merged away MB | file saving / away | steady saving / away (trimmed, recipe, as held) | "
+            "peak merged / unmerged | latency merged / unmerged | latency merged / paper's practice |"
+        ),
+        "|---|---|---|---|---|---|---|",
+    ]
+    for key, r in table["rows"].items():
+        lines.append(
+            f"| {key} | {_mb(r['merged_away_bytes'])} | {_ratio(r['file_saving_over_away'])} | "
+            f"{_ratio(r['trimmed_saving_over_away'])}, {_ratio(r['recipe_saving_over_away'])}, "
+            f"{_ratio(r['steady_saving_over_away'])} | {_ratio(r['peak_ratio'])} | {_ratio(r['latency_ratio'])} | "
+            f"{_ratio(r['latency_ratio_vs_paper'])} |"
+        )
+    return lines
 
 
 def summary(report: dict) -> str:
@@ -302,7 +295,10 @@ def summary(report: dict) -> str:
     lines = [
         f"# ffmerge-onnx validation: {'PASS' if report['ok'] else 'FAIL'}",
         "",
-        f"folder `{report['folder']}`, mode `{report['mode']}`",
+        (
+            f"folder `{report['folder']}`, mode `{report['mode']}`, onnxruntime {report.get('onnxruntime', '?')}, "
+            f"session config entries {report.get('session_config_entries', {})}"
+        ),
         "",
     ]
     for c in report["checks"]:
@@ -325,18 +321,9 @@ def summary(report: dict) -> str:
                     else ""
                 )
             )
-        elif c["name"] == "size_vs_unmerged":
-            for part, r in d["parts"].items():
-                lines.append(
-                    f"- {part}: merged-away {r['merged_away_bytes']:,} B; file saving / merged-away "
-                    f"{r['file_saving_over_away']:.4f}; RSS saving / merged-away {r['rss_saving_over_away']:.3f} "
-                    f"(RSS after first run {r['rss_first_run']['merged']:,} vs {r['rss_first_run']['unmerged']:,}); "
-                    f"latency {r['latency_ms']['merged']:.2f} ms vs {r['latency_ms']['unmerged']:.2f} ms "
-                    f"(ratio {r['latency_ratio']:.3f}); unmerged with onnxruntime defaults: "
-                    f"RSS {r['unmerged_default_settings']['rss_first_run']:,}, "
-                    f"latency {r['unmerged_default_settings']['latency_ms']:.2f} ms"
-                )
         elif d:
-            lines.append("```\n" + json.dumps(d, indent=1)[:1500] + "\n```")
+            lines.append(f"{d.get('target') or d.get('note') or ''} {d.get('reason', '')}".strip())
         lines.append("")
+    if "side_by_side" in report:
+        lines += ["## side by side", "", *side_by_side_lines(report["side_by_side"]), ""]
     return "\n".join(lines)

@@ -41,8 +41,9 @@ class FinetuneResult:
 
 TRAINABLE = {
     "all": "every parameter",
-    "merged": "only the merged (shared) FF tensors",
-    "merged+norms": "the merged FF tensors and the norms",
+    "merged": "only what the merge made: the shared FF tensors (and the delta method's corrections)",
+    "merged+norms": "the merged FF tensors, their corrections and the norms",
+    "deltas": "only the delta method's per-layer corrections",
 }
 SCHEDULES = {
     "constant": "warm up, then constant",
@@ -51,17 +52,26 @@ SCHEDULES = {
 
 
 def trainable_params(
-    model: nn.Module, train: str = "all", shared: list[nn.Parameter] | None = None
+    model: nn.Module,
+    train: str = "all",
+    shared: list[nn.Parameter] | None = None,
+    deltas: list[nn.Parameter] | None = None,
 ) -> list[nn.Parameter]:
-    """Unique parameters to train: all, only the `shared` (merged) FF tensors, or those plus norms."""
+    """Unique parameters to train: all; only what the merge made (the `shared` FF tensors and the
+    `deltas`), or that plus norms; or only the deltas."""
     if train not in TRAINABLE:
         raise InputError(f"train must be one of {', '.join(TRAINABLE)}; got {train!r}.")
     unique = {id(p): (n, p) for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
     if train == "all":
         return [p for _, p in unique.values()]
+    if train == "deltas":
+        if not deltas:
+            raise InputError("train=deltas needs a model merged with --method delta (at a rank above 0).")
+        ids = {id(p) for p in deltas}
+        return [p for i, (_, p) in unique.items() if i in ids]
     if not shared:
         raise InputError("train=merged needs a merged model (it trains only the shared FF tensors).")
-    ids = {id(p) for p in shared}
+    ids = {id(p) for p in [*shared, *(deltas or [])]}
     return [p for i, (n, p) in unique.items() if i in ids or (train == "merged+norms" and "norm" in n.lower())]
 
 
@@ -244,6 +254,7 @@ def finetune(
     seed: int = 0,
     train: str = "all",
     shared: list[nn.Parameter] | None = None,
+    deltas: list[nn.Parameter] | None = None,
     dropped: set[int] = frozenset(),
     budget_s: float | None = None,
     schedule: str = "constant",
@@ -258,7 +269,7 @@ def finetune(
     if schedule not in SCHEDULES:
         raise InputError(f"schedule must be one of {', '.join(SCHEDULES)}; got {schedule!r}.")
     loss_fn = loss_for(objective, model, original, dropped)
-    params = trainable_params(model, train, shared)
+    params = trainable_params(model, train, shared, deltas)
     device = params[0].device  # the model's device: CPU, or a GPU when the caller moved it there
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     warmup = max(1, min(steps // 10, 50))
@@ -379,6 +390,7 @@ def recover(
         progress=progress,
         train=train,
         shared=result.shared_parameters(),
+        deltas=result.delta_parameters(),
         dropped=dropped,
         budget_s=budget_s,
         schedule=schedule,

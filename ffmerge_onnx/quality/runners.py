@@ -15,7 +15,7 @@ from torch import nn
 from ..errors import InputError
 from ..families import task_of
 from ..onnx.files import check_onnx
-from ..onnx.runtime import SESSION_SETTINGS, open_session, session_entries
+from ..runtime import SESSION_SETTINGS, open_session, session_entries
 
 
 class Runner:

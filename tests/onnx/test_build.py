@@ -13,7 +13,7 @@ from ffmerge_onnx.cli import main
 from ffmerge_onnx.errors import EXIT_VALIDATION, OutputExistsError
 from ffmerge_onnx.onnx.build import BuildOptions, build, untied_copy
 from ffmerge_onnx.onnx.files import sharing
-from ffmerge_onnx.onnx.runtime import session_settings
+from ffmerge_onnx.runtime import session_settings
 from ffmerge_onnx.onnx.validate import check_outputs
 from ffmerge_onnx.pipeline import ExportOptions, export
 
@@ -101,11 +101,24 @@ def test_convert_writes_folder_and_validate_passes_then_fails_on_broken_graph(tm
     for name in ("model.onnx", "report.json", "report.md", "ffmerge.json", "ort_session_settings.json", "reference"):
         assert (out / name).exists(), name
     settings = json.loads((out / "ort_session_settings.json").read_text())
-    assert settings["session_config_entries"] == {
-        "optimization.disable_specified_optimizers": "ConstantFolding",
-        "session.disable_prepacking": "1",
-    }
-    assert main(["validate", str(out), "--json", str(tmp_path / "v.json"), "--providers", "cpu,cuda"]) == 0
+    # prepacking stays on (onnxruntime >= 1.23 packs a shared weight once); gather needs folding off
+    assert settings["session_config_entries"] == {"optimization.disable_specified_optimizers": "ConstantFolding"}
+    assert settings["environment"] == {"MALLOC_TRIM_THRESHOLD_": "131072"}
+    # side by side: this tiny model was never saved, so untied copies stand in for the original
+    table = report["side_by_side"]
+    assert not table["original"] and table["baseline"].startswith("untied copies")
+    (row,) = table["rows"].values()
+    assert set(row["figures"]) == {"merged", "unmerged_defaults", "paper_practice"}
+    assert row["file_saving_over_away"] > 0.85  # gather adds each permuted layer's order (int64) to the file
+    checks = {c["name"]: c for c in report["checks"]}
+    assert (
+        checks["memory_vs_unmerged"]["status"] == "skipped"
+        and "too small" in checks["memory_vs_unmerged"]["detail"]["reason"]
+    )
+    assert "| model.onnx prefill | unmerged, onnxruntime defaults |" in (out / "report.md").read_text()
+    assert (
+        main(["validate", str(out), "--no-compare", "--json", str(tmp_path / "v.json"), "--providers", "cpu,cuda"]) == 0
+    )
     checks = {c["name"]: c["status"] for c in json.loads((tmp_path / "v.json").read_text())["checks"]}
     assert checks["outputs[cpu]"] == "pass" and checks["sharing"] == "pass"
     assert checks.get("outputs[cuda]") in ("skipped", "pass")
@@ -231,3 +244,48 @@ def test_kv_cache_export_matches_and_greedy_decoding_agrees(model_type, tmp_path
     got = _greedy_onnx(tmp_path, model, prompt, 8)
     assert [int(a.argmax()) for a in got] == [int(a.argmax()) for a in expected]
     np.testing.assert_allclose(np.stack(got), np.stack(expected), atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+def test_convert_measures_against_the_original_model(tmp_path):
+    """Through the CLI from a saved model: the manifest's source loads, so the baseline is the original
+    (distinct weights), exported by the same pipeline and run with onnxruntime's defaults; --no-prepack
+    writes the old setting."""
+    model = tm.build("gpt2")
+    model.save_pretrained(tmp_path / "gpt2")
+    torch.save(torch.randint(3, tm.VOCAB, (16, 16), generator=torch.Generator().manual_seed(0)), tmp_path / "cal.pt")
+    out = tmp_path / "out"
+    assert main(["convert", str(tmp_path / "gpt2"), "-o", str(out), "--layers", "1-2", "--calibration",
+                 str(tmp_path / "cal.pt"), "--calibration-tokens", "200", "--no-prepack", "--kv-cache"]) == 0  # fmt: skip
+    report = json.loads((out / "report.json").read_text())
+    assert report["side_by_side"]["original"] and str(tmp_path / "gpt2") in report["side_by_side"]["baseline"]
+    assert set(report["side_by_side"]["rows"]) == {"model.onnx prefill", "model.onnx decode"}
+    assert {c["name"]: c["status"] for c in report["checks"]}["size_vs_unmerged"] == "pass"
+    settings = json.loads((out / "ort_session_settings.json").read_text())
+    assert settings["session_config_entries"] == {"session.disable_prepacking": "1"}
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+def test_delta_export_stores_the_shared_ff_once_beside_each_layers_corrections(model_type, tmp_path):
+    """The sharing postcondition holds with the corrections beside the shared tensors; the file holds the
+    unique parameters (shared FF + corrections) within 1 %; outputs match PyTorch; gather is refused."""
+    from ffmerge_onnx.errors import InputError
+    from ffmerge_onnx.onnx.validate import unique_param_bytes
+
+    model = tm.build(model_type)
+    adapter = adapter_for(model)
+    result = merge(model, [Window(adapter.stack_names()[-1], 1, 3)], calibration=tm.calibration(model), method="delta",
+                   params={"rank": 4}, progress=False)  # fmt: skip
+    built = build(result, tmp_path, BuildOptions())
+    assert built.passes["model.onnx"]["ShareMerged"]  # it ran, and its ensures held
+    stats = sharing(tmp_path / "model.onnx")
+    assert stats["duplicated_tensors"] == 0
+    inits = {t.name for t in onnx.load(str(tmp_path / "model.onnx")).graph.initializer}
+    assert all(n in inits or n + ".T" in inits for n in shared_names(result))
+    projections = 3 if adapter.gated else 2
+    assert sum(".delta_down" in n for n in inits) == 3 * projections  # one per layer and projection
+    assert abs(stats["unique_bytes"] / unique_param_bytes(model) - 1) < 0.01
+    check = check_outputs(tmp_path, model, "cpu", {})
+    assert check.status == "pass", check.detail
+    with pytest.raises(InputError, match="use --permutations fold"):
+        build(result, tmp_path / "g", BuildOptions(mode="gather"))

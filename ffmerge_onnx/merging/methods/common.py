@@ -49,13 +49,14 @@ class MergeMethod:
     """A merge method: one function from a window to its shared FF tensors (role name -> tensor).
 
     `params` declares the method's parameters and their defaults; they are passed to `combine` as
-    keyword arguments and recorded in the manifest."""
+    keyword arguments and recorded in the manifest. `combine` returns the shared tensors, or a
+    `delta.Combined` with per-layer corrections too."""
 
     name: str
     help: str
-    combine: Callable[..., dict[str, torch.Tensor]]
+    combine: Callable[..., object]
     needs_calibration: bool = True
-    params: Mapping[str, float] = field(default_factory=dict)
+    params: Mapping[str, object] = field(default_factory=dict)
 
 
 def linear(t: torch.Tensor, adapter: Adapter) -> torch.Tensor:

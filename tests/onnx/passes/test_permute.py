@@ -12,7 +12,7 @@ from ffmerge_onnx.onnx.passes import (
     PostconditionError,
     PreconditionError,
 )
-from ffmerge_onnx.onnx.runtime import FOLDING_OFF
+from ffmerge_onnx.runtime import FOLDING_OFF
 
 D, D_FF = 4, 6
 

@@ -15,7 +15,7 @@ from ffmerge_onnx.onnx.passes import (
     SharingSafeSimplify,
 )
 from ffmerge_onnx.onnx.passes.base import digest_groups
-from ffmerge_onnx.onnx.runtime import FOLDING_OFF
+from ffmerge_onnx.runtime import FOLDING_OFF
 
 D, D_FF = 4, 6
 

@@ -1,0 +1,222 @@
+"""`delta`: one shared FF for the window (from a base method) plus, for each layer, a rank-r
+correction of each projection: W_l ~ W_shared + U_l D_l, and (FFs with biases) b_l ~ b_shared + c_l.
+
+Initialisation (`init`):
+- `fit` (default): reduced-rank least squares on calibration activations. An input projection's
+  correction reproduces the layer's own pre-activations on its own inputs: the rank-r D minimising
+  E|(W_l - W_shared - D)(x - mean x)|^2 is the projection of W_l - W_shared onto the top-r
+  eigenvectors of (W_l - W_shared) Cov(x) (W_l - W_shared)^T, an activation-weighted SVD. The output
+  projection's correction is then fitted to what is left of the layer's original FF output, given
+  the hidden activations the corrected input projections produce (reduced-rank regression).
+- `svd`: truncated SVD of W_l - W_shared in the aligned basis (weights only; biases exact).
+
+Rank: `rank` >= 0, or (`rank` -1) from `budget`, the fraction of the merged-away FF parameters kept
+as corrections. Rank 0 is the base method; full rank reproduces every layer (up to the ridge)."""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+
+import torch
+
+from ...errors import InputError
+from ..calibration import run_batch
+from .average import average
+from .common import RIDGE, Capture, MergeMethod, WindowFit, linear, rows, swapped
+from .refit import refit, sequential
+from .regmean import regmean
+
+BASES = {"average": average, "regmean": regmean, "refit": refit, "sequential": sequential}
+INITS = ("fit", "svd")
+PROJECTION_SETS = {"all": ("in", "gate", "out"), "out": ("out",), "in": ("in", "gate")}
+
+
+@dataclass
+class Delta:
+    """One layer's correction of one projection, as a linear map: y += (x down^T) up^T + bias."""
+
+    up: torch.Tensor  # [d_out, r]
+    down: torch.Tensor  # [r, d_in]
+    bias: torch.Tensor | None = None  # [d_out]
+
+
+@dataclass
+class Combined:
+    """What a method gives a window: the shared tensors and, for `delta`, each layer's corrections."""
+
+    shared: dict[str, torch.Tensor]
+    deltas: dict[int, dict[str, Delta]] = field(default_factory=dict)  # layer -> projection -> Delta
+
+
+def rank_for_budget(fit: WindowFit, projections: tuple[str, ...], budget: float) -> int:
+    """The largest rank whose corrections, over every layer of the window, stay within `budget` of the
+    merged-away FF parameters."""
+    if not 0 <= budget < 1:
+        raise InputError(f"--delta-budget must be in [0, 1); got {budget}.")
+    k = len(fit.layers)
+    ff = sum(t.numel() for t in fit.aligned[0].values())
+    per_rank = bias_cost = 0
+    for p in projections:
+        w = linear(fit.aligned[0][_role(p) + ".weight"], fit.adapter)
+        per_rank += w.shape[0] + w.shape[1]
+        bias_cost += w.shape[0] if fit.adapter.bias else 0
+    return max(0, int((budget * (k - 1) * ff / k - bias_cost) // per_rank))
+
+
+def _role(projection: str) -> str:
+    return {"in": "fc_in", "gate": "gate", "out": "fc_out"}[projection]
+
+
+def _top(b: torch.Tensor, cov: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(up, down) of the best rank-r approximation of b [d_out, d_in] in the metric of cov [d_in, d_in]."""
+    fitted = b @ cov @ b.T
+    _, vecs = torch.linalg.eigh((fitted + fitted.T) / 2)
+    q = vecs[:, -rank:]
+    return q, q.T @ b
+
+
+class _Stats:
+    """Streaming sums for a regression of r on x, centered when the FF has biases."""
+
+    def __init__(self, intercept: bool):
+        self.intercept = intercept
+        self.n, self.sx, self.sr, self.xx, self.xr = 0, 0, 0, 0, 0
+
+    def add(self, x: torch.Tensor, r: torch.Tensor) -> None:
+        x, r = x.double(), r.double()
+        self.n += len(x)
+        self.sx, self.sr = self.sx + x.sum(0), self.sr + r.sum(0)
+        self.xx, self.xr = self.xx + x.T @ x, self.xr + x.T @ r
+
+    def moments(self):
+        """(cov_xx, cov_xr, mean_x, mean_r); uncentered second moments without an intercept."""
+        mx, mr = self.sx / self.n, self.sr / self.n
+        xx, xr = self.xx / self.n, self.xr / self.n
+        if self.intercept:
+            xx, xr = xx - torch.outer(mx, mx), xr - torch.outer(mx, mr)
+        return xx, xr, mx, mr
+
+
+def _solve(cov: torch.Tensor, rhs: torch.Tensor, ridge: float) -> torch.Tensor:
+    lam = ridge * float(cov.diagonal().mean().clamp_min(1e-12))
+    return torch.linalg.solve(cov + lam * torch.eye(len(cov), dtype=cov.dtype), rhs)
+
+
+def _weights(fit: WindowFit, layer_pos: int, shared: dict, projection: str):
+    role = _role(projection)
+    w_l = linear(fit.aligned[layer_pos][role + ".weight"], fit.adapter).double()
+    w_s = linear(shared[role + ".weight"], fit.adapter).double()
+    b_l = fit.aligned[layer_pos].get(role + ".bias")
+    b_s = shared.get(role + ".bias")
+    db = (b_l.double() - b_s.double()) if b_l is not None else None
+    return w_l - w_s, db
+
+
+def _svd(fit: WindowFit, shared: dict, projections, rank: int) -> dict[int, dict[str, Delta]]:
+    out = {}
+    for pos, i in enumerate(fit.layers):
+        for p in projections:
+            dw, db = _weights(fit, pos, shared, p)
+            u, s, vh = torch.linalg.svd(dw, full_matrices=False)
+            r = min(rank, len(s))
+            out.setdefault(i, {})[p] = Delta(u[:, :r] * s[:r], vh[:r], db)
+    return out
+
+
+def _fit(fit: WindowFit, shared: dict, projections, rank: int, ridge: float) -> dict[int, dict[str, Delta]]:
+    bias = fit.adapter.bias
+    cap = fit.capture()
+    out: dict[int, dict[str, Delta]] = {}
+    for pos, i in enumerate(fit.layers):  # input projections: the layer's own pre-activations
+        x = cap.input_rows(i, bias=False)
+        mx = x.mean(0)
+        cov = (x - mx).T @ (x - mx) / len(x) if bias else x.T @ x / len(x)
+        for p in [p for p in projections if p != "out"]:
+            dw, db = _weights(fit, pos, shared, p)
+            up, down = _top(dw, cov, min(rank, *dw.shape))
+            out.setdefault(i, {})[p] = Delta(up, down, (db + (dw - up @ down) @ mx) if bias else None)
+    if "out" in projections:
+        for i, stats in _hidden_stats(fit, cap, shared, out).items():
+            cov, cross, mx, mr = stats.moments()
+            b = _solve(cov, cross, ridge).T  # [d_out, d_ff]: least squares of the residual on the hidden units
+            up, down = _top(b, cov, min(rank, *b.shape))
+            out.setdefault(i, {})["out"] = Delta(up, down, (mr - up @ (down @ mx)) if bias else None)
+    return out
+
+
+def _hidden_stats(fit: WindowFit, cap: Capture, shared: dict, deltas: dict) -> dict[int, _Stats]:
+    """Per layer: the hidden activations its corrected input projections give on its own inputs, and what
+    the shared output projection leaves of its original FF output."""
+    model, adapter, stack, bias = fit.model, fit.adapter, fit.stack, fit.adapter.bias
+    w_out = linear(shared["fc_out.weight"], adapter).double()
+    b_out = shared.get("fc_out.bias")
+    stats = {i: _Stats(bias) for i in fit.layers}
+    state = {"batch": 0}
+    handles = []
+    with ExitStack() as stack_:
+        for i in fit.layers:
+            values = dict(shared)
+            for p, d in deltas.get(i, {}).items():  # the corrected input weights, for this pass only
+                role = _role(p)
+                w = linear(shared[role + ".weight"], adapter).double() + d.up @ d.down
+                values[role + ".weight"] = linear(w, adapter).to(shared[role + ".weight"].dtype)
+                if d.bias is not None:
+                    values[role + ".bias"] = (shared[role + ".bias"].double() + d.bias).to(shared[role + ".bias"].dtype)
+            in_projections = tuple(p for p in ("in", "gate") if adapter.projections.get(p))
+            stack_.enter_context(swapped(model, adapter, stack, [i], values, in_projections))
+            layer = adapter.layers(model, stack)[i]
+
+            def pre(_m, args, i=i):
+                return (cap.x[i][state["batch"]],) + tuple(args[1:])
+
+            def post(_m, args, _out, i=i):
+                m = cap.masks[state["batch"]]
+                h = rows(args[0].reshape(m.shape[0], -1, args[0].shape[-1])[m], False)
+                merged = h @ w_out.T + (b_out.double() if b_out is not None else 0)
+                stats[i].add(h, cap.y[i][state["batch"]].double() - merged)
+
+            for p in in_projections:
+                handles.append(adapter.projection(layer, p).register_forward_pre_hook(pre))
+            handles.append(adapter.projection(layer, "out").register_forward_hook(post))
+        try:
+            with torch.no_grad():
+                for b, batch in enumerate(cap.batches):
+                    state["batch"] = b
+                    run_batch(model, batch)
+        finally:
+            for h in handles:
+                h.remove()
+    return stats
+
+
+def delta(
+    fit: WindowFit,
+    rank: int = -1,
+    budget: float = 0.25,
+    base: str = "regmean",
+    init: str = "fit",
+    projections: str = "all",
+    ridge: float = RIDGE,
+) -> Combined:
+    if base not in BASES:
+        raise InputError(f"delta base must be one of {', '.join(BASES)}; got {base!r}.")
+    if init not in INITS:
+        raise InputError(f"delta init must be one of {', '.join(INITS)}; got {init!r}.")
+    if projections not in PROJECTION_SETS:
+        raise InputError(f"delta projections must be one of {', '.join(PROJECTION_SETS)}; got {projections!r}.")
+    shared = BASES[base](fit)
+    present = tuple(p for p in PROJECTION_SETS[projections] if fit.adapter.projections.get(p))
+    r = int(rank) if int(rank) >= 0 else rank_for_budget(fit, present, float(budget))
+    if r == 0:
+        return Combined(shared)
+    deltas = _svd(fit, shared, present, r) if init == "svd" else _fit(fit, shared, present, r, ridge)
+    return Combined(shared, deltas)
+
+
+DELTA = MergeMethod(
+    "delta",
+    "a shared FF plus a low-rank correction of each projection per layer (--delta-rank / --delta-budget)",
+    delta,
+    params={"rank": -1, "budget": 0.25, "base": "regmean", "init": "fit", "projections": "all", "ridge": RIDGE},
+)

@@ -1,0 +1,217 @@
+"""What users feel, side by side: the merged export against what they run today.
+
+Variants, each exported here and measured the same way:
+- `merged`: the folder being validated, with its written session settings;
+- `unmerged_defaults`: the original model (loaded from the manifest's source), exported by the same
+  pipeline without sharing, run with onnxruntime's defaults: the baseline every saving is against;
+- `paper_practice`: the merged weights untied into k equal copies (what the paper's code saves),
+  exported with the exporter's own optimizer and simplified with onnxslim's defaults, run with
+  onnxruntime's defaults.
+
+Per part and shape (prefill: batch 4 x 128 tokens; decode: 1 new token after a past of 128, for
+parts that take a KV cache): file bytes, peak RSS over session creation and the first run, steady
+RSS after the first run as held, after malloc_trim (live memory), and in a process started with the
+glibc recipe (MALLOC_TRIM_THRESHOLD_), and the median latency; each in fresh processes, 3 repeats,
+medians (memprobe.py). onnxruntime >= 1.23 keys its prepacked weights by content, so k *equal*
+copies share one packed buffer at run time: only the original's distinct weights are a fair memory
+baseline. When the original cannot be loaded, the untied copies stand in for file sizes and the
+memory gate is skipped, saying why."""
+
+from __future__ import annotations
+
+import tempfile
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import FFMergeError
+from ..families import adapter_for
+from ..families.loading import load_model
+from ..merging import MergeResult
+from ..runtime import MALLOC_RECIPE
+from .build import BuildOptions, build, part_stacks, save, untied_copy
+from .export import Part, export_part, parts_for
+from .memprobe import measure
+
+MIN_MEASURABLE_BYTES = 4 * 2**20  # below this, page granularity and allocator noise swamp RSS
+CONSTANT_SLACK = 64 * 2**10  # fixed graph constants (shape vectors, gather indices) in the size gate
+BASELINE = "unmerged_defaults"
+
+
+def original(result: MergeResult) -> tuple[MergeResult | None, str]:
+    """The model before merging, from the manifest's source, if it loads and has the merged model's layout."""
+    source = result.manifest.source
+    try:
+        model = load_model(source)
+    except (FFMergeError, OSError, ValueError) as e:
+        return None, f"the original model ({source}) could not be loaded: {str(e)[:150]}"
+    want = {k: tuple(v.shape) for k, v in result.model.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if want != have:
+        return None, f"the model at {source} does not have the merged model's layout (was it changed?)"
+    return MergeResult.unchanged(model, source), f"original model from {source}"
+
+
+def paper_practice(result: MergeResult, folder: Path, kv_cache: bool) -> list[str]:
+    """k equal copies, exported with torch.onnx's default optimizer and simplified with onnxslim's defaults."""
+    import onnx_ir as ir
+    import onnxslim
+
+    untied = untied_copy(result)
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    with torch.no_grad():
+        for part in parts_for(untied.model, kv_cache):
+            model = export_part(part, folder / part.filename, optimize=True)
+            slim = ir.from_proto(onnxslim.slim(ir.serde.serialize_model(model)))
+            files += save(slim, folder / part.filename, external=False)
+    return files
+
+
+def shapes(model, part: Part) -> dict[str, tuple[int, int, int]]:
+    """(batch, new tokens, past tokens) per shape the part serves."""
+    seq = min(128, adapter_for(model).max_positions(model.config) or 128)
+    decode = (1, 1, min(128, seq - 1))
+    if not part.past:
+        return {"prefill": (4, seq, 0)}
+    if "position_ids" in part.example:  # a causal LM's one file serves both
+        return {"prefill": (4, seq, 0), "decode": decode}
+    return {"decode": decode}  # seq2seq decoder_with_past
+
+
+def _figures(path: Path, feeds: Path, entries: dict[str, str], runs: int) -> dict:
+    plain = measure(path, feeds, entries, runs)
+    recipe = measure(path, feeds, entries, runs, env=MALLOC_RECIPE)
+    return {
+        "peak": plain["peak"],
+        "steady": plain["steady"],
+        "steady_trimmed": plain["steady_trimmed"],
+        "steady_recipe": recipe["steady"],
+        "latency_ms": plain["latency_ms"],
+    }
+
+
+def _size(folder: Path, files: list[str], part: str) -> int:
+    return sum((folder / f).stat().st_size for f in files if f.startswith(part))
+
+
+def measure_variants(
+    folder: Path,
+    result: MergeResult,
+    info: dict,
+    entries: dict[str, str],
+    runs: int,
+    feeds_for: Callable,
+    log: Callable[[str], None] = lambda s: None,
+) -> dict:
+    """{"baseline": what unmerged_defaults is, "parts": {part: {shape: {variant: figures}}}, "away": {...}}."""
+    model, kv_cache = result.model, bool(info.get("kv_cache", False))
+    with tempfile.TemporaryDirectory(prefix="ffmerge-unmerged-") as tmp:
+        tmp = Path(tmp)
+        base, note = original(result)
+        options = BuildOptions(simplifier=info.get("simplifier", "onnxslim"), share=False, kv_cache=kv_cache)
+        log(f"exporting the baselines ({note}; the paper's practice)")
+        base_files = build(base or untied_copy(result), tmp / "unmerged", options).files
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            paper_files = paper_practice(result, tmp / "paper", kv_cache)
+        variants = {
+            "merged": (folder, info["files"], entries),
+            BASELINE: (tmp / "unmerged", base_files, {}),
+            "paper_practice": (tmp / "paper", paper_files, {}),
+        }
+        parts: dict[str, dict] = {}
+        for part in parts_for(model, kv_cache):
+            for shape, (batch, seq, past) in shapes(model, part).items():
+                feeds = feeds_for(model, part, batch, seq, past)
+                np.savez(tmp / "feeds.npz", **{k: v.numpy() for k, v in feeds.items()})
+                row = {}
+                for name, (where, files, variant_entries) in variants.items():
+                    log(f"measuring {part.filename} {shape}: {name}")
+                    n = runs if shape == "prefill" else max(runs, 50)
+                    row[name] = _figures(where / part.filename, tmp / "feeds.npz", variant_entries, n)
+                    row[name]["file_bytes"] = _size(where, files, part.filename)
+                parts.setdefault(part.filename, {})[shape] = row
+    stacks = result.adapter.stack_names()
+    away = {p: result.merged_away_bytes(part_stacks(p, stacks)) for p in parts}
+    return {"baseline": note if base is not None else f"untied copies ({note})", "original": base is not None,
+            "parts": parts, "away": away}  # fmt: skip
+
+
+def savings(figures: dict, away: int) -> dict:
+    """Ratios of one shape's figures against the baseline (and the paper's practice)."""
+    m, u, p = figures["merged"], figures[BASELINE], figures["paper_practice"]
+
+    def over_away(key):
+        return (u[key] - m[key]) / away if away else None
+
+    return {
+        "file_saving_over_away": over_away("file_bytes"),
+        "steady_saving_over_away": over_away("steady"),
+        "trimmed_saving_over_away": over_away("steady_trimmed"),
+        "recipe_saving_over_away": over_away("steady_recipe"),
+        "peak_ratio": m["peak"] / u["peak"] if u["peak"] > 0 else None,
+        "latency_ratio": m["latency_ms"] / u["latency_ms"],
+        "latency_ratio_vs_paper": m["latency_ms"] / p["latency_ms"],
+    }
+
+
+def side_by_side(measured: dict) -> dict:
+    """The report's table: per part and shape, every variant's figures and the ratios against the baseline."""
+    rows = {}
+    for part, by_shape in measured["parts"].items():
+        away = measured["away"][part]
+        for shape, figures in by_shape.items():
+            rows[f"{part} {shape}"] = {"merged_away_bytes": away, "figures": figures, **savings(figures, away)}
+    return {"baseline": measured["baseline"], "original": measured["original"], "rows": rows}
+
+
+def checks(table: dict) -> list[tuple[str, str, dict]]:
+    """(name, status, detail) of the size, memory and latency checks against the baseline."""
+    rows = table["rows"]
+    size_ok, mem_ok, measurable = True, True, False
+    for r in rows.values():
+        away, f = r["merged_away_bytes"], r["figures"]
+        if away:
+            size_ok &= f[BASELINE]["file_bytes"] - f["merged"]["file_bytes"] >= 0.99 * away - CONSTANT_SLACK
+            if away >= MIN_MEASURABLE_BYTES and table["original"]:
+                mem_ok &= r["trimmed_saving_over_away"] >= 0.90
+        measurable |= away >= MIN_MEASURABLE_BYTES
+    if not measurable:
+        mem_reason = f"merged-away bytes under {MIN_MEASURABLE_BYTES:,}: too small for RSS"
+    elif not table["original"]:
+        mem_reason = (
+            "the original model is not available (equal copies are deduplicated by onnxruntime's prepack "
+            "cache, so they are no memory baseline)"
+        )
+    else:
+        mem_reason = None
+
+    def pick(*keys):
+        return {k: {key: r[key] for key in keys} for k, r in rows.items()}
+
+    return [
+        (
+            "size_vs_unmerged",
+            "pass" if size_ok else "fail",
+            {"target": "file saving >= 0.99 of merged-away bytes", "baseline": table["baseline"],
+             "rows": pick("merged_away_bytes", "file_saving_over_away")},
+        ),
+        (
+            "memory_vs_unmerged",
+            "skipped" if mem_reason else "pass" if mem_ok else "fail",
+            {"target": "steady RSS after malloc_trim: saving >= 0.90 of merged-away bytes",
+             **({"reason": mem_reason} if mem_reason else {}),
+             "rows": pick("trimmed_saving_over_away", "recipe_saving_over_away", "steady_saving_over_away",
+                          "peak_ratio")},
+        ),
+        (
+            "latency_vs_unmerged",
+            "pass",
+            {"note": "reported, not gated (timing noise); tools/benchmark_sharing.py holds the targets",
+             "rows": pick("latency_ratio", "latency_ratio_vs_paper")},
+        ),
+    ]  # fmt: skip

@@ -1,0 +1,112 @@
+"""The `delta` merge method: a shared FF plus each layer's low-rank corrections."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import tiny_models as tm
+import torch
+
+from ffmerge_onnx import Window, adapter_for, load_merged, merge, save_merged
+from ffmerge_onnx.errors import InputError
+from ffmerge_onnx.merging import ff_param_count
+from ffmerge_onnx.merging.lowrank import LowRankDelta
+
+FAMILIES = ["gpt2", "llama", "bert"]  # Conv1D with biases, gated without biases, Linear with biases
+
+
+def rel_err(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def window(model):
+    return [Window(adapter_for(model).stack_names()[-1], 1, 3)]
+
+
+@pytest.mark.parametrize("init", ["fit", "svd"])
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_a_full_rank_delta_reproduces_every_original_layer(model_type, init):
+    original = tm.build(model_type, gentle=True)
+    x = tm.inputs(original)
+    want = tm.output(original, x)
+    model = copy.deepcopy(original)
+    result = merge(model, window(model), calibration=tm.calibration(model, n=64), method="delta",
+                   params={"rank": 48, "init": init}, progress=False)  # fmt: skip
+    adapter = adapter_for(model)
+    plain = tm.output(merge(copy.deepcopy(original), window(model), calibration=tm.calibration(model, n=64),
+                            method="regmean", progress=False).model, x)  # fmt: skip
+    assert rel_err(plain, want) > 1e-2  # merging three random FFs changes the output
+    assert rel_err(tm.output(model, x), want) < 1e-4  # the corrections undo it
+    layers = adapter.layers(model, window(model)[0].stack)
+    assert isinstance(adapter.projection(layers[2], "out"), LowRankDelta)
+    assert adapter.ff_params(layers[1])["fc_out.weight"] is adapter.ff_params(layers[3])["fc_out.weight"]
+    assert result.manifest.windows[0].deltas == (
+        {"in": 32, "gate": 32, "out": 32} if adapter.gated else {"in": 32, "out": 32}
+    )
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_a_rank_zero_delta_is_the_plain_merge(model_type):
+    base = tm.build(model_type, gentle=True)
+    cal = tm.calibration(base, n=64)
+    a = merge(copy.deepcopy(base), window(base), calibration=cal, method="delta", params={"rank": 0}, progress=False)
+    b = merge(copy.deepcopy(base), window(base), calibration=cal, method="regmean", progress=False)
+    x = tm.inputs(base)
+    assert torch.equal(tm.output(a.model, x), tm.output(b.model, x))
+    assert not a.delta_parameters() and a.manifest.windows[0].deltas == {}
+
+
+def test_parameters_removed_count_the_corrections_and_the_budget_holds():
+    model = tm.build("llama", gentle=True)
+    before = model.num_parameters()
+    ff = ff_param_count(model, "decoder")
+    result = merge(model, window(model), calibration=tm.calibration(model, n=64), method="delta",
+                   params={"budget": 0.3}, progress=False)  # fmt: skip
+    deltas = sum(p.numel() for p in result.delta_parameters())
+    assert 0 < deltas <= 0.3 * 2 * ff  # 2 FF sublayers merged away (k = 3)
+    assert before - model.num_parameters() == 2 * ff - deltas
+    assert result.merged_away_bytes() == 4 * (2 * ff - deltas)
+    rank = result.manifest.windows[0].deltas["out"]  # the largest rank within the budget
+    assert 3 * (rank + 1) * 3 * (32 + 48) > 0.3 * 2 * ff
+
+
+def test_save_and_load_keep_the_corrections_and_the_ties(tmp_path):
+    model = tm.build("gpt2", gentle=True)
+    result = merge(model, window(model), calibration=tm.calibration(model, n=64), method="delta",
+                   params={"rank": 4}, progress=False)  # fmt: skip
+    save_merged(result, tmp_path / "m")
+    loaded = load_merged(tmp_path / "m")
+    x = tm.inputs(model)
+    assert torch.equal(tm.output(loaded.model, x), tm.output(model, x))
+    assert loaded.model.num_parameters() == model.num_parameters()
+    adapter = adapter_for(loaded.model)
+    layers = adapter.layers(loaded.model, "decoder")
+    assert adapter.ff_params(layers[1])["fc_in.weight"] is adapter.ff_params(layers[2])["fc_in.weight"]
+    assert layers[1].mlp.c_fc.delta_up is not layers[2].mlp.c_fc.delta_up
+
+
+def test_bad_parameters_are_refused():
+    model = tm.build("gpt2")
+    cal = tm.calibration(model)
+    for params, message in (({"budget": 1.5}, "delta-budget"), ({"base": "zip"}, "base must be one of"),
+                            ({"init": "x"}, "init must be one of"), ({"colour": 1}, "takes rank")):  # fmt: skip
+        with pytest.raises(InputError, match=message):
+            merge(copy.deepcopy(model), window(model), calibration=cal, method="delta", params=params, progress=False)
+
+
+def test_recovery_can_train_only_the_corrections():
+    from ffmerge_onnx.quality.finetune import finetune
+
+    original = tm.build("llama")
+    model = copy.deepcopy(original)
+    result = merge(model, window(model), calibration=tm.calibration(model, n=64), method="delta",
+                   params={"rank": 2}, progress=False)  # fmt: skip
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    batches = list(tm.calibration(original))
+    scores = iter([3.0, 2.0, 1.0, 0.5])  # improving, so the last state is kept
+    finetune(model, batches, lambda m: next(scores), higher_is_better=False, steps=3, lr=1e-2, eval_every=1, objective="kl",
+             original=original, train="deltas", shared=result.shared_parameters(),
+             deltas=result.delta_parameters(), progress=False)  # fmt: skip
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and all(".delta_" in n for n in moved)
