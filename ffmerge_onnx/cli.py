@@ -101,18 +101,22 @@ DeltaBudgetOpt = Annotated[
 ]
 
 
+def _method_params(method, delta_rank, delta_budget) -> dict:
+    if delta_rank is None and delta_budget is None:
+        return {}
+    if method.value != DELTA.name:
+        raise errors.InputError("--delta-rank and --delta-budget go with --method delta.")
+    if delta_rank is not None and delta_budget is not None:
+        raise errors.InputError("Give --delta-rank or --delta-budget, not both.")
+    if delta_rank is not None and delta_rank < 0:
+        raise errors.InputError(f"--delta-rank must be 0 or more; got {delta_rank}.")
+    return {"rank": delta_rank} if delta_rank is not None else {"rank": -1, "budget": delta_budget}
+
+
 def _merge_options(layers, stack, anchor, align, method, calibration, calibration_tokens, delta_rank, delta_budget):
     from .pipeline import MergeOptions
 
-    params = {}
-    if delta_rank is not None or delta_budget is not None:
-        if method.value != DELTA.name:
-            raise errors.InputError("--delta-rank and --delta-budget go with --method delta.")
-        if delta_rank is not None and delta_budget is not None:
-            raise errors.InputError("Give --delta-rank or --delta-budget, not both.")
-        if delta_rank is not None and delta_rank < 0:
-            raise errors.InputError(f"--delta-rank must be 0 or more; got {delta_rank}.")
-        params = {"rank": delta_rank} if delta_rank is not None else {"rank": -1, "budget": delta_budget}
+    params = _method_params(method, delta_rank, delta_budget)
     return MergeOptions(
         layers=layers,
         stack=stack.value if stack else None,
@@ -387,6 +391,8 @@ def search_cmd(
     stack: StackOpt = None,
     anchor: AnchorOpt = Anchor.first,
     method: MethodOpt = Method.average,
+    delta_rank: DeltaRankOpt = None,
+    delta_budget: DeltaBudgetOpt = None,
     calibration: CalOpt = None,
     validation: Annotated[
         Path | None,
@@ -411,6 +417,7 @@ def search_cmd(
         stack=stack.value if stack else None,
         anchor=anchor.value,
         method=method.value,
+        method_params=_method_params(method, delta_rank, delta_budget),
         calibration=calibration,
         validation=validation,
         calibration_tokens=calibration_tokens,

@@ -33,6 +33,7 @@ from .fsutil import atomic_dir
 from .merging import Calibration, MergeResult, load_calibration, merge, save_merged, windows_for
 from .merging.manifest import MANIFEST_NAME
 from .merging.methods import get_method
+from .merging.methods import method_params as method_params_for
 from .onnx.build import BuildOptions, build, write_info
 from .onnx.validate import REFERENCE, summary, validate
 from .quality import analyze
@@ -214,7 +215,9 @@ def export(
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
         (tmp / "report.md").write_text(summary(report))
         if not report["ok"]:
-            raise ValidationFailed(f"validation failed; nothing was written to {output}.\n" + summary(report))
+            error = ValidationFailed(f"validation failed; nothing was written to {output}.\n" + summary(report))
+            error.report = report  # the figures, for callers that want them anyway (benchmarks)
+            raise error
         if not options.keep_reference:
             shutil.rmtree(tmp / REFERENCE)
     return report
@@ -277,6 +280,7 @@ def run_search(
     stack: str | None = None,
     anchor: str = "first",
     method: str = "average",
+    method_params: dict | None = None,
     calibration: Path | None = None,
     validation: Path | None = None,
     calibration_tokens: int = 10_000,
@@ -292,7 +296,9 @@ def run_search(
     loaded = load(spec, trust_remote_code, log)
     model = loaded.model
     stacks = [stack] if stack else adapter_for(model).stack_names()
-    k = merge_count if merge_count is not None else merge_count_for(model, reduction, stacks)
+    params = method_params_for(method, method_params)
+    kept = float(params.get("budget", 0.0)) if params.get("rank", 0) == -1 else 0.0  # delta's corrections
+    k = merge_count if merge_count is not None else merge_count_for(model, reduction, stacks, kept)
     cal = calibration_data(loaded, calibration, calibration_tokens, log=log)
     val = calibration_data(loaded, validation, validation_tokens, split="validation", log=log)
     score, higher, name = default_score(model, val)
@@ -307,6 +313,7 @@ def run_search(
         top=top,
         anchor=anchor,
         method=method,
+        params=params,
         progress=True,
     )
     result.update(model=loaded.spec, score_name=name)

@@ -9,8 +9,8 @@ Why these settings (measured with onnxruntime 1.32, see docs/deployment.md):
 - glibc keeps the scratch freed after packing resident unless told otherwise: set
   MALLOC_TRIM_THRESHOLD_ in the server's environment, or let `session()` call malloc_trim(0) once
   the session is built;
-- mode `gather` needs ConstantFolding off, or onnxruntime folds each Gather(shared, order) into a
-  per-layer copy of the weight at load.
+- mode `gather` reorders each permuted layer's hidden activations (Gather on d_ff values per token),
+  never the weights, so it needs no graph-optimizer settings either.
 """
 
 from __future__ import annotations
@@ -23,12 +23,11 @@ from .errors import CorruptModelError, InputError
 
 SESSION_SETTINGS = "ort_session_settings.json"
 PREPACKING_OFF = {"session.disable_prepacking": "1"}
-FOLDING_OFF = {"optimization.disable_specified_optimizers": "ConstantFolding"}
 MALLOC_RECIPE = {"MALLOC_TRIM_THRESHOLD_": "131072"}  # glibc returns freed heap above 128 KiB to the OS
 MIN_ORT = (1, 23)
 MODES = {
     "fold": "permutations folded into the weights (exact; no runtime cost)",
-    "gather": "each layer keeps its own neuron order through Gather(shared, order) (needs ConstantFolding off)",
+    "gather": "each layer keeps its own neuron order: Gathers on its FF's hidden activations (cheap)",
 }
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
@@ -51,11 +50,7 @@ def session_settings(mode: str, prepack: bool = True) -> dict:
             "kernels pack a private copy of a shared weight for every node that reads it. Slower."
         )
     if mode == "gather":
-        entries.update(FOLDING_OFF)
-        why.append(
-            "ConstantFolding off: keeps Gather(shared weight, order) unfolded; otherwise onnxruntime "
-            "folds each into a per-layer copy at load."
-        )
+        why.append("Mode gather reorders hidden activations, not weights: no graph-optimizer settings are needed.")
     why.append(
         f"Server environment: {', '.join(f'{k}={v}' for k, v in MALLOC_RECIPE.items())} returns the freed "
         "packing scratch to the OS (glibc keeps it resident otherwise); ffmerge_onnx.runtime.session() "

@@ -67,7 +67,7 @@ def test_the_recipe_and_the_helper_keep_steady_rss_at_the_trimmed_figure(tmp_pat
 def test_settings_keep_prepacking_on_unless_asked():
     fold = runtime.session_settings("fold")
     assert fold["session_config_entries"] == {} and fold["environment"] == runtime.MALLOC_RECIPE
-    assert runtime.session_settings("gather")["session_config_entries"] == runtime.FOLDING_OFF
+    assert runtime.session_settings("gather")["session_config_entries"] == {}  # Gathers on activations only
     assert runtime.session_settings("fold", prepack=False)["session_config_entries"] == runtime.PREPACKING_OFF
     with pytest.raises(InputError, match="mode must be one of"):
         runtime.session_settings("zip")

@@ -152,3 +152,8 @@ def shared_weight_model(path, d: int = 1024, d_ff: int = 4096, layers: int = 6, 
         [w_in, w_out],
     )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+
+
+def session(model: ir.Model) -> ort.InferenceSession:
+    proto = ir.serde.serialize_model(model)
+    return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])

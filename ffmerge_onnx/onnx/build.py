@@ -96,7 +96,7 @@ def layer_orders(result: MergeResult, stacks: list[str]) -> list[LayerOrder]:
     """For mode gather: each permuted layer's own neuron order within the shared tensor."""
     model, adapter = result.model, result.adapter
     out = []
-    projections = [p for p in ("in", "gate", "out") if adapter.projections.get(p)]
+    inputs = [p for p in ("in", "gate") if adapter.projections.get(p)]
     for w in result.manifest.windows:
         if w.stack not in stacks:
             continue
@@ -108,7 +108,8 @@ def layer_orders(result: MergeResult, stacks: list[str]) -> list[LayerOrder]:
                 LayerOrder(
                     name=f"ffmerge.{w.stack}.w{w.start}_{w.end}.order{i}",
                     order=np.argsort(perm).astype(np.int64),
-                    module_suffixes=[_suffix(model, adapter, w.stack, i, p) for p in projections],
+                    inputs=[_suffix(model, adapter, w.stack, i, p) for p in inputs],
+                    output=_suffix(model, adapter, w.stack, i, "out"),
                 )
             )
     return out
@@ -135,7 +136,7 @@ def graph_passes(
     detect: bool = False,
 ) -> list[GraphPass]:
     """The order of the ONNX passes: fold weight transposes, share the merged tensors (or detect
-    copies without a manifest), give permuted layers their Gather, simplify without undoing it."""
+    copies without a manifest), give permuted layers their Gathers, simplify without undoing it."""
     passes: list[GraphPass] = [FoldWeightTransposes()]
     if share is not None:
         passes.append(ShareMerged(share))
@@ -193,7 +194,8 @@ def build(result: MergeResult, folder: Path, options: BuildOptions) -> BuildResu
             share = targets(result, stacks) if options.share else None
             orders = layer_orders(result, stacks) if options.share and options.mode == "gather" else None
             ir_model, counts = run_passes(
-                ir_model, graph_passes(simplifier=options.simplifier, share=share, orders=orders)
+                ir_model,
+                graph_passes(simplifier=options.simplifier, share=share, orders=orders),
             )
             out.files += save(ir_model, folder / part.filename, options.external_data)
             out.passes[part.filename] = counts

@@ -48,7 +48,7 @@ def original(result: MergeResult) -> tuple[MergeResult | None, str]:
         model = load_model(source)
     except (FFMergeError, OSError, ValueError) as e:
         return None, f"the original model ({source}) could not be loaded: {str(e)[:150]}"
-    want = {k: tuple(v.shape) for k, v in result.model.state_dict().items()}
+    want = {k: tuple(v.shape) for k, v in result.model.state_dict().items() if ".delta_" not in k}
     have = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if want != have:
         return None, f"the model at {source} does not have the merged model's layout (was it changed?)"

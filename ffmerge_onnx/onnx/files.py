@@ -183,12 +183,7 @@ def sharing(path: Path, files: list[str] | None = None) -> dict:
         if a.size >= DUPLICATE_MIN_ELEMENTS and ".delta_" not in t.name:  # corrections are per layer by design
             groups.setdefault(d, []).append(t.name)
     dups = {names[0]: names[1:] for names in groups.values() if len(names) > 1}
-    names = {t.name for t in model.graph.initializer}
-    gathers = sum(
-        1
-        for n in model.graph.node
-        if n.op_type == "Gather" and n.input[0] in names and n.input[0].startswith("ffmerge.")
-    )
+    gathers = sum(1 for n in model.graph.node if n.op_type == "Gather" and n.input[1].startswith("ffmerge."))
     on_disk = sum((path.parent / f).stat().st_size for f in (files or [path.name]))
     return {
         "initializers": len(model.graph.initializer),
@@ -197,5 +192,5 @@ def sharing(path: Path, files: list[str] | None = None) -> dict:
         "duplicated_tensors": sum(len(v) for v in dups.values()),
         "duplicates": dups,
         "file_bytes": on_disk,
-        "gathers_on_shared": gathers,
+        "order_gathers": gathers,  # mode gather: Gathers that put a layer's hidden units in its own order
     }

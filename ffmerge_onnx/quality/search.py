@@ -37,12 +37,13 @@ class Candidate:
     score: float | None = None
 
 
-def merge_count_for(model: nn.Module, reduction: float, stacks: list[str]) -> int:
-    """k such that merging k FF sublayers (per stack) removes about `reduction` of all parameters."""
+def merge_count_for(model: nn.Module, reduction: float, stacks: list[str], kept: float = 0.0) -> int:
+    """k such that merging k FF sublayers (per stack) removes about `reduction` of all parameters, when a
+    fraction `kept` of each merged-away FF stays as per-layer corrections (method delta's budget)."""
     if not 0 < reduction < 1:
         raise WindowError(f"--reduction must be between 0 and 1; got {reduction}.")
     total = model.num_parameters()  # a tied parameter counts once
-    ff = sum(ff_param_count(model, s) for s in stacks)
+    ff = sum(ff_param_count(model, s) for s in stacks) * (1 - kept)
     k = round(reduction * total / ff) + 1
     n = min(adapter_for(model).num_layers(model, s) for s in stacks)
     if k > n:
@@ -89,9 +90,11 @@ def search(
     anchor: str = "first",
     align: str = "correlation",
     method: str = "average",
+    params: dict | None = None,
     progress: bool = True,
 ) -> dict:
-    """Score candidate windows of k layers; returns the rows and the best window. `model` is not changed."""
+    """Score candidate windows of k layers (merged with `method` and its `params`); returns the rows and the
+    best window. `model` is not changed."""
     if mode not in SEARCH_MODES:
         raise InputError(f"--mode is one of {', '.join(SEARCH_MODES)}; got {mode!r}.")
     adapter = adapter_for(model)
@@ -111,6 +114,7 @@ def search(
             align=align,
             calibration=calibration,
             method=method,
+            params=params,
             progress=False,
         )
         c.score = float(score(trial))

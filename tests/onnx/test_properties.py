@@ -14,8 +14,8 @@ from onnx import TensorProto, helper, numpy_helper
 from ffmerge_onnx import Window, adapter_for, merge
 from ffmerge_onnx.onnx.build import BuildOptions, build, share_file
 from ffmerge_onnx.onnx.files import sharing
-from ffmerge_onnx.runtime import session_settings
 from ffmerge_onnx.onnx.validate import check_outputs
+from ffmerge_onnx.runtime import session_settings
 
 # exporting takes seconds: no shrinking, the failing example is printed as found
 SLOW = settings(

@@ -149,6 +149,9 @@ def test_merge_count_for_a_reduction():
     ff = sum(p.numel() for p in adapter_for(model).ff_params(adapter_for(model).layers(model, "decoder")[0]).values())
     k = merge_count_for(model, 2 * ff / total, ["decoder"])
     assert k == 3  # 2 FF sublayers removed = merging 3
+    # with half of each merged-away FF kept as delta corrections, removing one FF's worth takes merging 3
+    assert merge_count_for(model, ff / total, ["decoder"]) == 2
+    assert merge_count_for(model, ff / total, ["decoder"], kept=0.5) == 3
 
 
 def saved_with_text(tmp_path, model_type, words, seed):

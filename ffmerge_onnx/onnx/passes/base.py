@@ -75,12 +75,17 @@ def in_module(node: ir.Node, suffixes: list[str]) -> bool:
 
 
 def transposed_initializers(graph: ir.Graph) -> list[str]:
-    """Names of Transpose nodes that still read an initializer."""
-    return [
-        node.name
-        for node in graph
-        if node.op_type == "Transpose" and node.inputs[0] is not None and node.inputs[0].is_initializer()
-    ]
+    """Names of Transpose nodes that still read an initializer, not counting those of a weight that other
+    nodes also read directly (a tied embedding: its Transpose is left for the runtime to fold)."""
+    out = []
+    for node in graph:
+        if node.op_type != "Transpose" or node.inputs[0] is None or not node.inputs[0].is_initializer():
+            continue
+        value = node.inputs[0]
+        read_directly = value.is_graph_output() or any(n.op_type != "Transpose" for n, _ in value.uses())
+        if not read_directly:
+            out.append(node.name)
+    return out
 
 
 def add_initializer(graph: ir.Graph, name: str, data: np.ndarray) -> ir.Value:

@@ -1,4 +1,5 @@
-"""PermuteGather (mode gather): a layer that keeps its own neuron order reads Gather(shared, order)."""
+"""PermuteGather (mode gather): a permuted layer gets its own neuron order on its hidden activations;
+its projections read the shared tensors as they are."""
 
 import numpy as np
 import onnx_ir as ir
@@ -12,39 +13,55 @@ from ffmerge_onnx.onnx.passes import (
     PostconditionError,
     PreconditionError,
 )
-from ffmerge_onnx.runtime import FOLDING_OFF
 
 D, D_FF = 4, 6
+ORDER = np.random.default_rng(3).permutation(D_FF)  # layer 1's own neuron j sits at ORDER[j] in the shared FF
 
 
-def test_layer_reads_its_own_order_through_gather_and_computes_its_own_ff():
+def layer1_order():
+    return LayerOrder("ffmerge.decoder.w0_1.order1", ORDER, ["layers.1.mlp.fc1"], "layers.1.mlp.fc2")
+
+
+def expose(model: ir.Model, name: str) -> ir.Model:
+    """Make an intermediate value (e.g. a layer's hidden activation) a graph output too."""
+    value = next(n.outputs[0] for n in model.graph if n.outputs[0].name == name)
+    model.graph.outputs.append(value)
+    return model
+
+
+def test_the_layer_sees_its_hidden_units_in_its_own_order_and_computes_the_same_ff():
     model, ff = tg.shared_pair()
-    perm = np.random.default_rng(3).permutation(D_FF)  # layer 1's neuron j sits at perm[j]... in the shared tensor
-    order = LayerOrder("ffmerge.decoder.w0_1.order1", np.argsort(perm), ["layers.1.mlp.fc1", "layers.1.mlp.fc2"])
-    p = PermuteGather(tg.ff_targets(ff), [order])
-    result = p(model)
-    assert result.modified and p.counts == {"gathers": 3}  # w_in, b_in, w_out; b_out lives in model space
-    # the same function as a graph where layer 1 stores the shared FF in its own order
-    expected = tg.parse(tg.ff_stack([ff, tg.permuted(ff, np.argsort(perm))]))
+    p = PermuteGather(tg.ff_targets(ff), [layer1_order()])
+    result = p(expose(model, "a1"))  # a1: layer 1's hidden activation, Relu(W_in x + b_in)
+    assert result.modified and p.counts == {"gathers": 2}  # out of fc1 into its order, into fc2 back
+    gathers = [n for n in result.model.graph if n.op_type == "Gather"]
+    assert all(not n.inputs[0].is_initializer() for n in gathers)  # activations, never weights
+    # a graph where layer 1 stores the shared FF in its own order: the same hidden units, the same output
+    own = expose(tg.parse(tg.ff_stack([ff, tg.permuted(ff, ORDER)])), "a1")
     x = np.random.default_rng(1).standard_normal((5, D)).astype(np.float32)
-    np.testing.assert_allclose(tg.run(result.model, x, FOLDING_OFF), tg.run(expected, x), rtol=1e-5, atol=1e-5)
-    assert sum(op == "Gather" for op in tg.ops(result.model)) == 3
+    sess = lambda m: tg.session(m).run(None, {"x": x})
+    (y, a1), (y_own, a1_own) = sess(result.model), sess(own)
+    np.testing.assert_allclose(a1, a1_own, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(y, y_own, rtol=1e-5, atol=1e-5)
 
 
-def test_requires_the_shared_tensors_under_their_stable_names():
+def test_requires_the_shared_tensors_and_the_modules_boundaries():
     ff = tg.random_ff(D, D_FF, 0)
     model = FoldWeightTransposes()(tg.parse(tg.ff_stack([ff, ff]), tg.layer_scopes(2))).model  # no ShareMerged
-    order = LayerOrder("o1", np.arange(D_FF)[::-1].copy(), ["layers.1.mlp.fc1"])
     with pytest.raises(PreconditionError, match="ShareMerged first"):
-        PermuteGather(tg.ff_targets(ff), [order])(model)
+        PermuteGather(tg.ff_targets(ff), [layer1_order()])(model)
+    unscoped, ff = tg.shared_pair()
+    for node in unscoped.graph:
+        node.metadata_props.clear()  # an exporter that recorded no module scopes
+    with pytest.raises(PreconditionError, match="cannot tell the one output of layers.1.mlp.fc1"):
+        PermuteGather(tg.ff_targets(ff), [layer1_order()])(unscoped)
 
 
-def test_ensures_fails_when_a_permuted_layer_reads_the_shared_tensor_directly():
+def test_ensures_fails_when_a_permuted_layer_computes_in_the_shared_order():
     class Idle(PermuteGather):
         def call(self, model):
             return ir.passes.PassResult(model, modified=False)
 
     model, ff = tg.shared_pair()
-    order = LayerOrder("o1", np.arange(D_FF)[::-1].copy(), ["layers.1.mlp.fc1", "layers.1.mlp.fc2"])
-    with pytest.raises(PostconditionError, match="reads ffmerge.decoder.w0_1"):
-        Idle(tg.ff_targets(ff), [order])(model)
+    with pytest.raises(PostconditionError, match="reaches the rest of the layer in the shared order"):
+        Idle(tg.ff_targets(ff), [layer1_order()])(model)

@@ -29,8 +29,9 @@ def test_a_weight_read_by_two_layers_through_transposes_is_folded_once():
     np.testing.assert_array_equal(tg.run(result.model, x), before)
 
 
-def test_a_weight_also_read_directly_keeps_one_copy_through_gemm():
-    """A tied embedding that lm_head reads transposed: MatMul(x, W^T) becomes Gemm(transB=1), W stays once."""
+def test_a_weight_also_read_directly_keeps_one_copy_and_its_transpose():
+    """A tied embedding that lm_head reads transposed stays once in the file; its Transpose is left for
+    onnxruntime to fold at load (one transposed buffer, packed once)."""
     w = np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32)
     text = f"""<ir_version: 10, opset_import: ["" : 18]>
 tied (int64[N] ids, float[B, N, 4] x) => (float[N, 4] e, float[B, N, 5] logits)
@@ -41,20 +42,10 @@ tied (int64[N] ids, float[B, N, 4] x) => (float[N, 4] e, float[B, N, 5] logits)
   logits = MatMul(x, t)
 }}
 """
-    model = tg.parse(text)
-    proto = ir.serde.serialize_model(model)
-    import onnxruntime as ort
-
-    feeds = {"ids": np.array([0, 3]), "x": np.random.default_rng(2).standard_normal((2, 2, 4)).astype(np.float32)}
-    before = ort.InferenceSession(proto.SerializeToString()).run(None, feeds)
-    result = FoldWeightTransposes()(model)
-    weights = [n for n, v in result.model.graph.initializers.items() if v.const_value.size >= w.size]
-    assert weights == ["w"]  # (only shape constants beside it)
-    assert "Gemm" in tg.ops(result.model) and "Transpose" not in tg.ops(result.model)
-    after = ort.InferenceSession(ir.serde.serialize_model(result.model).SerializeToString()).run(None, feeds)
-    assert [o.name for o in result.model.graph.outputs] == ["e", "logits"]
-    for a, b in zip(before, after):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    p = FoldWeightTransposes()
+    result = p(tg.parse(text))
+    assert list(result.model.graph.initializers) == ["w"] and p.counts == {"tied_transposes_left": 1}
+    assert tg.ops(result.model) == ["Gather", "Transpose", "MatMul"] and not result.modified
 
 
 def test_a_graph_without_transposes_is_left_alone():
@@ -64,7 +55,7 @@ def test_a_graph_without_transposes_is_left_alone():
     assert not result.modified
 
 
-def test_ensures_fails_when_a_transpose_of_a_weight_is_left():
+def test_ensures_fails_when_a_transpose_of_a_weight_is_left():  # (one read only through the Transpose)
     class Idle(FoldWeightTransposes):
         def call(self, model):
             return ir.passes.PassResult(model, modified=False)

@@ -1,0 +1,58 @@
+"""The linear block replacement baseline of tools/alternatives.py, on known answers."""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import tiny_models as tm
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+
+from alternatives import best_replacement, fit_map, layer_inputs, replace_block
+
+from ffmerge_onnx import adapter_for
+from ffmerge_onnx.quality.search import fidelity
+
+
+def silent(model_type: str, layers=(1, 2)):
+    """A model whose layers `layers` add nothing to the residual stream (attention and FF outputs zero)."""
+    model = tm.build(model_type, gentle=True)
+    block = adapter_for(model).layers(model, "decoder")
+    with torch.no_grad():
+        for i in layers:
+            attn = block[i].attn.c_proj if model_type == "gpt2" else block[i].self_attn.o_proj
+            for module in (attn, adapter_for(model).projection(block[i], "out")):
+                for p in module.parameters():
+                    p.zero_()
+    return model
+
+
+def test_a_block_that_does_nothing_is_replaced_by_the_identity_without_loss():
+    model = silent("llama")
+    cal = tm.calibration(model, n=64)
+    inputs = layer_inputs(model, cal, "decoder")
+    linear = fit_map(inputs, 1, 2)
+    assert torch.allclose(linear.weight, torch.eye(32), atol=1e-3) and linear.bias.abs().max() < 1e-3
+    x = tm.inputs(model)
+    replaced = replace_block(copy.deepcopy(model), "decoder", 1, 2, linear)
+    assert adapter_for(replaced).num_layers(replaced, "decoder") == 2
+    assert (
+        replaced.num_parameters()
+        == model.num_parameters()
+        - 2 * sum(p.numel() for p in adapter_for(model).layers(model, "decoder")[1].parameters())
+        + 32 * 32
+        + 32
+    )
+    assert torch.allclose(tm.output(replaced, x), tm.output(model, x), atol=1e-3)
+
+
+def test_the_search_finds_the_silent_block_and_a_block_at_the_end_is_handled():
+    model = silent("gpt2", layers=(2, 3))
+    score = fidelity(model, list(tm.calibration(model, seed=11)))
+    found = best_replacement(model, "decoder", 2, tm.calibration(model, n=64), score, higher_is_better=True)
+    assert found["best"] == [2, 3] and len(found["rows"]) == 3
+    best = next(r for r in found["rows"] if r["start"] == 2)  # the stack's last two layers: a hook after layer 1
+    assert best["score"] > 0.999

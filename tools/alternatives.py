@@ -1,0 +1,125 @@
+"""Alternatives a user would compare merging with (research baselines, not shipped in the package).
+
+Linear block replacement (the ReplaceMe / LLM-Streamline family): remove layers a..b of a stack and
+put one linear map in their place, fitted by least squares on the calibration residual stream: the
+hidden state entering layer a, [h, 1], onto the hidden state leaving layer b. No training. It adds
+d^2 + d parameters; the model's code is not changed: the map runs as a forward pre-hook on the first
+layer after the gap (or as a forward hook on the last layer before it, when the gap ends the stack)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ffmerge_onnx import adapter_for, drop_layers
+from ffmerge_onnx.merging.calibration import run_batch
+from ffmerge_onnx.merging.data import Calibration, token_mask
+from ffmerge_onnx.progress import track
+
+RIDGE = 1e-6
+
+
+class LinearMap(nn.Module):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+        self.bias = nn.Parameter(bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(h, self.weight, self.bias)
+
+
+def layer_inputs(model: nn.Module, calibration: Calibration, stack: str) -> list[dict[int, torch.Tensor]]:
+    """Per batch: the hidden state (real tokens, float64) entering every layer of the stack, and leaving
+    the last one (index n)."""
+    adapter = adapter_for(model)
+    layers = adapter.layers(model, stack)
+    out, current, handles = [], {}, []
+
+    def grab(i):
+        def pre(_m, args, kwargs):
+            h = args[0] if args else kwargs["hidden_states"]
+            current[i] = h[current["mask"]].double()
+
+        return pre
+
+    def last(_m, _args, output):
+        h = output[0] if isinstance(output, tuple) else output
+        current[len(layers)] = h[current["mask"]].double()
+
+    for i, layer in enumerate(layers):
+        handles.append(layer.register_forward_pre_hook(grab(i), with_kwargs=True))
+    handles.append(layers[-1].register_forward_hook(last))
+    try:
+        with torch.no_grad():
+            for batch in track(calibration.batches, "residual stream", enabled=False):
+                current.clear()
+                first = batch.get("input_ids", batch.get("pixel_values"))
+                current["mask"] = token_mask(batch, stack, first.shape[1]) if first.dim() == 2 else None
+                run_batch(model, batch)
+                out.append({k: v for k, v in current.items() if k != "mask"})
+    finally:
+        for h in handles:
+            h.remove()
+    return out
+
+
+def fit_map(inputs: list[dict[int, torch.Tensor]], start: int, end: int) -> LinearMap:
+    """Least squares [h_start, 1] -> h_{end + 1} over every calibration token, ridge RIDGE x mean diagonal."""
+    x = torch.cat([b[start] for b in inputs])
+    y = torch.cat([b[end + 1] for b in inputs])
+    x1 = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+    gram = x1.T @ x1
+    lam = RIDGE * float(gram.diagonal().mean())
+    sol = torch.linalg.solve(gram + lam * torch.eye(len(gram), dtype=gram.dtype), x1.T @ y)  # [d + 1, d]
+    return LinearMap(sol[:-1].T.float().contiguous(), sol[-1].float().contiguous())
+
+
+def replace_block(model: nn.Module, stack: str, start: int, end: int, linear: LinearMap) -> nn.Module:
+    """Drop layers start..end and run `linear` where they were (in place); returns the model."""
+    adapter = adapter_for(model)
+    n = adapter.num_layers(model, stack)
+    drop_layers(model, stack, list(range(start, end + 1)))
+    layers = adapter.layers(model, stack)
+    model.ffmerge_linear = linear  # registered as a submodule: counted by num_parameters()
+    if end + 1 < n:
+
+        def pre(_m, args, kwargs):
+            if args:
+                return (linear(args[0]), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": linear(kwargs["hidden_states"])}
+
+        layers[start].register_forward_pre_hook(pre, with_kwargs=True)
+    else:
+
+        def post(_m, _args, output):
+            if isinstance(output, tuple):
+                return (linear(output[0]), *output[1:])
+            return linear(output)
+
+        layers[start - 1].register_forward_hook(post)
+    return model
+
+
+def best_replacement(
+    model: nn.Module,
+    stack: str,
+    count: int,
+    calibration: Calibration,
+    score: Callable[[nn.Module], float],
+    *,
+    higher_is_better: bool,
+) -> dict:
+    """Every run of `count` adjacent layers replaced in turn and scored; the best position and its rows."""
+    n = adapter_for(model).num_layers(model, stack)
+    inputs = layer_inputs(model, calibration, stack)
+    rows = []
+    for a in range(n - count + 1):
+        trial = replace_block(copy.deepcopy(model), stack, a, a + count - 1, fit_map(inputs, a, a + count - 1))
+        rows.append({"start": a, "end": a + count - 1, "score": float(score(trial))})
+        del trial
+    best = (max if higher_is_better else min)(rows, key=lambda r: r["score"])
+    return {"rows": rows, "best": [best["start"], best["end"]], "inputs": inputs}

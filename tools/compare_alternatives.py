@@ -1,0 +1,124 @@
+"""Merging against the alternatives a user would pick instead, at comparable parameters removed, before
+recovery: linear replacement of the best block of n layers (least squares on the calibration residual
+stream, tools/alternatives.py), dropping the best n layers, plain merges, and the `delta` merge (shared FF
+plus per-layer low-rank corrections) at several budgets and both initialisations. Same benchmarks as
+tools/compare_quality.py (test data only for scoring; positions chosen on the validation split).
+Writes alternatives.md / .json to --out.
+
+    .venv/bin/python tools/compare_alternatives.py --model all-MiniLM-L6-v2 --blocks 1 --windows 1-3 \\
+        --methods regmean --budgets 0.1,0.2,0.3 --out models/results/alternatives-minilm
+    .venv/bin/python tools/compare_alternatives.py --model SmolLM2-135M-Instruct --blocks 2 --windows 15-18 \\
+        --budgets 0.15 --out models/results/alternatives-smollm2-5
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # compare_quality, alternatives (tools/, not shipped)
+
+from alternatives import best_replacement, fit_map, replace_block
+from compare_quality import bench_for
+
+from ffmerge_onnx import Window, adapter_for, drop_layers, merge
+from ffmerge_onnx.families.loading import load_model, load_preprocessor
+from ffmerge_onnx.merging import parse_windows
+from ffmerge_onnx.quality.runners import TorchRunner
+from ffmerge_onnx.quality.search import best_drop, default_score
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="all-MiniLM-L6-v2")
+    ap.add_argument("--blocks", default="1", help="comma-separated n: replace / drop the best n adjacent layers")
+    ap.add_argument("--windows", default="1-3", help="merge windows A-B (comma-separated)")
+    ap.add_argument("--methods", default="regmean", help="plain merge methods to include")
+    ap.add_argument("--budgets", default="0.1,0.2,0.3", help="delta budgets (fraction of the merged-away FF)")
+    ap.add_argument("--inits", default="fit,svd")
+    ap.add_argument("--delta-base", default="regmean")
+    ap.add_argument("--delta-projections", default="all")
+    ap.add_argument("--calibration-tokens", type=int, default=10_000)
+    ap.add_argument("--eval-tokens", type=int, default=4_000)
+    ap.add_argument("--shakespeare-tokens", type=int, default=0)
+    ap.add_argument("--eval-docs", type=int, default=100)
+    ap.add_argument("--probe-docs", type=int, default=400)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", type=Path, default=Path("models/results/alternatives"))
+    a = ap.parse_args()
+    # what compare_quality's benchmarks read from their arguments
+    a.finetune_tokens, a.batch_size, a.finetune_images = 4_000, 2, 1_000
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    original = load_model(a.model).eval()
+    pre = load_preprocessor(a.model)
+    adapter = adapter_for(original)
+    stack = adapter.stack_names()[-1]
+    bench = bench_for(original, pre, a, Path(tempfile.mkdtemp(prefix="ffmerge-alt-")))
+    val_score, higher, _ = default_score(original, bench.val)
+    total = original.num_parameters()
+    rows = []
+
+    def row(name: str, where: str, model, seconds: float, **extra) -> None:
+        r = {"method": name, "where": where, "removed": 1 - model.num_parameters() / total,
+             "metrics": bench.metrics(TorchRunner(model)), "seconds": seconds, **extra}  # fmt: skip
+        rows.append(r)
+        text = "  ".join(f"{k} {v:.4f}" for k, v in r["metrics"].items())
+        print(f"{name:<32} {where:>7} removed {r['removed']:6.2%}  {text}", flush=True)
+        write(a, bench, rows)
+
+    row("original", "-", original, 0.0)
+    for n in [int(x) for x in a.blocks.split(",") if x]:
+        t = time.time()
+        found = best_replacement(original, stack, n, bench.cal, val_score, higher_is_better=higher)
+        lo, hi = found["best"]
+        model = replace_block(copy.deepcopy(original), stack, lo, hi, fit_map(found["inputs"], lo, hi))
+        row(f"linear replacement of {n}", f"{lo}-{hi}", model, time.time() - t)
+        del found, model
+        t = time.time()
+        lo, hi = best_drop(original, stack, n, val_score, higher_is_better=higher, progress=False)["best"]
+        row(f"drop {n}", f"{lo}-{hi}", drop_layers(copy.deepcopy(original), stack, list(range(lo, hi + 1))).model,
+            time.time() - t)  # fmt: skip
+    for w in parse_windows(a.windows, stack) if a.windows else []:
+        windows = [Window(s, w.start, w.end) for s in adapter.stack_names()]
+        where = f"{w.start}-{w.end}"
+        for method in [m for m in a.methods.split(",") if m]:
+            t = time.time()
+            merged = merge(copy.deepcopy(original), windows, calibration=bench.cal, method=method, progress=False)
+            row(method, where, merged.model, time.time() - t)
+        for budget in [float(b) for b in a.budgets.split(",") if b]:
+            for init in a.inits.split(","):
+                t = time.time()
+                params = {"budget": budget, "init": init, "base": a.delta_base, "projections": a.delta_projections}
+                merged = merge(copy.deepcopy(original), windows, calibration=bench.cal, method="delta",
+                               params=params, progress=False)  # fmt: skip
+                rank = merged.manifest.windows[0].deltas
+                row(f"delta {init}, budget {budget:g}", where, merged.model, time.time() - t, rank=rank)
+    write(a, bench, rows)
+
+
+def write(a, bench, rows) -> None:
+    a.out.mkdir(parents=True, exist_ok=True)
+    report = {"model": a.model, "metrics": bench.metric_names, "higher": bench.higher,
+              "args": {k: str(v) for k, v in vars(a).items()}, "rows": rows}  # fmt: skip
+    (a.out / "alternatives.json").write_text(json.dumps(report, indent=2))
+    names = bench.metric_names
+    lines = [f"# {a.model}: alternatives at comparable parameters removed, before recovery", "",
+             "| method | layers | params removed | " + " | ".join(names) + " |",
+             "|---|---|---|" + "---|" * len(names)]  # fmt: skip
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['where']} | {r['removed']:.2%} | "
+                     + " | ".join(f"{r['metrics'][k]:.4f}" for k in names) + " |")  # fmt: skip
+    (a.out / "alternatives.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
