@@ -45,6 +45,7 @@ def main() -> None:
     ap.add_argument("--inits", default="fit,svd")
     ap.add_argument("--delta-base", default="regmean")
     ap.add_argument("--delta-projections", default="all")
+    ap.add_argument("--delta-rounds", type=int, default=0, help="refits on the drifted inputs (0: none)")
     ap.add_argument("--calibration-tokens", type=int, default=10_000)
     ap.add_argument("--eval-tokens", type=int, default=4_000)
     ap.add_argument("--shakespeare-tokens", type=int, default=0)
@@ -97,7 +98,8 @@ def main() -> None:
         for budget in [float(b) for b in a.budgets.split(",") if b]:
             for init in a.inits.split(","):
                 t = time.time()
-                params = {"budget": budget, "init": init, "base": a.delta_base, "projections": a.delta_projections}
+                params = {"budget": budget, "init": init, "base": a.delta_base, "projections": a.delta_projections,
+                          "rounds": a.delta_rounds}  # fmt: skip
                 merged = merge(copy.deepcopy(original), windows, calibration=bench.cal, method="delta",
                                params=params, progress=False)  # fmt: skip
                 rank = merged.manifest.windows[0].deltas

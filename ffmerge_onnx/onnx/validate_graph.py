@@ -25,6 +25,7 @@ from ..runtime import MALLOC_RECIPE, PROVIDERS, SESSION_SETTINGS, open_session, 
 from .files import load_ir, sharing
 from .memprobe import measure
 from .passes import DetectShared, FoldWeightTransposes
+from .validate import Check
 
 ATOL, RTOL = 1e-4, 1e-5
 AXES = {"batch": 2, "past": 8, "sequence": 16, "length": 16}  # symbolic dim name (substring) -> size
@@ -141,8 +142,6 @@ def validate_graph(
     runs: int = 20,
 ) -> dict:
     """Run every check on one ONNX graph; `report["ok"]` is True only if none failed."""
-    from .validate import Check
-
     path = model_file(path)
     files = sorted(p.name for p in path.parent.iterdir() if p.name == path.name or p.name.startswith(path.name + "."))
     stats = sharing(path, files)  # safety and ONNX checks first (typed errors, exit 2)

@@ -24,15 +24,15 @@ def window(model):
     return [Window(adapter_for(model).stack_names()[-1], 1, 3)]
 
 
-@pytest.mark.parametrize("init", ["fit", "svd"])
+@pytest.mark.parametrize("init,rounds", [("fit", 0), ("fit", 1), ("svd", 0)])
 @pytest.mark.parametrize("model_type", FAMILIES)
-def test_a_full_rank_delta_reproduces_every_original_layer(model_type, init):
+def test_a_full_rank_delta_reproduces_every_original_layer(model_type, init, rounds):
     original = tm.build(model_type, gentle=True)
     x = tm.inputs(original)
     want = tm.output(original, x)
     model = copy.deepcopy(original)
     result = merge(model, window(model), calibration=tm.calibration(model, n=64), method="delta",
-                   params={"rank": 48, "init": init}, progress=False)  # fmt: skip
+                   params={"rank": 48, "init": init, "rounds": rounds}, progress=False)  # fmt: skip
     adapter = adapter_for(model)
     plain = tm.output(merge(copy.deepcopy(original), window(model), calibration=tm.calibration(model, n=64),
                             method="regmean", progress=False).model, x)  # fmt: skip
