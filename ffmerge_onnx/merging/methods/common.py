@@ -9,7 +9,7 @@ Gram matrices of (d_ff + 1)^2 and (d_model + 1)^2 entries."""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -146,3 +146,27 @@ def swapped(model, adapter: Adapter, stack: str, layers: list[int], values: dict
     finally:
         for module, attr, p in saved:
             setattr(module, attr, p)
+
+
+def drifted_inputs(fit: WindowFit, batches: list[dict], values: dict[int, dict]) -> dict[int, list[torch.Tensor]]:
+    """Each window layer's FF inputs (full batches) when layer i computes its FF with values[i] (role name ->
+    tensor): the inputs a merged window really gives its layers, drift of the earlier ones included."""
+    model, adapter, stack = fit.model, fit.adapter, fit.stack
+    x: dict[int, list[torch.Tensor]] = {i: [] for i in fit.layers}
+    handles = []
+    with ExitStack() as context:
+        for i in fit.layers:
+            context.enter_context(swapped(model, adapter, stack, [i], values[i], ("in", "gate", "out")))
+
+            def pre(_m, args, i=i):
+                x[i].append(args[0].detach().clone())
+
+            handles.append(adapter.projection(adapter.layers(model, stack)[i], "in").register_forward_pre_hook(pre))
+        try:
+            with torch.no_grad():
+                for batch in batches:
+                    run_batch(model, batch)
+        finally:
+            for h in handles:
+                h.remove()
+    return x

@@ -27,7 +27,7 @@ import torch
 from ...errors import InputError
 from ..calibration import run_batch
 from .average import average
-from .common import RIDGE, Capture, MergeMethod, WindowFit, linear, rows, swapped
+from .common import RIDGE, Capture, MergeMethod, WindowFit, drifted_inputs, linear, rows, swapped
 from .refit import refit, sequential
 from .regmean import regmean
 
@@ -143,30 +143,6 @@ def _corrected(fit: WindowFit, shared: dict, deltas: dict[int, dict[str, Delta]]
     return values
 
 
-def _drifted_inputs(fit: WindowFit, cap: Capture, shared: dict, deltas: dict) -> dict[int, list[torch.Tensor]]:
-    """Each window layer's FF inputs (full batches) when the window computes with shared + corrections."""
-    model, adapter, stack = fit.model, fit.adapter, fit.stack
-    x: dict[int, list[torch.Tensor]] = {i: [] for i in fit.layers}
-    handles = []
-    with ExitStack() as stack_:
-        for i in fit.layers:
-            values = _corrected(fit, shared, deltas, i, ("in", "gate", "out"))
-            stack_.enter_context(swapped(model, adapter, stack, [i], values, ("in", "gate", "out")))
-
-            def pre(_m, args, i=i):
-                x[i].append(args[0].detach().clone())
-
-            handles.append(adapter.projection(adapter.layers(model, stack)[i], "in").register_forward_pre_hook(pre))
-        try:
-            with torch.no_grad():
-                for batch in cap.batches:
-                    run_batch(model, batch)
-        finally:
-            for h in handles:
-                h.remove()
-    return x
-
-
 def _refit_inputs(fit: WindowFit, cap: Capture, drifted: dict, shared: dict, projections, rank: int, ridge: float):
     """Input-projection corrections that give, from the drifted inputs, the original pre-activations."""
     adapter, bias = fit.adapter, fit.adapter.bias
@@ -207,7 +183,8 @@ def _fit(
     if "out" in projections:
         _fit_outputs(fit, cap, shared, out, rank, ridge)
     for _ in range(int(rounds)):  # drift: refit on the inputs the corrected window really gives each layer
-        drifted = _drifted_inputs(fit, cap, shared, out)
+        values = {i: _corrected(fit, shared, out, i, ("in", "gate", "out")) for i in fit.layers}
+        drifted = drifted_inputs(fit, cap.batches, values)
         refitted = _refit_inputs(fit, cap, drifted, shared, projections, rank, ridge)
         for i, per in refitted.items():
             out.setdefault(i, {}).update(per)

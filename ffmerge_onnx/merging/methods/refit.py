@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..calibration import run_batch
-from .common import RIDGE, Capture, MergeMethod, WindowFit, rows, solve, store, swapped
+from .common import RIDGE, Capture, MergeMethod, WindowFit, drifted_inputs, rows, solve, store, swapped
 
 
 def refit(fit: WindowFit, ridge: float = RIDGE) -> dict[str, torch.Tensor]:
@@ -29,30 +29,9 @@ def sequential(fit: WindowFit, ridge: float = RIDGE, rounds: int = 2) -> dict[st
     out = fit.average()
     store(out, "fc_out", _refit_out(fit, cap, out, ridge), fit.adapter.bias, fit.adapter)
     for _ in range(int(rounds)):
-        cap.x = _drifted_inputs(fit, cap, out)
+        cap.x = drifted_inputs(fit, cap.batches, {i: out for i in fit.layers})
         store(out, "fc_out", _refit_out(fit, cap, out, ridge), fit.adapter.bias, fit.adapter)
     return out
-
-
-def _drifted_inputs(fit: WindowFit, cap: Capture, merged: dict) -> dict[int, list[torch.Tensor]]:
-    """Each window layer's FF inputs (full batches) when the whole window uses the merged FF."""
-    model, adapter, stack, layers = fit.model, fit.adapter, fit.stack, fit.layers
-    x: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
-    handles = []
-    for i in layers:
-
-        def pre(_m, args, i=i):
-            x[i].append(args[0].detach().clone())
-
-        handles.append(adapter.projection(adapter.layers(model, stack)[i], "in").register_forward_pre_hook(pre))
-    try:
-        with swapped(model, adapter, stack, layers, merged, ("in", "gate", "out")), torch.no_grad():
-            for batch in cap.batches:
-                run_batch(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
-    return x
 
 
 def _refit_out(fit: WindowFit, cap: Capture, merged_in: dict, ridge: float) -> torch.Tensor:
