@@ -177,8 +177,8 @@ def checks(table: dict) -> list[tuple[str, str, dict]]:
         away, f = r["merged_away_bytes"], r["figures"]
         if away:
             size_ok &= f[BASELINE]["file_bytes"] - f["merged"]["file_bytes"] >= 0.99 * away - CONSTANT_SLACK
-            if away >= MIN_MEASURABLE_BYTES and table["original"]:
-                mem_ok &= r["trimmed_saving_over_away"] >= 0.90
+            if away >= MIN_MEASURABLE_BYTES and table["original"]:  # the memory a server with the recipe holds
+                mem_ok &= r["recipe_saving_over_away"] >= 0.90
         measurable |= away >= MIN_MEASURABLE_BYTES
     if not measurable:
         mem_reason = f"merged-away bytes under {MIN_MEASURABLE_BYTES:,}: too small for RSS"
@@ -203,7 +203,8 @@ def checks(table: dict) -> list[tuple[str, str, dict]]:
         (
             "memory_vs_unmerged",
             "skipped" if mem_reason else "pass" if mem_ok else "fail",
-            {"target": "steady RSS after malloc_trim: saving >= 0.90 of merged-away bytes",
+            {"target": "steady RSS in a process started with the deployment recipe (MALLOC_TRIM_THRESHOLD_): "
+             "saving >= 0.90 of merged-away bytes",
              **({"reason": mem_reason} if mem_reason else {}),
              "rows": pick("trimmed_saving_over_away", "recipe_saving_over_away", "steady_saving_over_away",
                           "peak_ratio")},
