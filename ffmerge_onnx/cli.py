@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import errno
 import json
+import signal
 import sys
+import threading
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -14,6 +16,7 @@ import typer
 from rich.console import Console
 
 from . import errors
+from .fsutil import check_report, write_text
 from .merging.align import ALIGNERS, ANCHORS
 from .merging.methods import METHODS
 from .merging.methods.delta import DELTA
@@ -371,12 +374,15 @@ def evaluate_cmd(
         raise errors.InputError(
             f"{data} does not exist. Give a text file, a folder of .txt files or of class subfolders."
         )
+    inputs = [model, data, reference]
+    if json_out:
+        check_report(json_out, inputs)  # before the work, not after it
     result = evaluate(model, data=data, reference=reference, max_tokens=max_tokens, window=window, stride=stride)
     console.print(f"{result['metric']}: [bold]{result['value']:.4f}[/bold]")
     if "chrF" in result:
         console.print(f"chrF: [bold]{result['chrF']:.4f}[/bold]")
     if json_out:
-        json_out.write_text(json.dumps(result, indent=2))
+        write_text(json_out, json.dumps(result, indent=2), inputs)
 
 
 @app.command("search")
@@ -462,6 +468,9 @@ def validate_cmd(
     if not path.exists():
         raise errors.InputError(f"{path} does not exist. Give a folder written by convert or an .onnx file.")
     names = parse_providers(providers)
+    inputs = [path, reference, feeds]
+    if json_out:
+        check_report(json_out, inputs)
     if path.is_dir() and (path / INFO).is_file():
         report = validate(path, reference=reference, providers=names, side_by_side=not no_compare, log=_log)
     else:
@@ -469,7 +478,7 @@ def validate_cmd(
                                 measure_memory=not no_compare)  # fmt: skip
     _print_report(report)
     if json_out:
-        json_out.write_text(json.dumps(report, indent=2))
+        write_text(json_out, json.dumps(report, indent=2), inputs)
     if not report["ok"]:
         raise errors.ValidationFailed("validation failed")
 
@@ -487,12 +496,52 @@ def share_cmd(
     counts = share_file(path, output, simplifier=simplifier.value, overwrite=overwrite)
     console.print(
         f"shared {counts.get('duplicates_shared', 0)} exact and {counts.get('permuted_shared', 0)} permuted copies; "
-        f"{counts['bytes_before']:,} -> {counts['bytes_after']:,} bytes; wrote {output}"
+        f"{counts['bytes_before']:,} -> {counts['bytes_after']:,} bytes; wrote {counts['output']}"
     )
+
+
+def _resources(e: BaseException) -> str | None:
+    """What ran out, for errors libraries raise without a MemoryError or ENOSPC errno."""
+    text = str(e)
+    if (
+        isinstance(e, MemoryError)
+        or type(e).__name__ == "OutOfMemoryError"
+        or (isinstance(e, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower()))
+    ):
+        return "memory"
+    if (
+        (isinstance(e, OSError) and e.errno == errno.ENOSPC)
+        or "No space left on device" in text
+        or "os error 28" in text
+    ):
+        return "disk"
+    return None
+
+
+_signals: list[int] = []  # signals received during this run (click turns our exception into Abort)
+
+
+def _on_sigterm(signum, frame):
+    _signals.append(signum)
+    raise errors.Terminated
 
 
 def run(argv: list[str] | None = None) -> tuple[int, BaseException | None]:
     """Run the CLI; returns (exit code, the error that ended it or None). See errors.py."""
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main else None
+    _signals.clear()
+    try:
+        code, err = _run(argv)
+        if _signals and code == errors.EXIT_INTERRUPTED:
+            return errors.EXIT_TERMINATED, err if isinstance(err, errors.Terminated) else errors.Terminated()
+        return code, err
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(argv: list[str] | None) -> tuple[int, BaseException | None]:
     try:
         rv = app(args=argv, standalone_mode=False)
         if rv == errors.EXIT_INTERRUPTED:  # typer turns Ctrl-C into a return value of 130
@@ -500,29 +549,38 @@ def run(argv: list[str] | None = None) -> tuple[int, BaseException | None]:
     except errors.FFMergeError as e:
         console.print(f"[red]error:[/red] {e}")
         return e.exit_code, e
+    except errors.Terminated as e:
+        console.print("[yellow]terminated[/yellow] (SIGTERM): no output was written")
+        return errors.EXIT_TERMINATED, e
     except KeyboardInterrupt as e:
-        console.print("[yellow]interrupted[/yellow]: no output was written")
+        if _signals:
+            console.print("[yellow]terminated[/yellow] (SIGTERM): no output was written")
+        else:
+            console.print("[yellow]interrupted[/yellow]: no output was written")
         return errors.EXIT_INTERRUPTED, e
-    except MemoryError as e:
-        console.print(
-            "[red]error:[/red] out of memory. Lower --calibration-tokens, merge a smaller model, "
-            "or use a machine with more memory; no output was written."
-        )
-        return errors.EXIT_RESOURCES, e
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
-            console.print(
-                f"[red]error:[/red] no space left on the device ({e.filename}); free disk space. No output was written."
-            )
-            return errors.EXIT_RESOURCES, e
-        console.print(f"[red]error:[/red] {e}")
-        return errors.EXIT_USAGE, e
     except typer.Exit as e:
         return e.exit_code, None
     except (typer.BadParameter, typer.Abort) as e:
         console.print(f"[red]error:[/red] {e}")
         return errors.EXIT_USAGE, e
     except Exception as e:  # noqa: BLE001
+        kind = _resources(e)
+        if kind == "memory":
+            console.print(
+                "[red]error:[/red] out of memory. Lower --calibration-tokens, merge a smaller model, "
+                "or use a machine with more memory; no output was written."
+            )
+            return errors.EXIT_RESOURCES, e
+        if kind == "disk":
+            where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+            console.print(
+                f"[red]error:[/red] no space left on the device{where}; free disk space. No output was written."
+            )
+            return errors.EXIT_RESOURCES, e
+        if isinstance(e, OSError):
+            where = f": {e.filename}" if e.filename else ""
+            console.print(f"[red]error:[/red] {e.strerror or e}{where}. No output was written.")
+            return errors.EXIT_USAGE, e
         # click usage errors (typer vendors click, so match by shape)
         if hasattr(e, "show") and isinstance(getattr(e, "exit_code", None), int):
             e.show()

@@ -1,7 +1,7 @@
 """Typed errors. Each one says what went wrong and what to do next.
 
 Exit codes of the CLI: 0 ok, 1 validation failed, 2 usage / bad input, 3 internal error,
-4 out of memory or disk, 130 interrupted. The graph passes' own pre- and postcondition errors
+4 out of memory or disk, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM). The graph passes' own pre- and postcondition errors
 (subclasses of onnx-ir's) live in `onnx/passes/base.py`.
 """
 
@@ -13,6 +13,7 @@ EXIT_USAGE = 2
 EXIT_INTERNAL = 3
 EXIT_RESOURCES = 4
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM
 
 
 class FFMergeError(Exception):
@@ -63,3 +64,11 @@ class ValidationFailed(FFMergeError):
     """An exported model does not pass validation."""
 
     exit_code = EXIT_VALIDATION
+
+
+class OutputBusyError(InputError):
+    """Another run holds the lock on the same output."""
+
+
+class Terminated(KeyboardInterrupt):
+    """The process got SIGTERM; unwinds like Ctrl-C so temporary files go."""

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .errors import CalibrationError, InputError, OutputExistsError, ValidationFailed
+from .errors import CalibrationError, InputError, ValidationFailed
 from .families import adapter_for, task_of
 from .families.builtin import (
     DEFAULT_LAYERS,
@@ -29,8 +29,8 @@ from .families.builtin import (
     write_calibration_text,
 )
 from .families.loading import load_model, load_preprocessor
-from .fsutil import atomic_dir
-from .merging import Calibration, MergeResult, load_calibration, merge, save_merged, windows_for
+from .fsutil import atomic_dir, guarded_output
+from .merging import Calibration, MergeResult, load_calibration, load_merged, merge, save_merged, windows_for
 from .merging.manifest import MANIFEST_NAME
 from .merging.methods import get_method
 from .merging.methods import method_params as method_params_for
@@ -103,11 +103,7 @@ class Loaded:
     spec: str
     model: nn.Module
     preprocessor: object
-
-
-def check_output(output: Path, overwrite: bool) -> None:
-    if Path(output).exists() and not overwrite:
-        raise OutputExistsError(f"{output} already exists. Choose another -o or pass --overwrite.")
+    merged: MergeResult | None = None  # a folder written by `merge`: its record, ties kept
 
 
 # -- the steps ---------------------------------------------------------------------------
@@ -115,6 +111,14 @@ def load(spec: str | None, trust_remote_code: bool = False, log: Log = print) ->
     """Step 1: the model (default: the built-in all-MiniLM-L6-v2) and its preprocessor."""
     path = spec or default_model()
     log(f"loading {spec or 'built-in all-MiniLM-L6-v2'}")
+    folder = Path(path)
+    if folder.is_dir() and (folder / MANIFEST_NAME).exists():
+        if (folder / "model.onnx").exists() or (folder / "encoder_model.onnx").exists():
+            raise InputError(
+                f"{folder} is an ONNX folder written by `convert`; give its reference/ folder, or the original model."
+            )
+        merged = load_merged(folder)
+        return Loaded(path, merged.model, load_preprocessor(path), merged)
     return Loaded(path, load_model(path, trust_remote_code=trust_remote_code), load_preprocessor(path))
 
 
@@ -145,20 +149,30 @@ def merge_and_recover(
 ) -> MergeResult:
     """Steps 2-5: windows, calibration, merge (in place) and, with recovery steps, the recovery fine-tune."""
     model = loaded.model
-    windows = windows_for(adapter_for(model), options.layers or DEFAULT_LAYERS, options.stack)
-    needed = options.align == "correlation" or get_method(options.method).needs_calibration
-    cal = calibration_data(loaded, options.calibration, options.calibration_tokens, log=log) if needed else None
-    original = copy.deepcopy(model) if recovery.steps else None
-    result = merge(
-        model,
-        windows,
-        anchor=options.anchor,
-        align=options.align,
-        calibration=cal,
-        source=loaded.spec,
-        method=options.method,
-        params=options.method_params,
-    )
+    if options.calibration_tokens < 1:
+        raise CalibrationError(f"--calibration-tokens must be 1 or more; got {options.calibration_tokens}.")
+    if recovery.steps < 0 or recovery.tokens < 1 or not recovery.lr > 0:
+        raise InputError("--finetune-steps must be 0 or more, --finetune-tokens and --finetune-lr above 0.")
+    if loaded.merged is not None and options.layers is None:
+        log(f"{loaded.spec} is merged already ({_windows_text(loaded.merged)}); no new window given")
+        result = loaded.merged
+        original = load_model(result.manifest.source) if recovery.steps else None
+    else:
+        layers = DEFAULT_LAYERS if options.layers is None else options.layers
+        windows = windows_for(adapter_for(model), layers, options.stack)
+        needed = options.align == "correlation" or get_method(options.method).needs_calibration
+        cal = calibration_data(loaded, options.calibration, options.calibration_tokens, log=log) if needed else None
+        original = copy.deepcopy(model) if recovery.steps else None
+        result = merge(
+            loaded.merged or model,
+            windows,
+            anchor=options.anchor,
+            align=options.align,
+            calibration=cal,
+            source=loaded.merged.manifest.source if loaded.merged else loaded.spec,
+            method=options.method,
+            params=options.method_params,
+        )
     if recovery.steps:
         batches = list(calibration_data(loaded, recovery.data, recovery.tokens, log=log))
         val = list(calibration_data(loaded, None, min(recovery.tokens, 8_000), split="validation", log=log))
@@ -179,6 +193,10 @@ def merge_and_recover(
             f"(best at step {out.best_step})"
         )
     return result
+
+
+def _windows_text(result: MergeResult) -> str:
+    return ", ".join(f"{w.stack} {w.start}-{w.end}" for w in result.manifest.windows) or "no windows"
 
 
 def export(
@@ -235,11 +253,11 @@ def run_merge(
     log: Log = print,
 ) -> tuple[MergeResult, int]:
     """load -> ... -> recover -> save; returns the result and the parameter count before merging."""
-    check_output(output, overwrite)
-    loaded = load(spec, trust_remote_code, log)
-    before = loaded.model.num_parameters()
-    result = merge_and_recover(loaded, options, recovery, log)
-    save_merged(result, output, preprocessor=loaded.preprocessor, overwrite=overwrite)
+    with guarded_output(output, overwrite, [spec, options.calibration, recovery.data]) as target:
+        loaded = load(spec, trust_remote_code, log)
+        before = loaded.model.num_parameters()
+        result = merge_and_recover(loaded, options, recovery, log)
+        save_merged(result, target, preprocessor=loaded.preprocessor, overwrite=overwrite)
     return result, before
 
 
@@ -255,18 +273,13 @@ def convert(
     log: Log = print,
 ) -> dict:
     """The whole pipeline into `output`; returns the validation report."""
-    check_output(output, overwrite)
-    warning = version_warning()
-    if warning:
-        log(f"warning: {warning}")
-    loaded = load(spec, trust_remote_code, log)
-    result = merge_and_recover(loaded, options, recovery, log)
-    if export_options.mode == "gather":
-        log(
-            "note: mode gather needs the session settings in ort_session_settings.json (ConstantFolding off); "
-            "mode fold needs none."
-        )
-    return export(result, output, export_options, preprocessor=loaded.preprocessor, overwrite=overwrite, log=log)
+    with guarded_output(output, overwrite, [spec, options.calibration, recovery.data]) as target:
+        warning = version_warning()
+        if warning:
+            log(f"warning: {warning}")
+        loaded = load(spec, trust_remote_code, log)
+        result = merge_and_recover(loaded, options, recovery, log)
+        return export(result, target, export_options, preprocessor=loaded.preprocessor, overwrite=overwrite, log=log)
 
 
 def run_search(
@@ -292,34 +305,38 @@ def run_search(
     """load -> calibrate -> score every candidate window on validation data -> search.json + search.png."""
     if (merge_count is None) == (reduction is None):
         raise InputError("Give exactly one of --merge-count K or --reduction FRACTION.")
-    check_output(output, overwrite)
-    loaded = load(spec, trust_remote_code, log)
-    model = loaded.model
-    stacks = [stack] if stack else adapter_for(model).stack_names()
-    params = method_params_for(method, method_params)
-    kept = float(params.get("budget", 0.0)) if params.get("rank", 0) == -1 else 0.0  # delta's corrections
-    k = merge_count if merge_count is not None else merge_count_for(model, reduction, stacks, kept)
-    cal = calibration_data(loaded, calibration, calibration_tokens, log=log)
-    val = calibration_data(loaded, validation, validation_tokens, split="validation", log=log)
-    score, higher, name = default_score(model, val)
-    result = window_search.search(
-        model,
-        k,
-        cal,
-        score,
-        higher_is_better=higher,
-        stacks=stacks,
-        mode=mode,
-        top=top,
-        anchor=anchor,
-        method=method,
-        params=params,
-        progress=True,
-    )
-    result.update(model=loaded.spec, score_name=name)
-    with atomic_dir(output, overwrite=overwrite) as tmp:
-        window_search.write(result, tmp)
-    return result
+    if top < 1:
+        raise InputError(f"--top must be 1 or more; got {top}.")
+    if min(calibration_tokens, validation_tokens) < 1:
+        raise CalibrationError("--calibration-tokens and --validation-tokens must be 1 or more.")
+    with guarded_output(output, overwrite, [spec, calibration, validation]) as target:
+        loaded = load(spec, trust_remote_code, log)
+        model = loaded.model
+        stacks = [stack] if stack else adapter_for(model).stack_names()
+        params = method_params_for(method, method_params)
+        kept = float(params.get("budget", 0.0)) if params.get("rank", 0) == -1 else 0.0  # delta's corrections
+        k = merge_count if merge_count is not None else merge_count_for(model, reduction, stacks, kept)
+        cal = calibration_data(loaded, calibration, calibration_tokens, log=log)
+        val = calibration_data(loaded, validation, validation_tokens, split="validation", log=log)
+        score, higher, name = default_score(model, val)
+        result = window_search.search(
+            model,
+            k,
+            cal,
+            score,
+            higher_is_better=higher,
+            stacks=stacks,
+            mode=mode,
+            top=top,
+            anchor=anchor,
+            method=method,
+            params=params,
+            progress=True,
+        )
+        result.update(model=loaded.spec, score_name=name)
+        with atomic_dir(target, overwrite=overwrite) as tmp:
+            window_search.write(result, tmp)
+        return result
 
 
 def run_analyze(
@@ -333,10 +350,10 @@ def run_analyze(
     log: Log = print,
 ) -> dict:
     """load -> calibrate -> layer-by-layer FF similarity -> similarity.json + heatmaps."""
-    check_output(output, overwrite)
-    loaded = load(spec, trust_remote_code, log)
-    cal = calibration_data(loaded, calibration, calibration_tokens, log=log)
-    result = analyze.similarity(loaded.model, cal)
-    with atomic_dir(output, overwrite=overwrite) as tmp:
-        analyze.write(result, tmp)
+    with guarded_output(output, overwrite, [spec, calibration]) as target:
+        loaded = load(spec, trust_remote_code, log)
+        cal = calibration_data(loaded, calibration, calibration_tokens, log=log)
+        result = analyze.similarity(loaded.model, cal)
+        with atomic_dir(target, overwrite=overwrite) as tmp:
+            analyze.write(result, tmp)
     return result

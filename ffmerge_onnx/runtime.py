@@ -114,6 +114,41 @@ def _provider_list(provider: str) -> list:
     return ["CPUExecutionProvider"]
 
 
+_PREFLIGHT = """
+import json, sys
+import onnxruntime as ort
+so = ort.SessionOptions()
+so.log_severity_level = 3
+for k, v in json.loads(sys.argv[2]).items():
+    so.add_session_config_entry(k, v)
+ort.InferenceSession(sys.argv[1], so, providers=["CPUExecutionProvider"])
+"""
+
+
+def check_loads(path: Path, entries: dict[str, str] | None = None, timeout: float = 900) -> None:
+    """Build a CPU session in a child process first: onnxruntime's optimizers can crash the whole process
+    on some malformed graphs (1.32 segfaults on a LayerNormalization without its bias), and a validator
+    must report that, not die of it. A Python-level failure is left to the in-process load to report."""
+    import signal
+    import subprocess
+    import sys
+
+    import onnxruntime as ort
+
+    cmd = [sys.executable, "-I", "-c", _PREFLIGHT, str(path), json.dumps(entries or {})]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired as e:
+        raise CorruptModelError(f"onnxruntime took over {timeout:.0f} s to load {path}; giving up.") from e
+    if out.returncode < 0:
+        name = signal.Signals(-out.returncode).name
+        raise CorruptModelError(
+            f"onnxruntime {ort.__version__} crashed ({name}) building a session for {path}: the graph is "
+            "malformed in a way its checks miss. Re-export the model; a graph a tool wrote this way is a bug "
+            "to report to that tool (or to onnxruntime)."
+        )
+
+
 def open_session(path: Path, provider: str, entries: dict[str, str], threads: int | None = None):
     """An InferenceSession with the given config entries; a graph onnxruntime refuses is a typed error."""
     import onnxruntime as ort

@@ -114,3 +114,25 @@ def test_a_failing_pass_postcondition_reaches_the_user_as_a_validation_failure(t
     assert code == errors.EXIT_VALIDATION and isinstance(err, PostconditionError), err
     assert str(err).startswith("ShareMerged: merged tensor ffmerge.decoder.w1_2.")
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp")]
+
+
+def test_a_merged_folder_converts_as_it_is_and_merges_further_only_when_asked(tiny_gpt2, tmp_path):
+    """convert MERGED_FOLDER exports the merged model with its ties (no second merge, no random weights);
+    --layers adds a window beside the recorded one."""
+    from ffmerge_onnx.merging import load_merged
+
+    model_dir, _ = tiny_gpt2
+    merged = tmp_path / "merged"
+    assert main(["merge", str(model_dir), "-o", str(merged), "--layers", "0-1", "--align", "none"]) == 0
+    out = tmp_path / "out"
+    assert main(["convert", str(merged), "-o", str(out), "--no-compare"]) == 0
+    manifest = json.loads((out / "ffmerge.json").read_text())
+    assert [(w["start"], w["end"]) for w in manifest["windows"]] == [(0, 1)]
+    assert manifest["source"] == str(model_dir)  # the original stays the baseline
+    reference = load_merged(out / "reference").model
+    expected = load_merged(merged).model
+    assert all(torch.equal(a, b) for a, b in zip(reference.state_dict().values(), expected.state_dict().values()))
+    more = tmp_path / "more"
+    assert main(["merge", str(merged), "-o", str(more), "--layers", "2-3", "--align", "none"]) == 0
+    windows = json.loads((more / "ffmerge.json").read_text())["windows"]
+    assert [(w["start"], w["end"]) for w in windows] == [(0, 1), (2, 3)]

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-import random
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
+import hostile_cases
 import numpy as np
 import onnx
 import pytest
@@ -23,6 +24,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ffmerge_onnx import Window, errors, merge
 from ffmerge_onnx.cli import run
+from ffmerge_onnx.families.loading import load_model
+from ffmerge_onnx.merging import save_merged
 from ffmerge_onnx.pipeline import ExportOptions, export
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,196 +62,91 @@ def external_model(folder: Path, location: str, length: int = 64) -> Path:
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
-    """A saved tiny GPT-2, calibration tensors, and a folder written by convert (external data)."""
+    """A saved tiny GPT-2 (with and without a tokenizer), calibration tensors and text, a folder written
+    by merge and one written by convert (external data)."""
     root = tmp_path_factory.mktemp("hard")
     model = tm.build("gpt2")
     model.save_pretrained(root / "gpt2")
+    model.save_pretrained(root / "gpt2tok")
+    tm.word_tokenizer().save_pretrained(root / "gpt2tok")
     torch.save(torch.randint(3, tm.VOCAB, (16, 16), generator=torch.Generator().manual_seed(0)), root / "cal.pt")
+    (root / "text.txt").write_text(tm.word_text(600))
+    loaded = load_model(str(root / "gpt2"))
+    save_merged(merge(loaded, [Window("decoder", 1, 2)], align="none", progress=False), root / "merged")
     bert = tm.build("bert")
     result = merge(bert, [Window("encoder", 1, 3)], calibration=tm.calibration(bert), progress=False)
     export(result, root / "converted", ExportOptions(compare=False, external_data=True), log=lambda s: None)
     return root
 
 
-def fresh_copy(src: Path, dst: Path) -> Path:
-    if dst.exists():
-        shutil.rmtree(dst)
-    shutil.copytree(src, dst)
-    return dst
-
-
-def _cases(root: Path):
-    """(description, argv builder) for each bad input; builders prepare files under root/case."""
-    gpt2, cal = root / "gpt2", root / "cal.pt"
-
-    def merge_argv(*extra, model=None, calibration=None):
-        return [
-            "merge",
-            str(model or gpt2),
-            "-o",
-            str(root / "case" / "out"),
-            "--calibration",
-            str(calibration or cal),
-            "--calibration-tokens",
-            "200",
-            *extra,
-        ]
-
-    def empty_txt(c):
-        (c / "empty.txt").write_text("")
-        return merge_argv(calibration=c / "empty.txt")
-
-    def short_pt(c):
-        torch.save(torch.randint(3, 90, (1, 8)), c / "short.pt")
-        return merge_argv(calibration=c / "short.pt")
-
-    def images_for_text(c):
-        from PIL import Image
-
-        (c / "img").mkdir()
-        Image.new("RGB", (8, 8)).save(c / "img" / "a.png")
-        return merge_argv(calibration=c / "img")
-
-    def floats_for_text(c):
-        torch.save(torch.randn(4, 3, 8, 8), c / "px.pt")
-        return merge_argv(calibration=c / "px.pt")
-
-    def pickled_code(c):
-        class Evil:
-            def __reduce__(self):
-                return (os.system, ("echo pwned > " + str(c / "pwned"),))
-
-        torch.save({"input_ids": Evil()}, c / "evil.pt", _use_new_zipfile_serialization=True)
-        return merge_argv(calibration=c / "evil.pt")
-
-    def text_without_tokenizer(c):
-        (c / "t.txt").write_text("some words " * 200)
-        return merge_argv(calibration=c / "t.txt")
-
-    def no_config(c):
-        (c / "m").mkdir()
-        return merge_argv(model=c / "m")
-
-    def t5(c):
-        import transformers as T
-
-        T.T5Model(T.T5Config(d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8, vocab_size=50)).save_pretrained(
-            c / "t5"
-        )
-        return merge_argv("--align", "none", model=c / "t5")
-
-    def exists(c):
-        (c / "out").mkdir()
-        return merge_argv("--layers", "1-2")
-
-    def converted(c):
-        return fresh_copy(root / "converted", c / "conv")
-
-    def truncated_onnx(c):
-        d = converted(c)
-        data = (d / "model.onnx").read_bytes()
-        (d / "model.onnx").write_bytes(data[: len(data) // 2])
-        return ["validate", str(d), "--no-compare"]
-
-    def truncated_data(c):
-        d = converted(c)
-        data = (d / "model.onnx.data").read_bytes()
-        (d / "model.onnx.data").write_bytes(data[: len(data) - 100])
-        return ["validate", str(d), "--no-compare"]
-
-    def escaping_data(c):
-        d = converted(c)
-        external_model(d, "../../etc/passwd")
-        return ["validate", str(d), "--no-compare"]
-
-    def changed_reference(c):
-        d = converted(c)
-        from safetensors.torch import load_file, save_file
-
-        state = load_file(str(d / "reference" / "model.safetensors"))
-        key = next(k for k in state if k.endswith("intermediate.dense.bias"))
-        state[key] = state[key] + 1.0
-        save_file(state, str(d / "reference" / "model.safetensors"), metadata={"format": "pt"})
-        return ["validate", str(d), "--no-compare"]
-
-    def wrong_reference(c):
-        d = converted(c)
-        return ["validate", str(d), "--no-compare", "--reference", str(gpt2)]
-
-    def not_converted(c):
-        return ["validate", str(c)]
-
-    def random_bytes(c):
-        (c / "x.onnx").write_bytes(random.Random(0).randbytes(4096))  # fixed: the table must not change
-        return ["share", str(c / "x.onnx"), "-o", str(c / "y.onnx")]
-
-    def share_onto_input(c):
-        d = converted(c)
-        return ["share", str(d / "model.onnx"), "-o", str(d / "model.onnx"), "--overwrite"]
-
-    return [
-        ("model path does not exist", lambda c: merge_argv(model=c / "nope"), errors.InputError),
-        ("model folder without config.json", no_config, errors.InputError),
-        ("unsupported architecture (T5)", t5, errors.UnsupportedArchitectureError),
-        ("window out of range", lambda c: merge_argv("--layers", "2-9"), errors.WindowError),
-        ("windows overlap", lambda c: merge_argv("--layers", "0-1,1-2"), errors.WindowError),
-        ("window of one layer", lambda c: merge_argv("--layers", "2-2"), errors.WindowError),
-        ("window reversed", lambda c: merge_argv("--layers", "3-1"), errors.WindowError),
-        ("calibration file empty", empty_txt, errors.CalibrationError),
-        ("calibration shorter than the token budget", short_pt, errors.CalibrationError),
-        ("calibration images for a text model", images_for_text, errors.CalibrationError),
-        ("calibration float tensors for a text model", floats_for_text, errors.CalibrationError),
-        ("calibration .pt that runs code when unpickled", pickled_code, errors.CalibrationError),
-        ("text calibration, model has no tokenizer", text_without_tokenizer, errors.CalibrationError),
-        ("output folder exists", exists, errors.OutputExistsError),
-        ("validate: folder with no model in it", not_converted, errors.InputError),
-        ("validate: truncated model.onnx", truncated_onnx, errors.CorruptModelError),
-        ("validate: truncated external data file", truncated_data, errors.CorruptModelError),
-        ("validate: external data at ../../etc/passwd", escaping_data, errors.UnsafeModelError),
-        ("validate: reference weights changed after writing", changed_reference, errors.ManifestError),
-        ("validate: reference of another model", wrong_reference, errors.InputError),
-        ("share: random bytes as .onnx", random_bytes, errors.CorruptModelError),
-        ("share: output would overwrite the input", share_onto_input, errors.InputError),
-        ("unknown option value", lambda c: ["convert", "--permutations", "zip"], None),
-    ]
-
-
 def _row(description, argv, code, err, root):
-    msg = str(err).replace(str(root), "<tmp>").splitlines()[0] if err is not None else ""
+    msg = str(err).replace(str(root), "<tmp>").splitlines()[0] if err is not None and str(err) else ""
     if len(msg) > 150:
         msg = msg[:147] + "..."
     kind = type(err).__name__ if err is not None else ""
-    cmd = argv[0]
-    return f"| {description} | `{cmd}` | {code} | {kind} | {msg.replace('|', '/')} |"
+    cmd = f"`{argv[0]}`" if isinstance(argv, list) else "Python API"
+    return f"| {description} | {cmd} | {code} | {kind} | {msg.replace('|', '/')} |"
+
+
+def _attempt(argv):
+    """(exit code, error) from the CLI, or from a Python API call mapped the same way."""
+    if isinstance(argv, list):
+        return run(argv)
+    try:
+        argv()
+    except errors.FFMergeError as e:
+        return e.exit_code, e
+    except Exception as e:  # noqa: BLE001 - an untyped error is what the table must catch
+        return errors.EXIT_INTERNAL, e
+    return errors.EXIT_OK, None
+
+
+def _temp_leftovers() -> set[str]:
+    return {p.name for p in Path(tempfile.gettempdir()).iterdir() if p.name.startswith(("ffmerge-", ".ffmerge-"))}
 
 
 def test_bad_input_table(work, monkeypatch):
+    """Every case: the typed error it should get with exit 2, no change to any input, nothing left behind."""
     rows = ["| bad input | command | exit | error | message |", "|---|---|---|---|---|"]
-    for i, (description, make, expected) in enumerate(_cases(work)):
+    problems = []
+    shared_before = {name: tree_digest(work / name) for name in ("gpt2", "gpt2tok", "merged", "converted")}
+    temp_before = _temp_leftovers()
+    all_cases = hostile_cases.cases(work)
+    assert len(all_cases) >= 150
+    for description, make, expected in all_cases:
         case = work / "case"
         if case.exists():
             shutil.rmtree(case)
         case.mkdir()
-        argv = make(case)
-        before = tree_digest(work / "gpt2")
         monkeypatch.chdir(case)
-        code, err = run(argv)
-        if expected is None:
-            assert code == errors.EXIT_USAGE, description
-        else:
-            assert isinstance(err, expected), (description, err)
-            assert code == expected.exit_code == errors.EXIT_USAGE, description
-        assert tree_digest(work / "gpt2") == before, "an input changed"
-        assert not (case / "pwned").exists(), "pickled code ran"
-        assert not any(p.name.startswith(".out.tmp") for p in case.iterdir()), "temporary output left behind"
-        if expected is not errors.OutputExistsError:
-            assert not (case / "out").exists(), description
+        argv = make(case)
+        held = case / ".held"
+        fd = int(held.read_text()) if held.exists() else None
+        before = tree_digest(case)
+        code, err = _attempt(argv)
+        if fd is not None:
+            os.close(fd)
+        wanted = errors.EXIT_USAGE if expected is None else expected.exit_code
+        if (expected is not None and not isinstance(err, expected)) or code != wanted:
+            problems.append(f"{description}: exit {code}, {type(err).__name__}: {str(err)[:300]}")
+        if tree_digest(case) != before:
+            problems.append(f"{description}: the case folder changed (an input was modified or output written)")
+        leftovers = [p.name for p in case.iterdir() if p.name.startswith(".ffmerge-") and fd is None]
+        if leftovers:
+            problems.append(f"{description}: left {leftovers}")
+        if (case / "pwned").exists():
+            problems.append(f"{description}: pickled code ran")
         rows.append(_row(description, argv, code, err, work))
-    table = "\n".join(rows) + "\n"
+    assert {name: tree_digest(work / name) for name in shared_before} == shared_before, "a shared input changed"
+    assert _temp_leftovers() <= temp_before, "temporary folders left behind"
+    assert not problems, "\n".join(problems)
+    exits = [r.split(" | ")[2] for r in rows[2:]]
     text = (
-        "# Bad inputs and what they get\n\nProduced by `tests/test_hardening.py::test_bad_input_table`"
-        " (`FFMERGE_WRITE_DOCS=1` rewrites it). Exit codes: 0 ok, 1 validation failed, 2 usage or bad"
-        " input, 3 internal error, 4 out of memory or disk, 130 interrupted.\n\n" + table
+        "# Bad inputs and what they get\n\nProduced by `tests/test_hardening.py::test_bad_input_table` from "
+        "`tests/hostile_cases.py` (`FFMERGE_WRITE_DOCS=1` rewrites it). Exit codes: 0 ok, 1 validation failed, "
+        "2 usage or bad input, 3 internal error, 4 out of memory or disk, 130 interrupted, 143 terminated.\n\n"
+        f"{len(exits)} cases; exit 3 (a bug) in {exits.count('3')}. For each: no input changed, no output, "
+        "temporary folder or lock file left behind, no pickled code run.\n\n" + "\n".join(rows) + "\n"
     )
     if os.environ.get("FFMERGE_WRITE_DOCS"):
         DOC.parent.mkdir(exist_ok=True)
@@ -264,6 +162,27 @@ def test_out_of_memory_gets_its_own_exit_code(work, monkeypatch, tmp_path):
     code, err = run(["merge", str(work / "gpt2"), "-o", str(tmp_path / "o"), "--align", "none"])
     assert code == errors.EXIT_RESOURCES and isinstance(err, MemoryError)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory: you tried..."),
+        OSError(28, "No space left on device"),
+        Exception(
+            'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+        ),
+    ],
+    ids=["torch out of memory", "ENOSPC without a file name", "safetensors disk full"],
+)
+def test_resources_get_exit_4_however_the_library_says_it(work, monkeypatch, tmp_path, error):
+    def boom(*a, **k):
+        raise error
+
+    monkeypatch.setattr(sys.modules["ffmerge_onnx.pipeline"], "merge", boom)
+    code, err = run(["merge", str(work / "gpt2"), "-o", str(tmp_path / "o"), "--align", "none", "--layers", "1-2"])
+    assert code == errors.EXIT_RESOURCES and err is error
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.slow
@@ -330,7 +249,7 @@ def test_interrupt_mid_export_leaves_no_output_and_untouched_inputs(work, tmp_pa
         seen.append(line)
         if "exporting to ONNX" in line:
             break
-    temps = [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp")]
+    temps = [p for p in tmp_path.iterdir() if p.name.startswith(".ffmerge-tmp-")]
     assert temps and (temps[0] / "reference").is_dir(), "export had not started"
     proc.send_signal(signal.SIGINT)
     _, rest = proc.communicate(timeout=300)
@@ -342,7 +261,7 @@ def test_interrupt_mid_export_leaves_no_output_and_untouched_inputs(work, tmp_pa
 
 @pytest.mark.slow
 def test_fuzz_validate_and_share_never_crash_or_hang():
-    """Mutated and truncated ONNX files: a pass, a failed validation or a typed error, every time."""
+    """Mutated ONNX files, manifests and configs: a pass, a failed validation or a typed error, every time."""
     out = subprocess.run(
         [sys.executable, str(ROOT / "tools" / "fuzz_onnx.py"), "--cases", "25", "--seed", "2"],
         capture_output=True,
@@ -350,7 +269,11 @@ def test_fuzz_validate_and_share_never_crash_or_hang():
         text=True,
         timeout=900,
     )
-    summary = [line for line in out.stdout.splitlines() if line.startswith(("validate:", "share:", "cases tried"))]
+    summary = [
+        line
+        for line in out.stdout.splitlines()
+        if line.startswith(("validate:", "share:", "manifest:", "config:", "cases tried"))
+    ]
     print("\n".join(summary))
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
-    assert "cases tried 50; crashes 0; hangs 0" in out.stdout
+    assert "cases tried 100; crashes 0; hangs 0" in out.stdout

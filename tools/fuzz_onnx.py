@@ -1,4 +1,5 @@
-"""Fuzz `validate` and `share` with mutated and truncated ONNX files.
+"""Fuzz `validate` and `share` with mutated and truncated ONNX files, `load_merged` with mutated
+manifests, and `load_model` with mutated configs.
 
 Every case must end in a pass, a failed validation report, or a typed ffmerge error; an
 uncaught exception is a crash and a case over --timeout seconds a hang. Prints the counts;
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
 import random
 import shutil
 import signal
@@ -114,6 +116,60 @@ def proto_mutation(model: onnx.ModelProto, rng: random.Random) -> str:
     return kind
 
 
+HOSTILE_VALUES = [None, True, -1, 0, 2**63, 10**9, 1.5, float("nan"), "", "..", "../../etc/passwd", "/etc/passwd",
+                  "x" * 10_000, [], [1, "a"], {}, {"a": {"b": []}}]  # fmt: skip
+
+
+def json_mutation(data, rng: random.Random) -> str:
+    """Change, drop or add one value somewhere in a JSON object (in place); returns what it did."""
+    node, path = data, []
+    while isinstance(node, (dict, list)) and node and rng.random() < 0.6:
+        key = rng.choice(list(node)) if isinstance(node, dict) else rng.randrange(len(node))
+        if not isinstance(node[key], (dict, list)) or not node[key]:
+            break
+        node, path = node[key], [*path, str(key)]
+    if not isinstance(node, (dict, list)) or not node:
+        return "none"
+    key = rng.choice(list(node)) if isinstance(node, dict) else rng.randrange(len(node))
+    kind = rng.choice(["set", "drop", "add"]) if isinstance(node, dict) else "set"
+    if kind == "drop":
+        del node[key]
+    elif kind == "add":
+        node[f"extra{rng.randrange(9)}"] = rng.choice(HOSTILE_VALUES)
+    else:
+        node[key] = rng.choice(HOSTILE_VALUES)
+    return f"{kind} {'/'.join([*path, str(key)])}"
+
+
+def tiny_merged(folder: Path) -> Path:
+    sys.path.insert(0, str(ROOT / "tests"))
+    import tiny_models as tm
+
+    from ffmerge_onnx import Window, merge
+    from ffmerge_onnx.families.loading import load_model
+    from ffmerge_onnx.merging import save_merged
+
+    tm.build("gpt2").save_pretrained(folder / "plain")
+    model = load_model(str(folder / "plain"))
+    save_merged(merge(model, [Window("decoder", 1, 2)], align="none", progress=False), folder / "merged")
+    return folder
+
+
+def run_json_case(target: str, folder: Path) -> str:
+    from ffmerge_onnx.errors import FFMergeError
+    from ffmerge_onnx.families.loading import load_model
+    from ffmerge_onnx.merging import load_merged
+
+    try:
+        if target == "manifest":
+            load_merged(folder)
+        else:
+            load_model(str(folder))
+        return "pass"
+    except FFMergeError as e:
+        return type(e).__name__
+
+
 def run_case(target: str, folder: Path, work: Path) -> str:
     from ffmerge_onnx.errors import FFMergeError
     from ffmerge_onnx.onnx.build import share_file
@@ -131,37 +187,57 @@ def run_case(target: str, folder: Path, work: Path) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--cases", type=int, default=100, help="cases per target (validate, share)")
+    ap.add_argument("--cases", type=int, default=100, help="cases per target (validate, share, manifest, config)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=int, default=60)
+    ap.add_argument("--verbose", action="store_true", help="name each case before running it")
     a = ap.parse_args()
     rng = random.Random(a.seed)
     signal.signal(signal.SIGALRM, _alarm)
-    outcomes: dict[str, collections.Counter] = {"validate": collections.Counter(), "share": collections.Counter()}
+    targets = ("validate", "share", "manifest", "config")
+    outcomes: dict[str, collections.Counter] = {t: collections.Counter() for t in targets}
     crashes = []
     with tempfile.TemporaryDirectory(prefix="ffmerge-fuzz-") as tmp:
         tmp = Path(tmp)
         base = tiny_converted(tmp / "base")
         original = (base / "model.onnx").read_bytes()
-        for i in range(a.cases * 2):
-            target = "validate" if i % 2 == 0 else "share"
+        saved = tiny_merged(tmp / "saved")
+        for i in range(a.cases * len(targets)):
+            target = targets[i % len(targets)]
             case = tmp / "case"
             shutil.rmtree(case, ignore_errors=True)
-            shutil.copytree(base, case)
-            if rng.random() < 0.5:
-                kind, data = byte_mutation(original, rng)
-                (case / "model.onnx").write_bytes(data)
+            if target in ("manifest", "config"):
+                shutil.copytree(saved / ("merged" if target == "manifest" else "plain"), case)
+                name = "ffmerge.json" if target == "manifest" else "config.json"
+                raw = (case / name).read_bytes()
+                if rng.random() < 0.25:
+                    kind, data = byte_mutation(raw, rng)
+                else:
+                    obj = json.loads(raw)
+                    kind = json_mutation(obj, rng)
+                    data = json.dumps(obj).encode()
+                (case / name).write_bytes(data)
             else:
-                model = onnx.load_from_string(original)
-                kind = proto_mutation(model, rng)
-                (case / "model.onnx").write_bytes(model.SerializeToString())
-            if rng.random() < 0.15:  # damage the external data file too
-                d = (case / "model.onnx.data").read_bytes()
-                (case / "model.onnx.data").write_bytes(d[: rng.randrange(len(d))])
-                kind += "+data"
+                shutil.copytree(base, case)
+                if rng.random() < 0.5:
+                    kind, data = byte_mutation(original, rng)
+                    (case / "model.onnx").write_bytes(data)
+                else:
+                    model = onnx.load_from_string(original)
+                    kind = proto_mutation(model, rng)
+                    (case / "model.onnx").write_bytes(model.SerializeToString())
+                if rng.random() < 0.15:  # damage the external data file too
+                    d = (case / "model.onnx.data").read_bytes()
+                    (case / "model.onnx.data").write_bytes(d[: rng.randrange(len(d))])
+                    kind += "+data"
+            if a.verbose:  # the last line names the case if the process dies on it
+                print(f"case {i} {target} {kind}", file=sys.stderr, flush=True)
             signal.alarm(a.timeout)
             try:
-                outcome = run_case(target, case, tmp)
+                if target in ("manifest", "config"):
+                    outcome = run_json_case(target, case)
+                else:
+                    outcome = run_case(target, case, tmp)
             except Hang:
                 outcome = "HANG"
                 crashes.append((i, target, kind, "hang"))
@@ -174,7 +250,7 @@ def main() -> int:
     for target, counts in outcomes.items():
         print(f"{target}: {sum(counts.values())} cases: " + ", ".join(f"{k} {v}" for k, v in counts.most_common()))
     print(
-        f"cases tried {a.cases * 2}; crashes {sum(1 for c in crashes if c[3] != 'hang')}; "
+        f"cases tried {a.cases * len(targets)}; crashes {sum(1 for c in crashes if c[3] != 'hang')}; "
         f"hangs {sum(1 for c in crashes if c[3] == 'hang')}"
     )
     for i, target, kind, tb in crashes[:5]:

@@ -15,10 +15,11 @@ from torch import nn
 
 from ..errors import CorruptModelError, InputError, ManifestError
 from ..families import adapter_for
-from ..families.loading import model_class
-from ..fsutil import atomic_dir
+from ..families.loading import check_config, model_class
+from ..fsutil import atomic_dir, check_target
 from .manifest import Manifest, fingerprint, load_permutations
 from .merge import MergeResult, restore_deltas
+from .windows import Window, check_windows
 
 WEIGHTS_NAME = "model.safetensors"
 
@@ -50,6 +51,7 @@ def save_merged(result: MergeResult, folder, *, preprocessor=None, overwrite: bo
     model, manifest = result.model, result.manifest
     tensors, aliases = canonical_state(model)
     manifest.aliases = aliases
+    check_target(folder, overwrite, [manifest.source])
     with atomic_dir(folder, overwrite=overwrite) as tmp:
         model.config.save_pretrained(tmp)
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "ffmerge": "1"})
@@ -75,13 +77,19 @@ def load_merged(folder, *, device: str = "cpu") -> MergeResult:
     weights = folder / WEIGHTS_NAME
     if not weights.exists():
         raise InputError(f"{folder} has no {WEIGHTS_NAME}; was it written by save_merged()?")
+    from safetensors import SafetensorError
     from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(folder)
+        if config.model_type != manifest.model_type:
+            raise ManifestError(
+                f"{folder}: config.json is a {config.model_type!r} model, its manifest a {manifest.model_type!r} one."
+            )
+        check_config(config, folder)
         model = model_class(config)._from_config(config)
         state = load_file(str(weights), device=device)
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
         raise CorruptModelError(
             f"Cannot read the merged checkpoint in {folder} ({type(e).__name__}: {str(e)[:200]}); re-run the merge."
         ) from e
@@ -96,9 +104,30 @@ def load_merged(folder, *, device: str = "cpu") -> MergeResult:
         raise ManifestError(f"The weights in {folder} do not fit its config: {str(e)[:300]}") from e
     _retie(model, manifest.aliases)
     model.eval()
-    if manifest.fingerprint and fingerprint(model) != manifest.fingerprint:
+    if fingerprint(model) != manifest.fingerprint:
         raise ManifestError(
             f"The weights in {folder} do not match its manifest's fingerprint; the folder was changed "
             "after it was written. Re-run the merge."
         )
+    _check_windows(model, manifest, folder)
     return MergeResult(model, manifest, load_permutations(folder, manifest))
+
+
+def _check_windows(model: nn.Module, manifest: Manifest, folder: Path) -> None:
+    """The manifest's windows are the model's ties: each window's layers share one FF, no other layer does."""
+    adapter = adapter_for(model)
+    try:
+        check_windows(model, adapter, [Window(w.stack, w.start, w.end) for w in manifest.windows], allow_none=True)
+    except InputError as e:
+        raise ManifestError(f"The manifest in {folder} records windows the model cannot have: {e}") from e
+    for stack in adapter.stacks:
+        groups: dict[int, list[int]] = {}
+        for i, layer in enumerate(adapter.layers(model, stack)):
+            groups.setdefault(id(next(iter(adapter.ff_params(layer).values()))), []).append(i)
+        tied = sorted(g for g in groups.values() if len(g) > 1)
+        recorded = sorted(w.layers for w in manifest.windows if w.stack == stack)
+        if tied != recorded:
+            raise ManifestError(
+                f"The manifest in {folder} records merged {stack} layers {recorded}, but the weights tie {tied}; "
+                "the folder was changed after it was written. Re-run the merge."
+            )

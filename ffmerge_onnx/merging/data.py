@@ -75,9 +75,28 @@ def _batch_chunks(chunks: list[list[int]], batch_size: int, pad_id: int, seq2seq
     return batches
 
 
+BINARY_RATIO = 0.05  # share of undecodable or control bytes above which a "text" file is refused
+
+
+def check_text(path: Path, error=CalibrationError) -> str:
+    """A file's text, refused when it looks binary (undecodable or control bytes) or is not a file."""
+    if not path.is_file():
+        raise error(f"{path} is not a file. Give a UTF-8 text file.")
+    raw = path.read_bytes()
+    sample = raw[: 1 << 16]
+    text = sample.decode("utf-8", errors="replace")
+    bad = text.count("\ufffd") + sum(1 for c in text if ord(c) < 32 and c not in "\t\n\r\f")
+    if sample and bad / len(text) > BINARY_RATIO:
+        raise error(
+            f"{path} does not look like UTF-8 text ({bad / len(text):.0%} undecodable or control characters). "
+            "Give a plain text file."
+        )
+    return raw.decode("utf-8", errors="replace")
+
+
 def read_texts(path: Path) -> list[str]:
     files = sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES) if path.is_dir() else [path]
-    texts = [f.read_text(encoding="utf-8", errors="replace") for f in files]
+    texts = [check_text(f) for f in files]
     texts = [t for t in texts if t.strip()]
     if not texts:
         raise CalibrationError(f"No text found in {path}. Give a .txt file or a folder of .txt files.")
@@ -86,7 +105,8 @@ def read_texts(path: Path) -> list[str]:
 
 def nonblank_lines(path: Path, what: str):
     """(line number, line) for every non-blank line of a UTF-8 text file; an error if there are none."""
-    found = [(n, line) for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
+    text = check_text(Path(path), InputError)
+    found = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     if not found:
         raise InputError(f"{path} has no {what}.")
     return found
@@ -95,13 +115,14 @@ def nonblank_lines(path: Path, what: str):
 def from_text(
     path: Path, tokenizer, budget: int, seq_len: int = 256, batch_size: int = 8, seq2seq: bool = False
 ) -> Calibration:
+    texts = read_texts(path)
     if tokenizer is None:
         raise CalibrationError(
             "Text calibration needs the model's tokenizer, and none was found next to the model. "
             "Save the tokenizer with the model or pass tensors (.pt/.safetensors) instead."
         )
     ids: list[int] = []
-    for text in read_texts(path):
+    for text in texts:
         ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
         if len(ids) >= budget:
             break
@@ -169,8 +190,10 @@ def from_tensors(path: Path, budget: int | None, batch_size: int = 8, seq2seq: b
     if isinstance(data, torch.Tensor):
         key = "pixel_values" if data.is_floating_point() else "input_ids"
         data = {key: data}
-    if not isinstance(data, dict) or not data:
+    if not isinstance(data, dict) or not data or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise CalibrationError(f"{path} must hold a tensor or a dict of input tensors.")
+    if len({v.shape[0] if v.dim() else -1 for v in data.values()}) != 1 or next(iter(data.values())).dim() < 2:
+        raise CalibrationError(f"{path}: every tensor must be [batch, ...] with the same batch size.")
     if "input_ids" in data:
         data.setdefault("attention_mask", torch.ones_like(data["input_ids"]))
         if seq2seq:
@@ -185,6 +208,24 @@ def from_tensors(path: Path, budget: int | None, batch_size: int = 8, seq2seq: b
     if budget and tokens < budget and "input_ids" in data:
         raise CalibrationError(f"{path} holds {tokens} tokens, fewer than the budget of {budget}.")
     return Calibration(batches, tokens, {"kind": "tensors", "source": str(path), "tokens": tokens})
+
+
+def _check_ids(path: Path, cal: Calibration, vocab: int | None, limit: int | None) -> None:
+    for batch in cal:
+        ids = batch.get("input_ids")
+        if ids is None:
+            continue
+        if ids.is_floating_point() or ids.dim() != 2:
+            raise CalibrationError(f"{path}: input_ids must be integer token ids of shape [batch, tokens].")
+        if ids.numel() and (int(ids.min()) < 0 or (vocab and int(ids.max()) >= vocab)):
+            raise CalibrationError(
+                f"{path}: token ids must lie in 0..{vocab - 1 if vocab else 'vocab-1'} (the model's vocabulary); "
+                f"found {int(ids.min())}..{int(ids.max())}. Were they made with another tokenizer?"
+            )
+        if limit and ids.shape[1] > limit:
+            raise CalibrationError(
+                f"{path}: rows of {ids.shape[1]} tokens are longer than the model's {limit} positions; cut them."
+            )
 
 
 def load_calibration(
@@ -209,6 +250,7 @@ def load_calibration(
             raise CalibrationError(f"{path} holds no pixel_values but the model is an image model.")
         if not is_vision and "input_ids" not in first:
             raise CalibrationError(f"{path} holds no input_ids (integer token ids) but the model takes text.")
+        _check_ids(path, cal, getattr(config, "vocab_size", None), limit)
         return cal
     if suffixes & IMAGE_SUFFIXES:
         if not is_vision:

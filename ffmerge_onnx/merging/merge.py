@@ -174,13 +174,18 @@ def merge(
 ) -> MergeResult:
     """Align, combine (`method` with its `params`, see merging/methods) and tie each window's FF
     sublayers, in place; a method's per-layer corrections go beside the shared tensors (lowrank.py)."""
+    previous = model if isinstance(model, MergeResult) else None
+    model = previous.model if previous else model
+    _check_arguments(model, windows, calibration)
     if anchor not in ANCHORS:
         raise InputError(f"--anchor must be one of {', '.join(ANCHORS)}; got {anchor!r}.")
     if align not in ALIGNERS:
         raise InputError(f"--align must be one of {', '.join(ALIGNERS)}; got {align!r}.")
     params = method_params(method, params)
     adapter = adapter_for(model)
-    check_windows(model, adapter, windows)
+    earlier = _earlier_windows(model, adapter, previous)
+    check_windows(model, adapter, [*earlier, *windows])
+    _check_finite(model, adapter, windows)
     matches = _alignments(model, adapter, windows, anchor, align, calibration, progress, max_stat_bytes)
     records, permutations = [], {}
     for w in windows:
@@ -218,6 +223,10 @@ def merge(
                 shared={role.name: f"{w.prefix()}.{role.name}" for role in adapter.roles()},
             )
         )
+    if previous is not None:
+        records = sorted([*previous.manifest.windows, *records], key=lambda r: (r.stack, r.start))
+        permutations = {**previous.permutations, **permutations}
+        source = source or previous.manifest.source
     manifest = _manifest(
         model,
         adapter,
@@ -227,6 +236,54 @@ def merge(
         calibration=dict(calibration.description) if calibration is not None else {},
     )
     return MergeResult(model, manifest, permutations)
+
+
+def _check_arguments(model, windows, calibration) -> None:
+    """The Python API's argument types, checked before any work."""
+    if not isinstance(model, nn.Module) or not hasattr(model, "config"):
+        raise InputError(
+            f"merge() takes a transformers model (or the MergeResult of an earlier merge), not {type(model).__name__}."
+        )
+    if isinstance(windows, Window) or not isinstance(windows, (list, tuple)):
+        raise InputError(f"windows must be a list of Window objects, not {type(windows).__name__}.")
+    bad = [w for w in windows if not isinstance(w, Window)]
+    if bad:
+        raise InputError(f"windows must be Window objects, e.g. Window('decoder', 2, 4); got {bad[0]!r}.")
+    if calibration is not None and not isinstance(calibration, Calibration):
+        raise InputError(
+            f"calibration must be a Calibration (merging.data.calibration_from...), not {type(calibration).__name__}."
+        )
+
+
+def _earlier_windows(model: nn.Module, adapter: Adapter, previous: MergeResult | None) -> list[Window]:
+    """Windows merged before: from the earlier result, or refused when the module has ties no result records."""
+    if previous is not None:
+        if previous.manifest.method not in ("merge", "none"):
+            raise InputError(f"Cannot merge a model whose layers were changed by {previous.manifest.method!r}.")
+        return [Window(w.stack, w.start, w.end) for w in previous.manifest.windows]
+    for stack in adapter.stacks:
+        owner: dict[int, int] = {}
+        for i, layer in enumerate(adapter.layers(model, stack)):
+            for p in adapter.ff_params(layer).values():
+                if owner.setdefault(id(p), i) != i:
+                    raise InputError(
+                        f"The {stack}'s layers {owner[id(p)]} and {i} already share FF weights: this model was "
+                        "merged before. Pass the MergeResult of that merge (or of load_merged) to merge() so the "
+                        "earlier windows stay recorded, or merge every window in one call."
+                    )
+    return []
+
+
+def _check_finite(model: nn.Module, adapter: Adapter, windows: list[Window]) -> None:
+    for w in windows:
+        layers = adapter.layers(model, w.stack)
+        for i in w.layers:
+            for role, p in adapter.ff_params(layers[i]).items():
+                if not torch.isfinite(p).all():
+                    raise InputError(
+                        f"The {w.stack}'s layer {i} has NaN or infinite values in its FF {role}: the weights are "
+                        "damaged. Re-download or re-train the model."
+                    )
 
 
 def _manifest(model: nn.Module, adapter: Adapter, source: str, **fields) -> Manifest:

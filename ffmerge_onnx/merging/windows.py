@@ -51,8 +51,8 @@ def windows_for(adapter: Adapter, layers: str, stack: str | None) -> list[Window
     return [w for s in stacks for w in parse_windows(layers, s)]
 
 
-def check_windows(model: nn.Module, adapter: Adapter, windows: list[Window]) -> None:
-    if not windows:
+def check_windows(model: nn.Module, adapter: Adapter, windows: list[Window], allow_none: bool = False) -> None:
+    if not windows and not allow_none:
         raise WindowError("No window given: pass --layers A-B.")
     for w in windows:
         if w.stack not in adapter.stacks:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,8 +17,9 @@ import onnx_ir.passes.common
 import torch
 from torch import nn
 
-from ..errors import FFMergeError, InputError, OutputExistsError
+from ..errors import FFMergeError, InputError
 from ..families import task_of
+from ..fsutil import guarded_output, place
 from ..merging import MergeResult
 from ..runtime import write_settings
 from .export import Part, export_part, parts_for
@@ -226,18 +226,30 @@ def _size(path: Path) -> int:
 def share_file(path, output, *, simplifier: str = "none", overwrite: bool = False) -> dict:
     """Without a manifest: share initializers that are equal, or equal up to a permutation."""
     path, output = Path(path), Path(output)
-    if output.exists() and not overwrite:
-        raise OutputExistsError(f"{output} exists. Choose another -o or pass --overwrite.")
-    if output.resolve() == path.resolve():
-        raise InputError("The output must not overwrite the input; choose another -o.")
-    model, counts = run_passes(load_ir(path), graph_passes(simplifier=simplifier, detect=True))
-    report = {"bytes_before": _size(path)}
-    for c in counts.values():
-        report.update(c)
-    with tempfile.TemporaryDirectory(dir=output.parent if output.parent.exists() else None) as tmp:
-        save(model, Path(tmp) / output.name, external=False)  # external data above 2 GB
-        output.parent.mkdir(parents=True, exist_ok=True)
-        for f in Path(tmp).iterdir():
-            shutil.move(str(f), output.parent / f.name)
-    report["bytes_after"] = _size(output)
+    if not path.is_file():
+        raise InputError(f"{path} is not a file. Give an .onnx model.")
+    if output.is_dir():
+        raise InputError(f"-o {output} is a folder; give the path of the .onnx file to write.")
+    if output.suffix != ".onnx":
+        raise InputError(f"-o {output}: give a path ending in .onnx.")
+    with guarded_output(output, overwrite, [path, path.with_name(path.name + ".data")]) as target:
+        model, counts = run_passes(load_ir(path), graph_passes(simplifier=simplifier, detect=True))
+        report = {"bytes_before": _size(path), "output": str(target)}
+        for c in counts.values():
+            report.update(c)
+        with tempfile.TemporaryDirectory(prefix=".ffmerge-tmp-", dir=target.parent) as tmp:
+            written = save(model, Path(tmp) / target.name, external=False)  # external data above 2 GB
+            placed = []
+            try:
+                for name in reversed(written):  # the .onnx last: once it is there, its data is too
+                    place(Path(tmp) / name, target.parent / name, overwrite)
+                    placed.append(target.parent / name)
+            except BaseException:
+                for p in placed:
+                    p.unlink(missing_ok=True)
+                raise
+            stale = target.with_name(target.name + ".data")
+            if stale.name not in written and overwrite:
+                stale.unlink(missing_ok=True)
+        report["bytes_after"] = _size(target)
     return report

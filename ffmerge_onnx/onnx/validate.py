@@ -16,14 +16,13 @@ import torch
 from ..errors import InputError
 from ..families import adapter_for
 from ..merging import load_merged
-from ..runtime import MALLOC_RECIPE, SESSION_SETTINGS, open_session, session_entries
+from ..runtime import MALLOC_RECIPE, SESSION_SETTINGS, check_loads, open_session, session_entries
 from . import compare
 from .build import INFO
 from .export import Seq2SeqDecoder, parts_for
 from .files import check_onnx, sharing
 
 ATOL, RTOL = 1e-4, 1e-5
-CONSTANT_SLACK = compare.CONSTANT_SLACK
 REFERENCE = "reference"
 
 
@@ -192,15 +191,16 @@ def validate(
         files = [str(f) for f in info["files"]]
     except (ValueError, KeyError, TypeError) as e:
         raise InputError(f"{info_path} is not valid ({type(e).__name__}); re-run `ffmerge-onnx convert`.") from e
+    entries = session_entries(folder / SESSION_SETTINGS)
     for f in files:
         if f.endswith(".onnx"):
             check_onnx(folder / f)  # before onnxruntime sees it: safe paths, sizes that match
+            check_loads(folder / f, entries)  # and onnxruntime does not crash on it
     ref_dir = Path(reference) if reference else folder / REFERENCE
     if not ref_dir.exists():
         raise InputError(f"No reference model at {ref_dir}: pass --reference MODEL_DIR (a folder written by merge).")
     result = load_merged(ref_dir)
     model = result.model
-    entries = session_entries(folder / SESSION_SETTINGS)
     kv_cache = bool(info.get("kv_cache", False))
     checks = [check_outputs(folder, model, "cpu", entries, kv_cache)]
     for p in providers:
@@ -220,10 +220,14 @@ def validate(
     if len(parts) == 1:  # seq2seq parts each hold only some of the parameters
         params = unique_param_bytes(model)
         init = sum(r["unique_bytes"] for r in share_rows.values())
+        index = sum(compare.initializer_bytes(folder / p.filename)["index_bytes"] for p in parts)  # shapes, indices
         sharing_detail.update(
-            unique_param_bytes=params, file_over_params=file_bytes / params, initializers_over_params=init / params
+            unique_param_bytes=params,
+            integer_constant_bytes=index,
+            file_over_params=file_bytes / params,
+            initializers_over_params=(init - index) / params,
         )
-    ok = dups == 0 and (len(parts) > 1 or init <= 1.01 * params + CONSTANT_SLACK)
+    ok = dups == 0 and (len(parts) > 1 or init - index <= 1.01 * params)
     checks.append(Check("sharing", "pass" if ok else "fail", sharing_detail))
     table = None
     if side_by_side and result.manifest.windows:

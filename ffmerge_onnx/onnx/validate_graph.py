@@ -21,7 +21,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ..errors import CorruptModelError, InputError
-from ..runtime import MALLOC_RECIPE, PROVIDERS, SESSION_SETTINGS, open_session, session_entries
+from ..runtime import MALLOC_RECIPE, PROVIDERS, SESSION_SETTINGS, check_loads, open_session, session_entries
 from .files import load_ir, sharing
 from .memprobe import measure
 from .passes import DetectShared, FoldWeightTransposes
@@ -62,6 +62,20 @@ def _size(dim, name: str) -> int:
     if "total" in text:
         return AXES["past"] + AXES["sequence"]
     return next((n for key, n in AXES.items() if key in text), 16)
+
+
+def read_feeds(path: Path) -> dict[str, np.ndarray]:
+    """Arrays from an .npz file (no pickled objects), or a typed error."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"--feeds {path} does not exist. Give an .npz file of the model's inputs (numpy.savez).")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    except (OSError, ValueError, EOFError, KeyError) as e:
+        raise InputError(
+            f"--feeds {path} is not a readable .npz file ({type(e).__name__}); write it with numpy.savez."
+        ) from e
 
 
 def feeds(session: ort.InferenceSession, seed: int = 0) -> dict[str, np.ndarray]:
@@ -143,9 +157,13 @@ def validate_graph(
 ) -> dict:
     """Run every check on one ONNX graph; `report["ok"]` is True only if none failed."""
     path = model_file(path)
+    given = read_feeds(feeds_file) if feeds_file else None
     files = sorted(p.name for p in path.parent.iterdir() if p.name == path.name or p.name.startswith(path.name + "."))
     stats = sharing(path, files)  # safety and ONNX checks first (typed errors, exit 2)
     entries = session_entries(path.parent / SESSION_SETTINGS)
+    check_loads(path, entries)
+    if reference is not None:
+        check_loads(model_file(reference), session_entries(model_file(reference).parent / SESSION_SETTINGS))
     checks = []
     session = None
     for p in providers:
@@ -178,8 +196,15 @@ def validate_graph(
     data = None
     if session is not None:
         try:
-            data = dict(np.load(feeds_file)) if feeds_file else feeds(session)
+            data = given if given is not None else feeds(session)
+            wanted = {i.name for i in session.get_inputs()}
+            if given is not None and set(given) != wanted:
+                raise InputError(
+                    f"--feeds {feeds_file} holds inputs {sorted(given)}; the model takes {sorted(wanted)}."
+                )
             session.run(None, data)
+        except InputError:
+            raise
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own kinds
             checks.append(Check("run[cpu]", "fail", {"error": f"{type(e).__name__}: {str(e)[:300]}",
                                                      "fix": "pass --feeds FILE.npz with the model's inputs"}))  # fmt: skip

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from torch import nn
 
-from ..errors import InputError
-from ..families import task_of
+from ..errors import FFMergeError, InputError
+from ..families import adapter_for, task_of
 from ..families.builtin import bbc_articles, fashion_mnist
 from ..families.loading import load_model, load_preprocessor
 from ..merging import load_merged
@@ -141,6 +141,15 @@ def _need_tsv_and_tokenizer(target: Target, spec: str, data: Path | None, what: 
         raise InputError(f"No tokenizer found with {spec}; {what.lower()} needs one.")
 
 
+def _max_positions(config: dict) -> int | None:
+    from types import SimpleNamespace
+
+    try:
+        return adapter_for(config.get("model_type", "")).max_positions(SimpleNamespace(**config))
+    except (FFMergeError, AttributeError, TypeError, ValueError):
+        return None
+
+
 def evaluate(
     spec: str,
     *,
@@ -203,6 +212,11 @@ def evaluate(
     if target.tokenizer is None:
         raise InputError(f"No tokenizer found with {spec}; evaluation on text needs one.")
     if target.task == "causal-lm":
+        if max_tokens < 2:
+            raise InputError(f"--max-tokens must be 2 or more; got {max_tokens}.")
+        limit = _max_positions(target.config)
+        if limit and window > limit:
+            raise InputError(f"--window {window} is longer than the model's {limit} positions; give at most {limit}.")
         ids = text_ids(target.tokenizer, texts, max_tokens)
         result = perplexity(target.run, ids, window=window, stride=stride, progress=progress)
         return {

@@ -47,6 +47,8 @@ def perplexity(
         raise InputError("Perplexity needs at least 2 tokens of text.")
     if window < 2:
         raise InputError(f"window must be at least 2 tokens; got {window}.")
+    if stride is not None and stride < 1:
+        raise InputError(f"stride must be 1 or more; got {stride}.")
     stride = min(stride or window, window - 1)
     if stride < 1:
         raise InputError(f"stride must be positive; got {stride}.")

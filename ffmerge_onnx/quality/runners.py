@@ -15,7 +15,7 @@ from torch import nn
 from ..errors import InputError
 from ..families import task_of
 from ..onnx.files import check_onnx
-from ..runtime import SESSION_SETTINGS, open_session, session_entries
+from ..runtime import SESSION_SETTINGS, check_loads, open_session, session_entries
 
 
 class Runner:
@@ -44,6 +44,7 @@ class OnnxRunner(Runner):
 
     def __init__(self, path, session_entries: dict[str, str] | None = None):
         check_onnx(path)
+        check_loads(Path(path), session_entries or {})
         self.session = open_session(Path(path), "cpu", session_entries or {})
         self.inputs = {i.name: i for i in self.session.get_inputs()}
 
@@ -142,5 +143,13 @@ class OnnxSeq2Seq:
 
 
 def read_json(path: Path) -> dict:
-    """A JSON file's object, or {} when the file is not there."""
-    return json.loads(path.read_text()) if path.is_file() else {}
+    """A JSON file's object, or {} when the file is not there; a typed error when it is not a JSON object."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise InputError(f"{path} is not valid UTF-8 JSON ({type(e).__name__}); restore or re-create it.") from e
+    if not isinstance(data, dict):
+        raise InputError(f"{path} holds a JSON {type(data).__name__}, not an object; restore or re-create it.")
+    return data

@@ -100,8 +100,10 @@ def search(
     adapter = adapter_for(model)
     stacks = stacks or adapter.stack_names()
     n = min(adapter.num_layers(model, s) for s in stacks)
-    if not 2 <= k <= n:
-        raise WindowError(f"A window of {k} layers does not fit: the model has {n} layers per stack.")
+    if k < 2:
+        raise WindowError(f"--merge-count must be 2 or more (a merge joins at least 2 layers); got {k}.")
+    if k > n:
+        raise WindowError(f"--merge-count {k} is more layers than the model has per stack ({n}); give 2 to {n}.")
     ranking = alignment_scores(model, calibration, stacks[-1], k, anchor, progress)
     rows = [Candidate(a, b, ranking[(a, b)]) for a, b in sorted(ranking)]
     chosen = rows if mode == "full" else sorted(rows, key=lambda c: -c.align_score)[:top]

@@ -1,6 +1,7 @@
 """ONNX pipeline on every family's tiny model: sharing survives simplification, outputs match."""
 
 import json
+import shutil
 
 import numpy as np
 import onnx
@@ -122,6 +123,21 @@ def test_convert_writes_folder_and_validate_passes_then_fails_on_broken_graph(tm
     checks = {c["name"]: c["status"] for c in json.loads((tmp_path / "v.json").read_text())["checks"]}
     assert checks["outputs[cpu]"] == "pass" and checks["sharing"] == "pass"
     assert checks.get("outputs[cuda]") in ("skipped", "pass")
+    # a near-copy of a merged tensor for one layer (outputs still match): the sharing gate has no
+    # allowance a small model could hide it in
+    near = tmp_path / "near"
+    shutil.copytree(out, near)
+    m = onnx.load(str(near / "model.onnx"))
+    t = next(t for t in m.graph.initializer if t.name.startswith("ffmerge.") and "fc_in.weight" in t.name)
+    a = onnx.numpy_helper.to_array(t)
+    m.graph.initializer.append(onnx.numpy_helper.from_array(np.nextafter(a, np.float32(1)), "near_copy"))
+    user = next(n for n in m.graph.node if t.name in n.input)
+    user.input[list(user.input).index(t.name)] = "near_copy"
+    onnx.save(m, str(near / "model.onnx"))
+    assert main(["validate", str(near), "--no-compare", "--json", str(tmp_path / "n.json")]) == EXIT_VALIDATION
+    checks = {c["name"]: c for c in json.loads((tmp_path / "n.json").read_text())["checks"]}
+    assert checks["outputs[cpu]"]["status"] == "pass" and checks["sharing"]["status"] == "fail"
+    assert checks["sharing"]["detail"]["initializers_over_params"] > 1.01
     # break the graph: perturb one shared weight above tolerance
     m = onnx.load(str(out / "model.onnx"))
     t = next(t for t in m.graph.initializer if t.name.startswith("ffmerge.") and "fc_out.weight" in t.name)
