@@ -1,14 +1,17 @@
 """Merging against the alternatives a user would pick instead, at comparable parameters removed, before
 recovery: linear replacement of the best block of n layers (least squares on the calibration residual
 stream, tools/alternatives.py), dropping the best n layers, plain merges, and the `delta` merge (shared FF
-plus per-layer low-rank corrections) at several budgets and both initialisations. Same benchmarks as
-tools/compare_quality.py (test data only for scoring; positions chosen on the validation split).
+plus per-layer low-rank corrections) at several budgets and both initialisations; with --steps, each
+also after the same recovery fine-tune (everything trained, including the linear map). Same benchmarks
+as tools/compare_quality.py (test data only for scoring; positions chosen on the validation split).
 Writes alternatives.md / .json to --out.
 
     .venv/bin/python tools/compare_alternatives.py --model all-MiniLM-L6-v2 --blocks 1 --windows 1-3 \\
         --methods regmean --budgets 0.1,0.2,0.3 --out models/results/alternatives-minilm
     .venv/bin/python tools/compare_alternatives.py --model SmolLM2-135M-Instruct --blocks 2 --windows 15-18 \\
         --budgets 0.15 --out models/results/alternatives-smollm2-5
+    .venv/bin/python tools/compare_alternatives.py --model all-MiniLM-L6-v2 --blocks 1 --windows 1-3 --methods regmean \
+        --budgets 0.3 --inits fit --steps 20 --lr 1e-4 --finetune-tokens 20000 --out models/results/alternatives-minilm-recovery
 """
 
 from __future__ import annotations
@@ -28,9 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # compare_quality, alt
 from alternatives import best_replacement, fit_map, replace_block
 from compare_quality import bench_for
 
-from ffmerge_onnx import Window, adapter_for, drop_layers, merge
+from ffmerge_onnx import MergeResult, Window, adapter_for, drop_layers, merge
 from ffmerge_onnx.families.loading import load_model, load_preprocessor
 from ffmerge_onnx.merging import parse_windows
+from ffmerge_onnx.quality.finetune import recover
 from ffmerge_onnx.quality.runners import TorchRunner
 from ffmerge_onnx.quality.search import best_drop, default_score
 
@@ -52,10 +56,14 @@ def main() -> None:
     ap.add_argument("--eval-docs", type=int, default=100)
     ap.add_argument("--probe-docs", type=int, default=400)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=0, help="recovery fine-tune steps after each row (0: none)")
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--objective", default=None, help="fine-tune objective (default: the task's)")
+    ap.add_argument("--finetune-tokens", type=int, default=4_000)
     ap.add_argument("--out", type=Path, default=Path("models/results/alternatives"))
     a = ap.parse_args()
     # what compare_quality's benchmarks read from their arguments
-    a.finetune_tokens, a.batch_size, a.finetune_images = 4_000, 2, 1_000
+    a.batch_size, a.finetune_images = 2, 1_000
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -68,11 +76,18 @@ def main() -> None:
     total = original.num_parameters()
     rows = []
 
-    def row(name: str, where: str, model, seconds: float, **extra) -> None:
+    def row(name: str, where: str, made, seconds: float, **extra) -> None:
+        result = made if isinstance(made, MergeResult) else MergeResult.unchanged(made, a.model)
+        model = result.model
         r = {"method": name, "where": where, "removed": 1 - model.num_parameters() / total,
-             "metrics": bench.metrics(TorchRunner(model)), "seconds": seconds, **extra}  # fmt: skip
+             "metrics": bench.metrics(TorchRunner(model)), "after": None, "seconds": seconds, **extra}  # fmt: skip
+        if a.steps and name != "original":
+            recover(result, original, bench.train, bench.val, steps=a.steps, lr=a.lr, objective=a.objective,
+                    train="all", eval_every=max(1, a.steps // 4), progress=False)  # fmt: skip
+            r["after"] = bench.metrics(TorchRunner(model))
         rows.append(r)
-        text = "  ".join(f"{k} {v:.4f}" for k, v in r["metrics"].items())
+        text = "  ".join(f"{k} {v:.4f}" + (f" -> {r['after'][k]:.4f}" if r["after"] else "")
+                         for k, v in r["metrics"].items())  # fmt: skip
         print(f"{name:<32} {where:>7} removed {r['removed']:6.2%}  {text}", flush=True)
         write(a, bench, rows)
 
@@ -86,7 +101,7 @@ def main() -> None:
         del found, model
         t = time.time()
         lo, hi = best_drop(original, stack, n, val_score, higher_is_better=higher, progress=False)["best"]
-        row(f"drop {n}", f"{lo}-{hi}", drop_layers(copy.deepcopy(original), stack, list(range(lo, hi + 1))).model,
+        row(f"drop {n}", f"{lo}-{hi}", drop_layers(copy.deepcopy(original), stack, list(range(lo, hi + 1))),
             time.time() - t)  # fmt: skip
     for w in parse_windows(a.windows, stack) if a.windows else []:
         windows = [Window(s, w.start, w.end) for s in adapter.stack_names()]
@@ -94,7 +109,7 @@ def main() -> None:
         for method in [m for m in a.methods.split(",") if m]:
             t = time.time()
             merged = merge(copy.deepcopy(original), windows, calibration=bench.cal, method=method, progress=False)
-            row(method, where, merged.model, time.time() - t)
+            row(method, where, merged, time.time() - t)
         for budget in [float(b) for b in a.budgets.split(",") if b]:
             for init in a.inits.split(","):
                 t = time.time()
@@ -103,7 +118,7 @@ def main() -> None:
                 merged = merge(copy.deepcopy(original), windows, calibration=bench.cal, method="delta",
                                params=params, progress=False)  # fmt: skip
                 rank = merged.manifest.windows[0].deltas
-                row(f"delta {init}, budget {budget:g}", where, merged.model, time.time() - t, rank=rank)
+                row(f"delta {init}, budget {budget:g}", where, merged, time.time() - t, rank=rank)
     write(a, bench, rows)
 
 
@@ -113,12 +128,13 @@ def write(a, bench, rows) -> None:
               "args": {k: str(v) for k, v in vars(a).items()}, "rows": rows}  # fmt: skip
     (a.out / "alternatives.json").write_text(json.dumps(report, indent=2))
     names = bench.metric_names
-    lines = [f"# {a.model}: alternatives at comparable parameters removed, before recovery", "",
+    when = f"before → after {a.steps} recovery steps (lr {a.lr:g})" if a.steps else "before recovery"
+    lines = [f"# {a.model}: alternatives at comparable parameters removed, {when}", "",
              "| method | layers | params removed | " + " | ".join(names) + " |",
              "|---|---|---|" + "---|" * len(names)]  # fmt: skip
     for r in rows:
-        lines.append(f"| {r['method']} | {r['where']} | {r['removed']:.2%} | "
-                     + " | ".join(f"{r['metrics'][k]:.4f}" for k in names) + " |")  # fmt: skip
+        cells = [f"{r['metrics'][k]:.4f}" + (f" → {r['after'][k]:.4f}" if r.get("after") else "") for k in names]
+        lines.append(f"| {r['method']} | {r['where']} | {r['removed']:.2%} | " + " | ".join(cells) + " |")
     (a.out / "alternatives.md").write_text("\n".join(lines) + "\n")
 
 
