@@ -21,6 +21,7 @@ from .merging.align import ALIGNERS, ANCHORS
 from .merging.methods import METHODS
 from .merging.methods.delta import DELTA
 from .onnx.build import SIMPLIFIER_CHOICES
+from .onnx.precision import PRECISIONS
 from .quality.finetune import OBJECTIVES, SCHEDULES, TRAINABLE
 from .quality.search import SEARCH_MODES
 from .runtime import MODES
@@ -53,6 +54,15 @@ Schedule = _choice("Schedule", SCHEDULES)
 Mode = _choice("Mode", MODES)
 Simplifier = _choice("Simplifier", SIMPLIFIER_CHOICES)
 SearchMode = _choice("SearchMode", SEARCH_MODES)
+Precision = _choice("Precision", PRECISIONS)
+
+PrecisionOpt = Annotated[
+    Precision, typer.Option("--precision", help=_help("Weights after the graph passes.", PRECISIONS))
+]
+BlockSizeOpt = Annotated[int, typer.Option("--block-size", help="int4: weights per scale (power of 2, >= 16).")]
+AccuracyOpt = Annotated[
+    int | None, typer.Option("--accuracy-level", help="int4: MatMulNBits compute type (4: int8 activations).")
+]
 
 Out = Annotated[Path, typer.Option("-o", "--output", help="Output folder.")]
 ModelArg = Annotated[
@@ -270,6 +280,9 @@ def convert_cmd(
     no_compare: Annotated[
         bool, typer.Option("--no-compare", help="Skip the side-by-side measurement against the original model.")
     ] = False,
+    precision: PrecisionOpt = Precision.fp32,
+    block_size: BlockSizeOpt = 32,
+    accuracy_level: AccuracyOpt = None,
     overwrite: OverwriteOpt = False,
     trust_remote_code: RemoteOpt = False,
 ):
@@ -286,6 +299,9 @@ def convert_cmd(
         keep_reference=not no_reference,
         providers=parse_providers(providers),
         compare=not no_compare,
+        precision=precision.value,
+        block_size=block_size,
+        accuracy_level=accuracy_level,
     )
     report = convert(
         model,
@@ -481,6 +497,31 @@ def validate_cmd(
         write_text(json_out, json.dumps(report, indent=2), inputs)
     if not report["ok"]:
         raise errors.ValidationFailed("validation failed")
+
+
+@app.command("quantize")
+def quantize_cmd(
+    folder: Annotated[Path, typer.Argument(help="A folder written by convert (with its reference/).")],
+    output: Out = Path("out-quantized"),
+    precision: PrecisionOpt = Precision.int8,
+    block_size: BlockSizeOpt = 32,
+    accuracy_level: AccuracyOpt = None,
+    providers: Annotated[str, typer.Option("--providers", help="cpu and/or cuda, comma separated.")] = "cpu",
+    no_compare: Annotated[
+        bool, typer.Option("--no-compare", help="Skip the side-by-side measurement against the original model.")
+    ] = False,
+    overwrite: OverwriteOpt = False,
+):
+    """A convert folder at another precision (fp16, int8, int4), every merged FF still stored once; validated
+    against the fp32 merged reference and measured against the original at the same precision."""
+    from .pipeline import ExportOptions, run_quantize
+    from .runtime import parse_providers
+
+    options = ExportOptions(precision=precision.value, block_size=block_size, accuracy_level=accuracy_level,
+                            providers=parse_providers(providers), compare=not no_compare)  # fmt: skip
+    report = run_quantize(folder, output, options, overwrite=overwrite, log=_log)
+    _print_report(report)
+    console.print(f"wrote {output} ({precision.value})")
 
 
 @app.command("share")

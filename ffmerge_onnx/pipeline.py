@@ -14,7 +14,7 @@ import json
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from torch import nn
@@ -34,7 +34,8 @@ from .merging import Calibration, MergeResult, load_calibration, load_merged, me
 from .merging.manifest import MANIFEST_NAME
 from .merging.methods import get_method
 from .merging.methods import method_params as method_params_for
-from .onnx.build import BuildOptions, build, write_info
+from .onnx.build import INFO, BuildOptions, build, write_info
+from .onnx.precision import PrecisionOptions, get_precision
 from .onnx.validate import REFERENCE, summary, validate
 from .quality import analyze
 from .quality import search as window_search
@@ -85,6 +86,14 @@ class ExportOptions:
     providers: tuple[str, ...] = ("cpu",)
     compare: bool = True  # measure against the original model and the paper's practice, side by side
     runs: int = 20  # timed runs per measuring process
+    precision: str = "fp32"  # onnx/precision.py PRECISIONS
+    block_size: int = 32  # int4: weights per scale
+    accuracy_level: int | None = None  # int4: MatMulNBits compute type
+
+    def __post_init__(self):
+        get_precision(self.precision)
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise InputError(f"--block-size is a power of 2, 16 or more; got {self.block_size}.")
 
     def build_options(self) -> BuildOptions:
         return BuildOptions(
@@ -93,6 +102,7 @@ class ExportOptions:
             external_data=self.external_data,
             kv_cache=self.kv_cache,
             prepack=self.prepack,
+            precision=PrecisionOptions(self.precision, self.block_size, self.accuracy_level),
         )
 
 
@@ -280,6 +290,37 @@ def convert(
         loaded = load(spec, trust_remote_code, log)
         result = merge_and_recover(loaded, options, recovery, log)
         return export(result, target, export_options, preprocessor=loaded.preprocessor, overwrite=overwrite, log=log)
+
+
+def run_quantize(
+    folder: Path,
+    output: Path,
+    options: ExportOptions,
+    *,
+    overwrite: bool = False,
+    log: Log = print,
+) -> dict:
+    """A finished convert folder at another precision: its reference (the merged checkpoint) exported
+    again with the same mode and layout, then the precision step and validation."""
+    folder = Path(folder)
+    if not (folder / INFO).is_file():
+        raise InputError(f"{folder} is not a folder written by `ffmerge-onnx convert` (no {INFO}).")
+    if not (folder / REFERENCE / MANIFEST_NAME).is_file():
+        raise InputError(
+            f"{folder} has no {REFERENCE}/ folder (it was converted with --no-reference): quantize starts from the "
+            "merged checkpoint, not from a graph already rounded. Convert again without --no-reference."
+        )
+    try:
+        info = json.loads((folder / INFO).read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InputError(f"{folder / INFO} is not valid JSON; re-run `ffmerge-onnx convert`.") from e
+    with guarded_output(output, overwrite, [folder]) as target:
+        result = load_merged(folder / REFERENCE)
+        log(f"exporting {folder} ({info.get('mode', 'fold')}) at precision {options.precision}")
+        options = replace(options, mode=info.get("mode", "fold"), kv_cache=bool(info.get("kv_cache", False)),
+                          simplifier=info.get("simplifier", "onnxslim"), prepack=bool(info.get("prepack", True)))  # fmt: skip
+        preprocessor = load_preprocessor(str(folder))
+        return export(result, target, options, preprocessor=preprocessor, overwrite=overwrite, log=log)
 
 
 def run_search(

@@ -643,6 +643,35 @@ def cases(root: Path) -> list[tuple[str, object, type | None]]:
             lambda c: conv("--overwrite", calibration=_tensor_folder(c), o=str(c / "cal")),
             E.InputError,
         ),
+        ("convert: --precision unknown", lambda c: conv("--precision", "int3"), None),
+        (
+            "convert: --block-size not a power of 2",
+            lambda c: conv("--precision", "int4", "--block-size", "24"),
+            E.InputError,
+        ),
+        ("convert: --block-size 0", lambda c: conv("--precision", "int4", "--block-size", "0"), E.InputError),
+        # quantize
+        (
+            "quantize: a model folder, not a convert folder",
+            lambda c: ["quantize", str(gpt2), "-o", out(c)],
+            E.InputError,
+        ),
+        (
+            "quantize: a convert folder without its reference",
+            lambda c: ["quantize", str(_without_reference(conv_copy(c))), "-o", out(c)],
+            E.InputError,
+        ),
+        (
+            "quantize: -o the convert folder itself, --overwrite",
+            lambda c: ["quantize", str(conv_copy(c)), "-o", str(c / "conv"), "--overwrite"],
+            E.InputError,
+        ),
+        (
+            "quantize: onnx_export.json is binary",
+            lambda c: ["quantize", str(_with(conv_copy(c), "onnx_export.json", _bytes(64))), "-o", out(c)],
+            E.InputError,
+        ),
+        ("quantize: --precision unknown", lambda c: ["quantize", str(converted), "--precision", "int3"], None),
         # search
         ("search: --top 0", lambda c: search("--merge-count", "2", "--mode", "aligned", "--top", "0"), E.InputError),
         ("search: --top -1", lambda c: search("--merge-count", "2", "--top", "-1"), E.InputError),
@@ -890,6 +919,11 @@ def _layernorm_without_bias(d: Path, c: Path) -> None:
     node = next(n for n in m.graph.node if n.op_type == "LayerNormalization")
     node.input[2] = ""  # legal ONNX (the bias is optional); onnxruntime 1.32's fusions segfault on it
     onnx.save(m, str(d / "model.onnx"))
+
+
+def _without_reference(folder: Path) -> Path:
+    shutil.rmtree(folder / "reference")
+    return folder
 
 
 def _with(folder: Path, name: str, data: bytes) -> Path:

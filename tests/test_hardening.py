@@ -102,7 +102,8 @@ def _attempt(argv):
 
 
 def _temp_leftovers() -> set[str]:
-    return {p.name for p in Path(tempfile.gettempdir()).iterdir() if p.name.startswith(("ffmerge-", ".ffmerge-"))}
+    prefixes = ("ffmerge-unmerged-", "ffmerge-cal-", ".ffmerge-")  # what the commands make (tools make others)
+    return {p.name for p in Path(tempfile.gettempdir()).iterdir() if p.name.startswith(prefixes)}
 
 
 def test_bad_input_table(work, monkeypatch):

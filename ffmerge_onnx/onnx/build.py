@@ -35,6 +35,7 @@ from .passes import (
     Target,
 )
 from .passes.simplify import SIMPLIFIERS
+from .precision import PrecisionOptions, ToPrecision
 
 EXTERNAL_DATA_THRESHOLD = 2 * 2**30
 SIMPLIFIER_CHOICES = {**SIMPLIFIERS, "none": "no simplifier"}
@@ -49,6 +50,7 @@ class BuildOptions:
     share: bool = True  # False: the unmerged baseline
     kv_cache: bool = False  # decoders take and return past key/values
     prepack: bool = True  # False writes session.disable_prepacking=1 (onnxruntime < 1.23)
+    precision: PrecisionOptions = field(default_factory=PrecisionOptions)  # after the passes (precision.py)
 
 
 @dataclass
@@ -197,7 +199,11 @@ def build(result: MergeResult, folder: Path, options: BuildOptions) -> BuildResu
                 ir_model,
                 graph_passes(simplifier=options.simplifier, share=share, orders=orders),
             )
-            out.files += save(ir_model, folder / part.filename, options.external_data)
+            files = save(ir_model, folder / part.filename, options.external_data)
+            if options.precision.name != "fp32":
+                step = ToPrecision(options.precision, [t.name for t in share or []], check=options.share)
+                files, counts["ToPrecision"] = step(folder / part.filename, files, options.external_data)
+            out.files += files
             out.passes[part.filename] = counts
     return out
 
@@ -211,6 +217,9 @@ def write_info(folder: Path, result: MergeResult, options: BuildOptions, built: 
         "simplifier": options.simplifier,
         "kv_cache": options.kv_cache,
         "prepack": options.prepack,
+        "precision": options.precision.name,
+        "block_size": options.precision.block_size,
+        "accuracy_level": options.precision.accuracy_level,
         "files": built.files,
         "parts": [p.filename for p in parts],
         "passes": built.passes,

@@ -180,7 +180,8 @@ def sharing(path: Path, files: list[str] | None = None) -> dict:
         d = digest(a)
         if d not in groups:
             unique += a.nbytes
-        if a.size >= DUPLICATE_MIN_ELEMENTS and ".delta_" not in t.name:  # corrections are per layer by design
+        # corrections are per layer by design; symmetric quantization's zero points are all zeros for every weight
+        if a.size >= DUPLICATE_MIN_ELEMENTS and ".delta_" not in t.name and not t.name.endswith("_zero_point"):
             groups.setdefault(d, []).append(t.name)
     dups = {names[0]: names[1:] for names in groups.values() if len(names) > 1}
     gathers = sum(1 for n in model.graph.node if n.op_type == "Gather" and n.input[1].startswith("ffmerge."))

@@ -1,7 +1,8 @@
 """Validate an exported folder: outputs against PyTorch, sharing, memory and latency.
 
 Output tolerance (fp32): |onnx - torch| <= 1e-4 + 1e-5 * max|torch| per output. The relative
-part covers float32 re-association on large logits (e.g. vocab logits around 30)."""
+part covers float32 re-association on large logits (e.g. vocab logits around 30). Other precisions
+have their own gates (precision.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import onnxruntime as ort
 import torch
 
@@ -21,8 +21,8 @@ from . import compare
 from .build import INFO
 from .export import Seq2SeqDecoder, parts_for
 from .files import check_onnx, sharing
+from .precision import get_precision
 
-ATOL, RTOL = 1e-4, 1e-5
 REFERENCE = "reference"
 
 
@@ -106,7 +106,11 @@ def _model_past(model, part, feeds, past: int, g) -> dict[str, torch.Tensor]:
     return {n: (t[:, :, :past] if ".encoder." not in n else t).contiguous() for n, t in zip(names, present)}
 
 
-def check_outputs(folder: Path, model, provider: str, entries: dict[str, str], kv_cache: bool = False) -> Check:
+def check_outputs(
+    folder: Path, model, provider: str, entries: dict[str, str], kv_cache: bool = False, precision: str = "fp32"
+) -> Check:
+    """Each part's outputs against PyTorch on several shapes, with the precision's gate (precision.py)."""
+    accept = get_precision(precision).accept
     rows, ok = [], True
     for part in parts_for(model, kv_cache):
         sess = open_session(folder / part.filename, provider, entries)
@@ -145,21 +149,15 @@ def check_outputs(folder: Path, model, provider: str, entries: dict[str, str], k
                         }
                     )
                     continue
-                diff = float(np.abs(r - o).max())
-                rel = float(diff / max(np.abs(r).max(), 1e-12))
-                tol = ATOL + RTOL * float(np.abs(r).max())
-                passed = bool(np.isfinite(o).all() and diff <= tol)
-                ok &= passed
+                verdict = accept(r, o)
+                ok &= verdict["ok"]
                 rows.append(
                     {
                         "part": part.filename,
                         "output": name,
                         "case": [batch, seq, past],
                         "shape": list(o.shape),
-                        "max_abs": diff,
-                        "max_rel": rel,
-                        "tolerance": tol,
-                        "ok": passed,
+                        **verdict,
                     }
                 )
     return Check(f"outputs[{provider}]", "pass" if ok else "fail", {"rows": rows})
@@ -202,13 +200,14 @@ def validate(
     result = load_merged(ref_dir)
     model = result.model
     kv_cache = bool(info.get("kv_cache", False))
-    checks = [check_outputs(folder, model, "cpu", entries, kv_cache)]
+    precision = info.get("precision", "fp32")
+    checks = [check_outputs(folder, model, "cpu", entries, kv_cache, precision)]
     for p in providers:
         if p == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 checks.append(Check("outputs[cuda]", "skipped", {"reason": "onnxruntime has no CUDA provider here"}))
             else:
-                checks.append(check_outputs(folder, model, "cuda", entries, kv_cache))
+                checks.append(check_outputs(folder, model, "cuda", entries, kv_cache, precision))
     parts = parts_for(model, kv_cache)
     share_rows = {}
     for part in parts:
@@ -233,7 +232,7 @@ def validate(
     if side_by_side and result.manifest.windows:
         table = compare.side_by_side(compare.measure_variants(folder, result, info, entries, runs, feeds_for, log))
         checks += [Check(name, status, detail) for name, status, detail in compare.checks(table)]
-    report = {"folder": str(folder), "mode": info.get("mode"), "onnxruntime": ort.__version__,
+    report = {"folder": str(folder), "mode": info.get("mode"), "precision": precision, "onnxruntime": ort.__version__,
               "session_config_entries": entries, "checks": [asdict(c) for c in checks]}  # fmt: skip
     if table is not None:
         report["side_by_side"] = table
@@ -300,7 +299,8 @@ def summary(report: dict) -> str:
         f"# ffmerge-onnx validation: {'PASS' if report['ok'] else 'FAIL'}",
         "",
         (
-            f"folder `{report['folder']}`, mode `{report['mode']}`, onnxruntime {report.get('onnxruntime', '?')}, "
+            f"folder `{report['folder']}`, mode `{report['mode']}`, precision `{report.get('precision', 'fp32')}`, "
+            f"onnxruntime {report.get('onnxruntime', '?')}, "
             f"session config entries {report.get('session_config_entries', {})}"
         ),
         "",
@@ -309,10 +309,11 @@ def summary(report: dict) -> str:
         lines.append(f"## {c['name']}: {c['status']}")
         d = c["detail"]
         if c["name"].startswith("outputs") and "rows" in d:
-            lines += ["| part | output | case | max abs | tolerance | ok |", "|---|---|---|---|---|---|"]
+            lines += ["| part | output | case | max abs | cosine | tolerance | ok |", "|---|---|---|---|---|---|---|"]
             lines += [
                 f"| {r['part']} | {r.get('output', '')} | {r.get('case', '')} | {r.get('max_abs', float('nan')):.2e} | "
-                f"{r.get('tolerance', float('nan')):.2e} | {'✓' if r.get('ok') else '✗ ' + r.get('error', '')} |"
+                f"{r.get('cosine', float('nan')):.4f} | {r.get('tolerance', float('nan')):.2e} | "
+                f"{'✓' if r.get('ok') else '✗ ' + r.get('error', '')} |"
                 for r in d["rows"]
             ]
         elif c["name"] == "sharing":

@@ -1,0 +1,112 @@
+"""Precision steps (fp16, int8, int4): every merged tensor stays stored once, outputs pass the
+precision's gate, and a step that duplicates a merged tensor fails its postcondition."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import tiny_models as tm
+import torch
+
+from ffmerge_onnx import Window, merge
+from ffmerge_onnx.cli import main
+from ffmerge_onnx.errors import EXIT_VALIDATION
+from ffmerge_onnx.onnx import precision as precision_module
+from ffmerge_onnx.onnx.files import sharing
+from ffmerge_onnx.onnx.passes.base import PostconditionError
+from ffmerge_onnx.onnx.precision import PRECISIONS, PrecisionOptions, ToPrecision
+from ffmerge_onnx.pipeline import ExportOptions, export
+
+
+def merged(model_type="llama"):
+    model = tm.build(model_type)
+    return merge(model, [Window("decoder" if model_type != "bert" else "encoder", 1, 3)],
+                 calibration=tm.calibration(model), progress=False)  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["fp16", "int8", "int4"])
+def test_each_precision_keeps_every_merged_tensor_once_and_passes_its_gate(name, tmp_path):
+    result = merged()
+    shared = [n for w in result.manifest.windows for n in w.shared.values()]
+    report = export(result, tmp_path / "out", ExportOptions(precision=name, compare=False), log=lambda s: None)
+    assert report["ok"] and report["precision"] == name
+    info = json.loads((tmp_path / "out" / "onnx_export.json").read_text())
+    assert info["precision"] == name and info["passes"]["model.onnx"]["ToPrecision"]["merged_tensors"] == len(shared)
+    stats = sharing(tmp_path / "out" / "model.onnx")
+    assert stats["duplicated_tensors"] == 0
+    inits = [t.name for t in onnx.load(str(tmp_path / "out" / "model.onnx")).graph.initializer]
+    for s in shared:  # one weight per merged tensor, in the precision's form
+        held = [n for n in inits if n.startswith(s)]
+        weight = {"fp16": [s + ".T"], "int8": [s + ".T_quantized"], "int4": [s + ".T_Q4"]}[name]
+        assert [n for n in held if n in weight] == weight, held
+    checks = {c["name"]: c for c in report["checks"]}
+    rows = checks["outputs[cpu]"]["detail"]["rows"]
+    assert rows and all(r["ok"] for r in rows)
+    if name == "fp16":
+        assert max(r["max_rel"] for r in rows) < 1e-2
+    else:
+        assert min(r["cosine"] for r in rows) >= PRECISIONS[name].accept(np.ones((1, 2)), np.ones((1, 2)))["tolerance"]
+    assert checks["sharing"]["status"] == "pass"
+
+
+def test_a_precision_step_that_duplicates_a_merged_tensor_fails(tmp_path, monkeypatch):
+    """If a converter wrote one copy of a merged weight per reader, ToPrecision's postcondition catches it."""
+    result = merged()
+    real = precision_module._int8
+
+    def duplicating(src, dst, options, external):
+        files = real(src, dst, options, external)
+        m = onnx.load(str(dst))
+        t = next(t for t in m.graph.initializer if t.name.endswith("fc_in.weight.T_quantized"))
+        copy = onnx.TensorProto()
+        copy.CopyFrom(t)
+        copy.name = "per_reader_copy"
+        m.graph.initializer.append(copy)
+        user = next(n for n in m.graph.node if t.name in n.input)
+        user.input[list(user.input).index(t.name)] = "per_reader_copy"
+        onnx.save(m, str(dst))
+        return files
+
+    monkeypatch.setitem(PRECISIONS, "int8", PRECISIONS["int8"].__class__("int8", "", duplicating, ""))
+    with pytest.raises(PostconditionError, match="copies of others"):
+        export(result, tmp_path / "out", ExportOptions(precision="int8", compare=False), log=lambda s: None)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_step_that_renames_the_merged_tensors_fails(tmp_path):
+    result = merged("gpt2")
+    export(result, tmp_path / "fp32", ExportOptions(compare=False), log=lambda s: None)
+    m = onnx.load(str(tmp_path / "fp32" / "model.onnx"))
+    for i, t in enumerate(m.graph.initializer):
+        if t.name.startswith("ffmerge."):
+            old, t.name = t.name, f"anonymous_{i}"
+            for n in m.graph.node:
+                n.input[:] = [t.name if i == old else i for i in n.input]
+    onnx.save(m, str(tmp_path / "renamed.onnx"))
+    shared = [n for w in result.manifest.windows for n in w.shared.values()]
+    with pytest.raises(PostconditionError, match="gone"):
+        ToPrecision(PrecisionOptions("fp16"), shared).ensures(tmp_path / "renamed.onnx", ["renamed.onnx"])
+
+
+@pytest.mark.slow
+def test_quantize_command_and_validate_on_a_convert_folder(tmp_path):
+    """quantize: int4 from a convert folder's reference, measured against the original at int4."""
+    model = tm.build("gpt2")
+    model.save_pretrained(tmp_path / "gpt2")
+    torch.save(torch.randint(3, tm.VOCAB, (16, 16), generator=torch.Generator().manual_seed(0)), tmp_path / "cal.pt")
+    assert main(["convert", str(tmp_path / "gpt2"), "-o", str(tmp_path / "out"), "--layers", "1-2",
+                 "--calibration", str(tmp_path / "cal.pt"), "--calibration-tokens", "200", "--no-compare"]) == 0  # fmt: skip
+    assert main(["quantize", str(tmp_path / "out"), "-o", str(tmp_path / "q"), "--precision", "int4"]) == 0
+    report = json.loads((tmp_path / "q" / "report.json").read_text())
+    assert report["precision"] == "int4" and report["side_by_side"]["precision"] == "int4"
+    checks = {c["name"]: c["status"] for c in report["checks"]}
+    assert checks["size_vs_unmerged"] == "pass" and checks["sharing"] == "pass"
+    assert main(["validate", str(tmp_path / "q"), "--no-compare"]) == 0
+    # the quantized file's merged weights moved: the fp32 gate would not pass it, the int4 one does
+    info = json.loads((tmp_path / "q" / "onnx_export.json").read_text())
+    info["precision"] = "fp32"
+    (tmp_path / "q" / "onnx_export.json").write_text(json.dumps(info))
+    assert main(["validate", str(tmp_path / "q"), "--no-compare"]) == EXIT_VALIDATION
