@@ -27,7 +27,9 @@ def merged(model_type="llama"):
                  calibration=tm.calibration(model), progress=False)  # fmt: skip
 
 
-@pytest.mark.parametrize("name", ["fp16", "int8", "int4"])
+@pytest.mark.parametrize(
+    "name", [pytest.param("fp16", marks=pytest.mark.slow), "int8", pytest.param("int4", marks=pytest.mark.slow)]
+)
 def test_each_precision_keeps_every_merged_tensor_once_and_passes_its_gate(name, tmp_path):
     result = merged()
     shared = [n for w in result.manifest.windows for n in w.shared.values()]
