@@ -116,6 +116,7 @@ def test_a_failing_pass_postcondition_reaches_the_user_as_a_validation_failure(t
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp")]
 
 
+@pytest.mark.slow
 def test_a_merged_folder_converts_as_it_is_and_merges_further_only_when_asked(tiny_gpt2, tmp_path):
     """convert MERGED_FOLDER exports the merged model with its ties (no second merge, no random weights);
     --layers adds a window beside the recorded one."""

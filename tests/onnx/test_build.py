@@ -228,7 +228,10 @@ def _greedy_torch_without_cache(model, prompt, steps):
     return out
 
 
-@pytest.mark.parametrize("model_type", ["gpt2", "llama", pytest.param("marian", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "model_type",
+    ["gpt2", pytest.param("llama", marks=pytest.mark.slow), pytest.param("marian", marks=pytest.mark.slow)],
+)
 def test_kv_cache_export_matches_and_greedy_decoding_agrees(model_type, tmp_path):
     merge_result = merged(model_type)
     model = merge_result.model
@@ -281,7 +284,7 @@ def test_convert_measures_against_the_original_model(tmp_path):
     assert settings["session_config_entries"] == {"session.disable_prepacking": "1"}
 
 
-@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+@pytest.mark.parametrize("model_type", ["gpt2", pytest.param("llama", marks=pytest.mark.slow)])
 def test_delta_export_stores_the_shared_ff_once_beside_each_layers_corrections(model_type, tmp_path):
     """The sharing postcondition holds with the corrections beside the shared tensors; the file holds the
     unique parameters (shared FF + corrections) within 1 %; outputs match PyTorch; gather is refused."""

@@ -54,6 +54,7 @@ def test_each_precision_keeps_every_merged_tensor_once_and_passes_its_gate(name,
     assert checks["sharing"]["status"] == "pass"
 
 
+@pytest.mark.slow
 def test_a_precision_step_that_duplicates_a_merged_tensor_fails(tmp_path, monkeypatch):
     """If a converter wrote one copy of a merged weight per reader, ToPrecision's postcondition catches it."""
     result = merged()
