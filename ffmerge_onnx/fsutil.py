@@ -182,6 +182,9 @@ def atomic_dir(target: Path, overwrite: bool = False) -> Iterator[Path]:
         raise OutputExistsError(f"{target} already exists. Choose another -o or pass --overwrite.")
     with output_lock(target):
         tmp = Path(tempfile.mkdtemp(prefix=".ffmerge-tmp-", dir=target.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the output gets the usual permissions
         try:
             yield tmp
             place(tmp, target, overwrite)
@@ -206,6 +209,9 @@ def write_text(path, text: str, inputs: Iterable[Path | str | None] = ()) -> Pat
         try:
             with os.fdopen(fd, "w") as f:
                 f.write(text)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private
             os.replace(tmp, target)
         except BaseException:
             with contextlib.suppress(OSError):

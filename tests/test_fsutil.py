@@ -50,6 +50,9 @@ def test_the_lock_is_reentrant_within_one_run(tmp_path):
     with guarded_output(tmp_path / "out"), atomic_dir(tmp_path / "out") as tmp:
         (tmp / "f").write_text("x")
     assert (tmp_path / "out" / "f").read_text() == "x"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~umask  # not the temp folder's private mode
 
 
 def test_an_output_that_appears_during_the_run_is_not_replaced(tmp_path):
