@@ -17,8 +17,10 @@ Writes alternatives.md / .json to --out.
 from __future__ import annotations
 
 import argparse
+import atexit
 import copy
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -71,7 +73,9 @@ def main() -> None:
     pre = load_preprocessor(a.model)
     adapter = adapter_for(original)
     stack = adapter.stack_names()[-1]
-    bench = bench_for(original, pre, a, Path(tempfile.mkdtemp(prefix="ffmerge-alt-")))
+    tmp = Path(tempfile.mkdtemp(prefix="ffmerge-alt-"))
+    atexit.register(shutil.rmtree, tmp, True)  # the benchmark's data files go when the run ends
+    bench = bench_for(original, pre, a, tmp)
     val_score, higher, _ = default_score(original, bench.val)
     total = original.num_parameters()
     rows = []

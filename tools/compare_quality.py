@@ -26,8 +26,10 @@ that scores best on the validation split. With --onnx METHODS those rows are als
 from __future__ import annotations
 
 import argparse
+import atexit
 import copy
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -243,6 +245,7 @@ def main() -> None:
     adapter = adapter_for(original)
     stack = adapter.stack_names()[-1]
     tmp = Path(tempfile.mkdtemp(prefix="ffmerge-compare-"))
+    atexit.register(shutil.rmtree, tmp, True)  # the benchmark's data and exports go when the run ends
     bench = bench_for(original, pre, a, tmp)
     val_score, val_higher, _ = default_score(original, bench.val)
     total = original.num_parameters()
