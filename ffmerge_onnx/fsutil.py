@@ -21,6 +21,12 @@ NAME_MAX = 255
 _held: dict[Path, int] = {}  # target -> nesting depth of this process's lock on it
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _lock_path(target: Path) -> Path:
     digest = hashlib.sha256(target.name.encode("utf-8", "surrogateescape")).hexdigest()[:16]
     return target.parent / f".ffmerge-lock-{digest}"
@@ -182,9 +188,7 @@ def atomic_dir(target: Path, overwrite: bool = False) -> Iterator[Path]:
         raise OutputExistsError(f"{target} already exists. Choose another -o or pass --overwrite.")
     with output_lock(target):
         tmp = Path(tempfile.mkdtemp(prefix=".ffmerge-tmp-", dir=target.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the output gets the usual permissions
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the output gets the usual permissions
         try:
             yield tmp
             place(tmp, target, overwrite)
@@ -209,9 +213,7 @@ def write_text(path, text: str, inputs: Iterable[Path | str | None] = ()) -> Pat
         try:
             with os.fdopen(fd, "w") as f:
                 f.write(text)
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private
             os.replace(tmp, target)
         except BaseException:
             with contextlib.suppress(OSError):

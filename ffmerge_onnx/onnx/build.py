@@ -23,7 +23,7 @@ from ..fsutil import guarded_output, place
 from ..merging import MergeResult
 from ..runtime import write_settings
 from .export import Part, export_part, parts_for
-from .files import load_ir
+from .files import load_ir, save
 from .passes import (
     DetectShared,
     FoldWeightTransposes,
@@ -37,7 +37,6 @@ from .passes import (
 from .passes.simplify import SIMPLIFIERS
 from .precision import PrecisionOptions, ToPrecision
 
-EXTERNAL_DATA_THRESHOLD = 2 * 2**30
 SIMPLIFIER_CHOICES = {**SIMPLIFIERS, "none": "no simplifier"}
 INFO = "onnx_export.json"
 
@@ -165,17 +164,6 @@ def run_passes(ir_model: ir.Model, passes: list[GraphPass]) -> tuple[ir.Model, d
     # scopes and stack traces were only needed by the passes; they would bloat the file
     ir.passes.common.ClearMetadataAndDocStringPass()(result.model)
     return result.model, {type(p).__name__: dict(p.counts) for p in passes}
-
-
-def save(ir_model: ir.Model, path: Path, external: bool) -> list[str]:
-    size = sum(v.const_value.nbytes for v in ir_model.graph.initializers.values() if v.const_value is not None)
-    if external or size > EXTERNAL_DATA_THRESHOLD:
-        data = path.name + ".data"
-        # tensors under 1 KB (shape constants) stay inline: onnxruntime's shape inference reads them
-        ir.save(ir_model, path, external_data=data, size_threshold_bytes=1024)
-        return [path.name, data]
-    ir.save(ir_model, path)
-    return [path.name]
 
 
 def build(result: MergeResult, folder: Path, options: BuildOptions) -> BuildResult:

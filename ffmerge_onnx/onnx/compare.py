@@ -32,10 +32,11 @@ from ..families import adapter_for
 from ..families.loading import load_model
 from ..merging import MergeResult
 from ..runtime import MALLOC_RECIPE
-from .build import BuildOptions, build, part_stacks, save, targets, untied_copy
+from .build import BuildOptions, build, part_stacks, targets, untied_copy
 from .export import Part, export_part, parts_for
+from .files import save
 from .memprobe import measure
-from .precision import PrecisionOptions, ToPrecision
+from .precision import PrecisionOptions, ToPrecision, derived
 
 MIN_MEASURABLE_BYTES = 4 * 2**20  # below this, page granularity and allocator noise swamp RSS
 BASELINE = "unmerged_defaults"
@@ -125,10 +126,9 @@ def shared_bytes_ratio(path: Path, result: MergeResult, stacks: list[str]) -> fl
     fp32 = sum(t.value.nbytes for t in shared)
     if not fp32:
         return 1.0
-    names = tuple(n for t in shared for n in (t.name + ".T", t.name + "_"))
     model = ir.load(path)
     held = sum(v.const_value.nbytes for n, v in model.graph.initializers.items()
-               if v.const_value is not None and (n in {t.name for t in shared} or n.startswith(names)))  # fmt: skip
+               if v.const_value is not None and any(derived(n, t.name) for t in shared))  # fmt: skip
     return held / fp32
 
 

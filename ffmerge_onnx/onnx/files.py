@@ -195,3 +195,20 @@ def sharing(path: Path, files: list[str] | None = None) -> dict:
         "file_bytes": on_disk,
         "order_gathers": gathers,  # mode gather: Gathers that put a layer's hidden units in its own order
     }
+
+
+EXTERNAL_DATA_THRESHOLD = 2 * 2**30  # protobuf's limit: above it weights go to a .data file
+
+
+def save(ir_model, path: Path, external: bool) -> list[str]:
+    """Write an onnx-ir model; its weights go to PATH.data when asked or when they would not fit."""
+    import onnx_ir as ir
+
+    size = sum(v.const_value.nbytes for v in ir_model.graph.initializers.values() if v.const_value is not None)
+    if external or size > EXTERNAL_DATA_THRESHOLD:
+        data = path.name + ".data"
+        # tensors under 1 KB (shape constants) stay inline: onnxruntime's shape inference reads them
+        ir.save(ir_model, path, external_data=data, size_threshold_bytes=1024)
+        return [path.name, data]
+    ir.save(ir_model, path)
+    return [path.name]

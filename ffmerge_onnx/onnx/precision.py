@@ -25,13 +25,12 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-from .files import sharing
+from .files import EXTERNAL_DATA_THRESHOLD, save, sharing
 from .passes.base import PostconditionError
 
 FP32_ATOL, FP32_RTOL = 1e-4, 1e-5
 FP16_BLOCKED = ["LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization", "RMSNormalization",
                 "Softmax"]  # fmt: skip
-EXTERNAL_THRESHOLD = 2 * 2**30
 
 
 @dataclass(frozen=True)
@@ -41,14 +40,9 @@ class PrecisionOptions:
     accuracy_level: int | None = None  # int4: MatMulNBits compute type (4: int8 activations), None: the default
 
 
-def _save(model, path: Path, external: bool) -> list[str]:
-    import onnx_ir as ir
-
-    if external:
-        ir.save(model, path, external_data=path.name + ".data", size_threshold_bytes=1024)
-        return [path.name, path.name + ".data"]
-    ir.save(model, path)
-    return [path.name]
+def derived(name: str, shared: str) -> bool:
+    """Whether initializer `name` holds merged tensor `shared`: itself, transposed (.T) or quantized (_...)."""
+    return name == shared or name.startswith((shared + ".T", shared + "_"))
 
 
 def _fp16(src: Path, dst: Path, options: PrecisionOptions, external: bool) -> list[str]:
@@ -59,7 +53,7 @@ def _fp16(src: Path, dst: Path, options: PrecisionOptions, external: bool) -> li
     converted = float16.convert_float_to_float16(onnx.load(str(src)), keep_io_types=True, op_block_list=FP16_BLOCKED)
     model = ir.from_proto(converted)
     model.graph.sort()  # the converter can leave the Casts it adds out of order
-    return _save(model, dst, external)
+    return save(model, dst, external)
 
 
 def _gemm_to_matmul(src: Path):
@@ -98,7 +92,7 @@ def _int8(src: Path, dst: Path, options: PrecisionOptions, external: bool) -> li
     model = _gemm_to_matmul(src)
     weighted = [n.name for n in model.graph if (n.op_type == "MatMul" and n.inputs[1].is_initializer())
                 or (n.op_type == "Gather" and n.inputs[0].is_initializer())]  # fmt: skip
-    _save(model, unfused, external)
+    save(model, unfused, external)
     # weights only (attention's activation x activation MatMuls stay fp32, embedding tables included), one
     # scale per output channel: MiniLM 2-3 pooled embedding cosine to fp32 0.987 against 0.937 per tensor
     # over every MatMul; the embedding table in int8 takes the file from 0.64x to 0.24x of fp32
@@ -115,7 +109,7 @@ def _int4(src: Path, dst: Path, options: PrecisionOptions, external: bool) -> li
                                      is_symmetric=True, accuracy_level=options.accuracy_level,
                                      op_types_to_quantize=("MatMul", "Gather"))  # embedding tables too  # fmt: skip
     quantizer.process()
-    return _save(ir.from_proto(quantizer.model.model), dst, external)
+    return save(ir.from_proto(quantizer.model.model), dst, external)
 
 
 @dataclass(frozen=True)
@@ -177,7 +171,7 @@ class ToPrecision:
         path = Path(path)
         if self.precision.convert is None:
             return files, {}
-        external = external or sum((path.parent / f).stat().st_size for f in files) > EXTERNAL_THRESHOLD
+        external = external or sum((path.parent / f).stat().st_size for f in files) > EXTERNAL_DATA_THRESHOLD
         with tempfile.TemporaryDirectory(prefix=".ffmerge-precision-", dir=path.parent) as tmp:
             written = self.precision.convert(path, Path(tmp) / path.name, self.options, external)
             for f in files:
@@ -191,7 +185,7 @@ class ToPrecision:
 
         stats = sharing(path, files)
         names = [t.name for t in onnx.load(str(path), load_external_data=False).graph.initializer]
-        missing = [s for s in self.shared if not any(n == s or n.startswith((s + ".T", s + "_")) for n in names)]
+        missing = [s for s in self.shared if not any(derived(n, s) for n in names)]
         if missing:
             raise PostconditionError(
                 f"ToPrecision({self.options.name}): merged tensors {missing[:3]} are gone from {path.name} under "
