@@ -59,9 +59,12 @@ Precision = _choice("Precision", PRECISIONS)
 PrecisionOpt = Annotated[
     Precision, typer.Option("--precision", help=_help("Weights after the graph passes.", PRECISIONS))
 ]
-BlockSizeOpt = Annotated[int, typer.Option("--block-size", help="int4: weights per scale (power of 2, >= 16).")]
+BlockSizeOpt = Annotated[int, typer.Option("--block-size", help="int8, int4: weights per scale (power of 2, >= 16).")]
 AccuracyOpt = Annotated[
-    int | None, typer.Option("--accuracy-level", help="int4: MatMulNBits compute type (4: int8 activations).")
+    int | None,
+    typer.Option(
+        "--accuracy-level", help="int8, int4: MatMulNBits compute type (4: int8 activations; int8's default)."
+    ),
 ]
 
 Out = Annotated[Path, typer.Option("-o", "--output", help="Output folder.")]

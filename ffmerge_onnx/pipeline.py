@@ -87,8 +87,8 @@ class ExportOptions:
     compare: bool = True  # measure against the original model and the paper's practice, side by side
     runs: int = 20  # timed runs per measuring process
     precision: str = "fp32"  # onnx/precision.py PRECISIONS
-    block_size: int = 32  # int4: weights per scale
-    accuracy_level: int | None = None  # int4: MatMulNBits compute type
+    block_size: int = 32  # int8, int4: weights per scale
+    accuracy_level: int | None = None  # int8, int4: MatMulNBits compute type
 
     def __post_init__(self):
         get_precision(self.precision)

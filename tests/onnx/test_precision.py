@@ -1,8 +1,10 @@
-"""Precision steps (fp16, int8, int4): every merged tensor stays stored once, outputs pass the
+"""Precision steps (fp16, int8, int8-dynamic, int4): every merged tensor stays stored once, outputs pass the
 precision's gate, and a step that duplicates a merged tensor fails its postcondition."""
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import json
 
 import numpy as np
@@ -28,7 +30,13 @@ def merged(model_type="llama"):
 
 
 @pytest.mark.parametrize(
-    "name", [pytest.param("fp16", marks=pytest.mark.slow), "int8", pytest.param("int4", marks=pytest.mark.slow)]
+    "name",
+    [
+        pytest.param("fp16", marks=pytest.mark.slow),
+        "int8",
+        pytest.param("int8-dynamic", marks=pytest.mark.slow),
+        pytest.param("int4", marks=pytest.mark.slow),
+    ],
 )
 def test_each_precision_keeps_every_merged_tensor_once_and_passes_its_gate(name, tmp_path):
     result = merged()
@@ -42,7 +50,8 @@ def test_each_precision_keeps_every_merged_tensor_once_and_passes_its_gate(name,
     inits = [t.name for t in onnx.load(str(tmp_path / "out" / "model.onnx")).graph.initializer]
     for s in shared:  # one weight per merged tensor, in the precision's form
         held = [n for n in inits if n.startswith(s)]
-        weight = {"fp16": [s + ".T"], "int8": [s + ".T_quantized"], "int4": [s + ".T_Q4"]}[name]
+        weight = {"fp16": [s + ".T"], "int8": [s + ".T_Q8"], "int8-dynamic": [s + ".T_quantized"],
+                  "int4": [s + ".T_Q4"]}[name]  # fmt: skip
         assert [n for n in held if n in weight] == weight, held
     checks = {c["name"]: c for c in report["checks"]}
     rows = checks["outputs[cpu]"]["detail"]["rows"]
@@ -58,7 +67,7 @@ def test_each_precision_keeps_every_merged_tensor_once_and_passes_its_gate(name,
 def test_a_precision_step_that_duplicates_a_merged_tensor_fails(tmp_path, monkeypatch):
     """If a converter wrote one copy of a merged weight per reader, ToPrecision's postcondition catches it."""
     result = merged()
-    real = precision_module._int8
+    real = precision_module._int8_dynamic
 
     def duplicating(src, dst, options, external):
         files = real(src, dst, options, external)
@@ -73,9 +82,9 @@ def test_a_precision_step_that_duplicates_a_merged_tensor_fails(tmp_path, monkey
         onnx.save(m, str(dst))
         return files
 
-    monkeypatch.setitem(PRECISIONS, "int8", PRECISIONS["int8"].__class__("int8", "", duplicating, ""))
+    monkeypatch.setitem(PRECISIONS, "int8-dynamic", PRECISIONS["int8"].__class__("int8-dynamic", "", duplicating, ""))
     with pytest.raises(PostconditionError, match="copies of others"):
-        export(result, tmp_path / "out", ExportOptions(precision="int8", compare=False), log=lambda s: None)
+        export(result, tmp_path / "out", ExportOptions(precision="int8-dynamic", compare=False), log=lambda s: None)
     assert not (tmp_path / "out").exists()
 
 
@@ -113,3 +122,26 @@ def test_quantize_command_and_validate_on_a_convert_folder(tmp_path):
     info["precision"] = "fp32"
     (tmp_path / "q" / "onnx_export.json").write_text(json.dumps(info))
     assert main(["validate", str(tmp_path / "q"), "--no-compare"]) == EXIT_VALIDATION
+
+
+def test_text_quality_check_scores_real_text_against_the_fp32_reference(tmp_path, monkeypatch):
+    """Below fp32, validate scores the BBC test split on the folder and on its fp32 reference and
+    gates the perplexity rise by the precision's allowance."""
+    from ffmerge_onnx.quality.evaluate import evaluate
+
+    validate_module = importlib.import_module("ffmerge_onnx.onnx.validate")  # the package exports validate()
+
+    result = merged()
+    out = tmp_path / "out"
+    report = export(result, out, ExportOptions(precision="int8", compare=False), preprocessor=tm.word_tokenizer(),
+                    log=lambda s: None)  # fmt: skip
+    (check,) = [c for c in report["checks"] if c["name"].startswith("text_quality")]
+    d = check["detail"]
+    assert check["status"] == "pass" and d["metric"] == "perplexity" and d["tokens"] == validate_module.TEXT_TOKENS
+    ref = evaluate(str(out / "reference"), max_tokens=d["tokens"], window=d["window"], progress=False)["value"]
+    assert d["reference"] == pytest.approx(ref, rel=1e-9) and d["rise"] == pytest.approx(d["value"] / ref - 1)
+    assert abs(d["rise"]) < PRECISIONS["int8"].perplexity_rise
+    strict = dataclasses.replace(PRECISIONS["int8"], perplexity_rise=d["rise"] - 1e-6)  # just below what it got
+    monkeypatch.setitem(PRECISIONS, "int8", strict)
+    again = validate_module.check_text_quality(out, out / "reference", result.model, "causal-lm", "int8")
+    assert again.status == "fail" and again.detail["value"] == pytest.approx(d["value"])
