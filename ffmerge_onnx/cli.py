@@ -72,6 +72,23 @@ ModelArg = Annotated[
     str | None, typer.Argument(help="Model folder, .gguf file or hub id (default: built-in all-MiniLM-L6-v2).")
 ]
 LayersOpt = Annotated[str | None, typer.Option("--layers", help="Window(s) to merge, inclusive: 3-5 or 0-2,6-8.")]
+AdapterOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--adapter",
+        help="JSON adapter describing the model's stacks and FF projections (start from `inspect --adapter-out`); "
+        "default: the reviewed one for its type, else one inferred from the model.",
+    ),
+]
+
+
+def _use_adapter(path: Path | None) -> None:
+    if path is not None:
+        from .families.adapter import use_adapter
+
+        use_adapter(path)
+
+
 StackOpt = Annotated[
     Stack | None,
     typer.Option("--stack", help="Which stack the window is in (default: every stack of a seq2seq model)."),
@@ -185,10 +202,12 @@ def merge_cmd(
     finetune_schedule: ScheduleOpt = Schedule.constant,
     overwrite: OverwriteOpt = False,
     trust_remote_code: RemoteOpt = False,
+    adapter: AdapterOpt = None,
 ):
     """Merge a window of adjacent FF sublayers and save the tied model (each shared tensor once).
 
     Seq2seq models without --stack merge the same indices in encoder and decoder."""
+    _use_adapter(adapter)
     from .pipeline import run_merge
 
     result, before = run_merge(
@@ -216,8 +235,10 @@ def analyze_cmd(
     calibration_tokens: TokensOpt = 10_000,
     overwrite: OverwriteOpt = False,
     trust_remote_code: RemoteOpt = False,
+    adapter: AdapterOpt = None,
 ):
     """Layer-by-layer FF similarity (mean matched correlation, linear CKA) as JSON and PNG heatmaps."""
+    _use_adapter(adapter)
     from .pipeline import run_analyze
 
     run_analyze(
@@ -288,8 +309,10 @@ def convert_cmd(
     accuracy_level: AccuracyOpt = None,
     overwrite: OverwriteOpt = False,
     trust_remote_code: RemoteOpt = False,
+    adapter: AdapterOpt = None,
 ):
     """Merge, export to ONNX with one shared initializer per merged FF, simplify and validate."""
+    _use_adapter(adapter)
     from .pipeline import ExportOptions, convert
     from .runtime import parse_providers
 
@@ -340,7 +363,8 @@ def _print_report(report: dict) -> None:
             )
         elif c["name"] == "sharing":
             extra = (
-                f", file/unique params {d['file_over_params']:.4f}, initializers/params {d['initializers_over_params']:.4f}"
+                f", file/unique params {d['file_over_params']:.4f}, initializers/(params + buffers) "
+                f"{d['initializers_over_params_and_buffers']:.4f}"
                 if "file_over_params" in d
                 else ""
             )
@@ -362,6 +386,49 @@ def _print_report(report: dict) -> None:
     if "side_by_side" in report:
         for line in side_by_side_lines(report["side_by_side"]):
             console.print(escape(line), soft_wrap=True)
+
+
+@app.command("inspect")
+def inspect_cmd(
+    model: ModelArg = None,
+    adapter_out: Annotated[
+        Path | None, typer.Option("--adapter-out", help="Write the adapter used (reviewed, yours or inferred) as JSON.")
+    ] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the description as JSON here.")] = None,
+    trust_remote_code: RemoteOpt = False,
+    adapter: AdapterOpt = None,
+):
+    """The model's family, stacks, FF projections, per-layer FF parameters and what merging k layers removes.
+    Reads the config only (no weights)."""
+    from rich.table import Table
+
+    from .families.builtin import builtin_models
+    from .families.describe import describe
+
+    _use_adapter(adapter)
+    spec = model or "all-MiniLM-L6-v2"
+    inputs = [builtin_models().get(spec, spec)]
+    for target in (adapter_out, json_out):
+        if target is not None:
+            check_report(target, inputs)
+    data, used = describe(spec, trust_remote_code=trust_remote_code)
+    console.print(
+        f"[bold]{data['model_type']}[/bold] ({data['class']}): family {data['family']}, adapter {data['adapter']}, "
+        f"task {data['task']}, {data['layout']} layout, bias {data['bias']}, gated {data['gated']}, "
+        f"{data['params']:,} parameters"
+    )
+    for stack, d in data["stacks"].items():
+        projections = ", ".join(f"{k} {v['path']} {v['shape']}" for k, v in d["projections"].items())
+        console.print(f"{stack}: {d['path']} x {d['layers']} {d['block']}; FF width {d['d_ff']}; {projections}")
+        table = Table("k merged", "parameters removed", "of the model")
+        for k, r in d["merge_removes"].items():
+            table.add_row(k, f"{r['params']:,}", f"{r['fraction']:.1%}")
+        console.print(table)
+    if adapter_out is not None:
+        write_text(adapter_out, json.dumps(used.to_json(), indent=1), inputs)
+        console.print(f"wrote the adapter to {adapter_out}; pass it back with --adapter {adapter_out}")
+    if json_out is not None:
+        write_text(json_out, json.dumps(data, indent=2), inputs)
 
 
 @app.command("evaluate")
@@ -428,8 +495,10 @@ def search_cmd(
     output: Out = Path("search"),
     overwrite: OverwriteOpt = False,
     trust_remote_code: RemoteOpt = False,
+    adapter: AdapterOpt = None,
 ):
     """Find the best window of k adjacent FF sublayers (paper 3.4) and write search.json + search.png."""
+    _use_adapter(adapter)
     from .pipeline import run_search
 
     result = run_search(

@@ -156,6 +156,114 @@ TINY = {
 }
 
 
+_COMMON = {"hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 2, "intermediate_size": 48, "vocab_size": VOCAB,
+               "max_position_embeddings": 64, "pad_token_id": 0, "bos_token_id": 0, "eos_token_id": 0}  # fmt: skip
+_DECODER = dict(_COMMON, num_key_value_heads=1)
+_SEQ2SEQ = {"d_model": 32, "encoder_layers": 4, "decoder_layers": 4, "encoder_attention_heads": 2, "decoder_attention_heads": 2,
+                "encoder_ffn_dim": 48, "decoder_ffn_dim": 48, "vocab_size": VOCAB, "max_position_embeddings": 64, "pad_token_id": 1,
+                "bos_token_id": 0, "eos_token_id": 2, "decoder_start_token_id": 0}  # fmt: skip
+_T5 = {"d_model": 32, "d_kv": 16, "d_ff": 48, "num_layers": 4, "num_decoder_layers": 4, "num_heads": 2, "vocab_size": VOCAB,
+           "decoder_start_token_id": 0, "pad_token_id": 0, "eos_token_id": 1}  # fmt: skip
+_VISION = {"hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 2, "intermediate_size": 48, "image_size": 16,
+               "patch_size": 4}  # fmt: skip
+
+
+def _config(cls_name: str, **kwargs):
+    return lambda: getattr(T, cls_name)(**kwargs)
+
+
+# model types no reviewed adapter covers: their adapter is inferred from the loaded model
+INFERRED = {
+    "distilbert": (_config("DistilBertConfig", dim=32, n_layers=4, n_heads=2, hidden_dim=48, vocab_size=VOCAB,
+                           max_position_embeddings=64, pad_token_id=0), T.DistilBertModel),
+    "electra": (_config("ElectraConfig", **_COMMON, embedding_size=32), T.ElectraModel),
+    "mpnet": (_config("MPNetConfig", **dict(_COMMON, pad_token_id=1)), T.MPNetModel),
+    "deberta-v2": (_config("DebertaV2Config", **_COMMON), T.DebertaV2Model),
+    "xlm-roberta": (_config("XLMRobertaConfig", **dict(_COMMON, max_position_embeddings=70, pad_token_id=1)),
+                    T.XLMRobertaModel),
+    "gpt_neox": (_config("GPTNeoXConfig", **_COMMON), T.GPTNeoXForCausalLM),
+    "opt": (_config("OPTConfig", hidden_size=32, num_hidden_layers=4, num_attention_heads=2, ffn_dim=48,
+                    vocab_size=VOCAB, max_position_embeddings=64, word_embed_proj_dim=32, pad_token_id=1,
+                    bos_token_id=0, eos_token_id=0), T.OPTForCausalLM),
+    "bloom": (_config("BloomConfig", hidden_size=32, n_layer=4, n_head=2, vocab_size=VOCAB, pad_token_id=0,
+                      bos_token_id=0, eos_token_id=0), T.BloomForCausalLM),
+    "falcon": (_config("FalconConfig", hidden_size=32, num_hidden_layers=4, num_attention_heads=2, vocab_size=VOCAB,
+                       ffn_hidden_size=48, bos_token_id=0, eos_token_id=0), T.FalconForCausalLM),
+    "phi": (_config("PhiConfig", **_COMMON), T.PhiForCausalLM),
+    "gemma": (_config("GemmaConfig", **_DECODER, head_dim=16), T.GemmaForCausalLM),
+    "gemma2": (_config("Gemma2Config", **_DECODER, head_dim=16), T.Gemma2ForCausalLM),
+    "gemma3_text": (_config("Gemma3TextConfig", **_DECODER, head_dim=16), T.Gemma3ForCausalLM),
+    "stablelm": (_config("StableLmConfig", **_DECODER), T.StableLmForCausalLM),
+    "starcoder2": (_config("Starcoder2Config", **_DECODER), T.Starcoder2ForCausalLM),
+    "granite": (_config("GraniteConfig", **_DECODER), T.GraniteForCausalLM),
+    "olmo": (_config("OlmoConfig", **_DECODER), T.OlmoForCausalLM),
+    "olmo2": (_config("Olmo2Config", **_DECODER), T.Olmo2ForCausalLM),
+    "qwen3": (_config("Qwen3Config", **_DECODER, head_dim=16), T.Qwen3ForCausalLM),
+    "gptj": (_config("GPTJConfig", n_embd=32, n_layer=4, n_head=2, n_inner=48, vocab_size=VOCAB, n_positions=64,
+                     rotary_dim=8, bos_token_id=0, eos_token_id=0), T.GPTJForCausalLM),
+    "gpt_bigcode": (_config("GPTBigCodeConfig", n_embd=32, n_layer=4, n_head=2, n_inner=48, vocab_size=VOCAB,
+                            n_positions=64, bos_token_id=0, eos_token_id=0), T.GPTBigCodeForCausalLM),
+    "t5": (_config("T5Config", **_T5), T.T5ForConditionalGeneration),
+    "t5-gated": (_config("T5Config", **_T5, feed_forward_proj="gated-gelu"), T.T5ForConditionalGeneration),
+    "mt5": (_config("MT5Config", **_T5), T.MT5ForConditionalGeneration),
+    "mbart": (_config("MBartConfig", **_SEQ2SEQ), T.MBartForConditionalGeneration),
+    "pegasus": (_config("PegasusConfig", **_SEQ2SEQ), T.PegasusForConditionalGeneration),
+    "m2m_100": (_config("M2M100Config", **_SEQ2SEQ), T.M2M100ForConditionalGeneration),
+    "beit": (_config("BeitConfig", **_VISION), T.BeitForImageClassification),
+    "dinov2": (_config("Dinov2Config", **_VISION, mlp_ratio=2), T.Dinov2Model),
+    "clip_text_model": (_config("CLIPTextConfig", **_COMMON), T.CLIPTextModel),
+    "camembert": (_config("CamembertConfig", **dict(_COMMON, max_position_embeddings=70, pad_token_id=1)),
+                  T.CamembertModel),
+    "ernie": (_config("ErnieConfig", **_COMMON), T.ErnieModel),
+    "roformer": (_config("RoFormerConfig", **_COMMON, embedding_size=32), T.RoFormerModel),
+    "megatron-bert": (_config("MegatronBertConfig", **_COMMON), T.MegatronBertModel),
+    "data2vec-text": (_config("Data2VecTextConfig", **dict(_COMMON, max_position_embeddings=70, pad_token_id=1)),
+                      T.Data2VecTextModel),
+    "biogpt": (_config("BioGptConfig", **_COMMON), T.BioGptForCausalLM),
+    "xglm": (_config("XGLMConfig", d_model=32, num_layers=4, attention_heads=2, ffn_dim=48, vocab_size=VOCAB,
+                     max_position_embeddings=64, pad_token_id=1, bos_token_id=0, eos_token_id=2), T.XGLMForCausalLM),
+    "gpt_neo": (_config("GPTNeoConfig", hidden_size=32, num_layers=4, num_heads=2, intermediate_size=48,
+                        vocab_size=VOCAB, max_position_embeddings=64, attention_types=[[["global", "local"], 2]],
+                        bos_token_id=0, eos_token_id=0), T.GPTNeoForCausalLM),
+    "codegen": (_config("CodeGenConfig", n_embd=32, n_layer=4, n_head=2, n_inner=48, vocab_size=VOCAB,
+                        n_positions=64, rotary_dim=8, bos_token_id=0, eos_token_id=0), T.CodeGenForCausalLM),
+    "persimmon": (_config("PersimmonConfig", **_COMMON), T.PersimmonForCausalLM),
+    "cohere": (_config("CohereConfig", **_DECODER), T.CohereForCausalLM),
+    "smollm3": (_config("SmolLM3Config", **_DECODER), T.SmolLM3ForCausalLM),
+    "helium": (_config("HeliumConfig", **_DECODER, head_dim=16), T.HeliumForCausalLM),
+    "nemotron": (_config("NemotronConfig", **_DECODER, head_dim=16), T.NemotronForCausalLM),
+    "exaone4": (_config("Exaone4Config", **_DECODER, head_dim=16), T.Exaone4ForCausalLM),
+    "ministral": (_config("MinistralConfig", **_DECODER, head_dim=16), T.MinistralForCausalLM),
+    "blenderbot": (_config("BlenderbotConfig", **_SEQ2SEQ), T.BlenderbotForConditionalGeneration),
+    "blenderbot-small": (_config("BlenderbotSmallConfig", **_SEQ2SEQ), T.BlenderbotSmallForConditionalGeneration),
+    "plbart": (_config("PLBartConfig", **_SEQ2SEQ), T.PLBartForConditionalGeneration),
+    "vit_msn": (_config("ViTMSNConfig", **_VISION), T.ViTMSNModel),
+    "siglip_text_model": (_config("SiglipTextConfig", **_COMMON), T.SiglipTextModel),
+    "clip_vision_model": (_config("CLIPVisionConfig", **_VISION), T.CLIPVisionModel),
+    "siglip_vision_model": (_config("SiglipVisionConfig", **_VISION), T.SiglipVisionModel),
+}  # fmt: skip
+# model types inference refuses, with the reason it must give
+REFUSED = {
+    "phi3": (_config("Phi3Config", **_DECODER), T.Phi3ForCausalLM, "fused in one matrix"),
+    "modernbert": (_config("ModernBertConfig", **_COMMON, global_attn_every_n_layers=2, local_attention=16,
+                           cls_token_id=0, sep_token_id=0), T.ModernBertModel, "fused in one matrix"),
+    "albert": (_config("AlbertConfig", **_COMMON, embedding_size=16), T.AlbertModel, "no list of two or more"),
+    "mixtral": (_config("MixtralConfig", **_DECODER, num_local_experts=4, num_experts_per_tok=2),
+                T.MixtralForCausalLM, "mixture-of-experts"),
+    "glm": (_config("GlmConfig", **_DECODER, head_dim=16), T.GlmForCausalLM, "fused in one matrix"),
+    "whisper": (_config("WhisperConfig", **_SEQ2SEQ, num_mel_bins=16, max_source_positions=32,
+                        max_target_positions=64), T.WhisperForConditionalGeneration, "takes input_features (audio)"),
+    "wav2vec2": (_config("Wav2Vec2Config", **_COMMON, conv_dim=(16, 16), conv_stride=(4, 4), conv_kernel=(8, 8),
+                         num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=2), T.Wav2Vec2Model,
+                 "takes input_values (audio)"),
+    "hubert": (_config("HubertConfig", **_COMMON, conv_dim=(16, 16), conv_stride=(4, 4), conv_kernel=(8, 8),
+                       num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=2), T.HubertModel,
+               "takes input_values (audio)"),
+    "swin": (_config("SwinConfig", image_size=16, patch_size=2, embed_dim=16, depths=[2, 2], num_heads=[2, 2],
+                     window_size=2), T.SwinModel, "stages holding block lists"),
+}  # fmt: skip
+
+
 EMBEDDING_HINTS = ("embed", "wte", "wpe", "patch", "cls_token", "distillation_token", "position")
 
 
@@ -164,7 +272,10 @@ def build(model_type: str, seed: int = 0, scale: float = 0.2, gentle: bool = Fal
 
     gentle: small layer weights under large embeddings, so each layer changes the residual
     stream a little, as in trained models (adjacent layers then see similar inputs)."""
-    _, make_config, cls = TINY[model_type]
+    if model_type in TINY:
+        _, make_config, cls = TINY[model_type]
+    else:
+        make_config, cls = (INFERRED.get(model_type) or REFUSED[model_type])[:2]
     torch.manual_seed(seed)
     config = make_config()
     config.architectures = [cls.__name__]

@@ -4,6 +4,7 @@ module); this module only reads that data and resolves it on a loaded model or i
 from __future__ import annotations
 
 import json
+import weakref
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -13,9 +14,11 @@ from torch import nn
 from ..errors import UnsupportedArchitectureError
 
 HOW_TO_ADD = (
-    "To add a family, write ffmerge_onnx/families/<name>.json (stacks, FF projection "
-    "names, layout, bias, config keys) and a tiny test model in tests/tiny_models.py."
+    "Describe the model in a JSON adapter (stacks, FF projection paths, layout, bias, config keys; "
+    "`ffmerge-onnx inspect MODEL --adapter-out FILE` writes the inferred one as a start) and pass "
+    "it with --adapter FILE."
 )
+REQUIRED = ("name", "model_types", "task", "stacks", "ff", "layout", "bias", "config_keys")
 
 
 @dataclass(frozen=True)
@@ -29,7 +32,10 @@ class Role:
 
 
 def _config_value(config, spec: str | None):
-    """A config value by key spec: alternatives split by '|', each `key` or `N*key`; first not None."""
+    """A config value by key spec: alternatives split by '|', each `key` or `N*key`, first not None; an
+    int spec is the value itself."""
+    if isinstance(spec, int):
+        return spec
     for alternative in (spec or "").split("|"):
         factor, _, key = alternative.strip().rpartition("*")
         value = getattr(config, key, None) if key else None
@@ -70,6 +76,18 @@ class Adapter:
             position_offset=int(data.get("position_offset", 0)),
             extra_tokens=int(data.get("extra_tokens", 0)),
         )
+
+    def to_json(self) -> dict:
+        """The adapter as the JSON data from_json reads."""
+        ff = {k: list(v) if v else None for k, v in self.projections.items()}
+        data = {"name": self.name, "description": self.description, "model_types": list(self.model_types),
+                "task": self.task, "heads": self.heads, "stacks": {k: list(v) for k, v in self.stacks.items()},
+                "ff": ff, "layout": self.layout, "bias": self.bias, "config_keys": self.config_keys}  # fmt: skip
+        if self.position_offset:
+            data["position_offset"] = self.position_offset
+        if self.extra_tokens:
+            data["extra_tokens"] = self.extra_tokens
+        return data
 
     def task_of(self, model: nn.Module) -> str:
         """The model's task: by its head class (e.g. BertForSequenceClassification), else the family's."""
@@ -223,20 +241,78 @@ def registry() -> dict[str, Adapter]:
     return dict(sorted(adapters.items()))
 
 
+_user: dict[str, Adapter] = {}  # --adapter FILE, ahead of the reviewed set
+_bound: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> the adapter its folder recorded
+
+
+def bind(model: nn.Module, adapter: Adapter) -> None:
+    """Use `adapter` for this model object (a merged folder's recorded adapter), whatever its type."""
+    _bound[model] = adapter
+
+
+def read_adapter(path) -> Adapter:
+    """A user's adapter file, checked: the JSON fields from_json needs, each of the right kind."""
+    from pathlib import Path
+
+    from ..errors import InputError
+
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise InputError(f"--adapter {path} is not a readable JSON file ({type(e).__name__}).") from e
+    missing = [k for k in REQUIRED if not isinstance(data, dict) or k not in data]
+    if missing:
+        raise InputError(f"--adapter {path} lacks {', '.join(missing)}; see ffmerge_onnx/families/*.json for the form.")
+    kinds = {"stacks": dict, "ff": dict, "config_keys": dict, "model_types": list, "layout": str, "task": str}
+    wrong = [k for k, kind in kinds.items() if not isinstance(data[k], kind)]
+    if wrong or data["layout"] not in ("linear", "conv1d") or not {"in", "out"} <= set(data["ff"]):
+        raise InputError(
+            f"--adapter {path}: {', '.join(wrong) or 'layout or ff'} is not of the expected form (layout linear or "
+            "conv1d; ff with in, out and optionally gate; stacks, config_keys objects; model_types a list)."
+        )
+    try:
+        return Adapter.from_json(data)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise InputError(f"--adapter {path} is not a valid adapter ({type(e).__name__}: {e}).") from e
+
+
+def use_adapter(path) -> Adapter:
+    """Read a user's adapter file and use it for its model types in this process."""
+    adapter = read_adapter(path)
+    _user[adapter.name] = adapter
+    return adapter
+
+
 def supported_model_types() -> list[str]:
     return sorted(t for a in registry().values() for t in a.model_types)
 
 
+def registered(model_type: str) -> Adapter | None:
+    """The user's or the reviewed adapter for a model type (None: none is written)."""
+    return next((a for a in [*_user.values(), *registry().values()] if model_type in a.model_types), None)
+
+
 def adapter_for(model_or_type) -> Adapter:
-    """The adapter for a model, its config, or a config.model_type string."""
+    """The adapter for a model, its config, or a config.model_type string: a user's (--adapter), else a
+    reviewed one, else one inferred from the model's structure (a config is built on the meta device)."""
     if isinstance(model_or_type, str):
         model_type = model_or_type
     else:
         config = getattr(model_or_type, "config", model_or_type)
         model_type = getattr(config, "model_type", None) or type(model_or_type).__name__
-    for adapter in registry().values():
-        if model_type in adapter.model_types:
-            return adapter
+    if isinstance(model_or_type, nn.Module) and model_or_type in _bound:
+        return _bound[model_or_type]
+    adapter = registered(model_type)
+    if adapter is not None:
+        return adapter
+    from .infer import infer_adapter, skeleton
+
+    if isinstance(model_or_type, nn.Module) and hasattr(model_or_type, "config"):
+        return infer_adapter(model_or_type)
+    if hasattr(model_or_type, "to_dict") and getattr(model_or_type, "model_type", None):
+        return infer_adapter(skeleton(model_or_type))
     raise UnsupportedArchitectureError(
-        f"Model type {model_type!r} is not supported. Supported: {', '.join(supported_model_types())}. {HOW_TO_ADD}"
+        f"Model type {model_type!r} has no adapter and no loaded model to infer one from. Reviewed: "
+        f"{', '.join(supported_model_types())}. {HOW_TO_ADD}"
     )

@@ -56,7 +56,7 @@ def model_class(config) -> type:
         cls = getattr(transformers, arch, None)
         if cls is not None:
             return cls
-    auto = getattr(transformers, AUTO_BY_TASK[adapter_for(config.model_type).task])
+    auto = getattr(transformers, AUTO_BY_TASK[adapter_for(config).task])
     return auto._model_mapping[type(config)]  # a GGUF config names no architecture
 
 
@@ -97,12 +97,12 @@ def _layer_count(shapes: dict[str, tuple], path: str) -> int:
     return max(found) + 1 if found else 0
 
 
-def check_config(config, folder: Path) -> None:
+def check_config(config, folder: Path, adapter=None) -> None:
     """Refuse a config whose sizes its checkpoint does not have, before anything is allocated."""
     shapes = checkpoint_shapes(folder)
     if shapes is None:
         return
-    adapter = adapter_for(config.model_type)
+    adapter = adapter or adapter_for(config)
     for stack, paths in adapter.stacks.items():
         held = max(_layer_count(shapes, p) for p in paths)
         declared = adapter.config_layers(config, stack)
@@ -130,7 +130,9 @@ def check_config(config, folder: Path) -> None:
             )
 
 
-def load_model(spec: str, *, trust_remote_code: bool = False) -> nn.Module:
+def load_config(spec: str, *, trust_remote_code: bool = False):
+    """(config, where, from_pretrained kwargs) of a model folder, .gguf file or hub id; checks that an
+    adapter is written for it or can be inferred (on the meta device) before any weight is read."""
     where, gguf = resolve(spec)
     kwargs = {"trust_remote_code": trust_remote_code}
     if gguf:
@@ -151,7 +153,13 @@ def load_model(spec: str, *, trust_remote_code: bool = False) -> nn.Module:
             ) from e
         hint = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         raise InputError(f"Could not read a model config from {spec}: {hint}") from e
-    adapter_for(config.model_type)  # fail early with the list of supported families
+    adapter_for(config)  # fail early: no adapter written and none can be inferred (on the meta device)
+    return config, where, kwargs
+
+
+def load_model(spec: str, *, trust_remote_code: bool = False) -> nn.Module:
+    config, where, kwargs = load_config(spec, trust_remote_code=trust_remote_code)
+    gguf = kwargs.get("gguf_file")
     if Path(where).is_dir() and not gguf:
         check_config(config, Path(where))
     cls = model_class(config)

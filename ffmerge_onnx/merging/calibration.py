@@ -70,8 +70,10 @@ class _Recorder:
     def _hook(self, s: Stream):
         def hook(_module, _inputs, output):
             out = output[0] if isinstance(output, tuple) else output
-            out = out.reshape(out.shape[0], -1, out.shape[-1]) if out.dim() > 2 else out.unsqueeze(0)
             mask = self.masks[s.stack]
+            if out.dim() == 2 and out.shape[0] == mask.numel() and mask.dim() == 2:  # tokens flattened (OPT)
+                out = out.reshape(*mask.shape, out.shape[-1])
+            out = out.reshape(out.shape[0], -1, out.shape[-1]) if out.dim() > 2 else out.unsqueeze(0)
             if mask.shape != out.shape[:2]:
                 raise RuntimeError(f"mask {tuple(mask.shape)} does not fit activations {tuple(out.shape)}")
             self.features[s.key] = out[mask]

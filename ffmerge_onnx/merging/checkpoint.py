@@ -7,6 +7,7 @@ and re-ties them to the very same Parameter objects.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -15,6 +16,7 @@ from torch import nn
 
 from ..errors import CorruptModelError, InputError, ManifestError
 from ..families import adapter_for
+from ..families.adapter import bind, read_adapter, registry
 from ..families.loading import check_config, model_class
 from ..fsutil import atomic_dir, check_target
 from .manifest import Manifest, fingerprint, load_permutations
@@ -22,6 +24,7 @@ from .merge import MergeResult, restore_deltas
 from .windows import Window, check_windows
 
 WEIGHTS_NAME = "model.safetensors"
+ADAPTER_NAME = "adapter.json"  # the structure of a model no reviewed adapter describes
 
 
 def _storage_key(t: torch.Tensor):
@@ -56,6 +59,9 @@ def save_merged(result: MergeResult, folder, *, preprocessor=None, overwrite: bo
         model.config.save_pretrained(tmp)
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "ffmerge": "1"})
         manifest.save(tmp, result.permutations)
+        adapter = adapter_for(model)
+        if adapter.name not in registry():  # a user's or an inferred adapter travels with the folder
+            (tmp / ADAPTER_NAME).write_text(json.dumps(adapter.to_json(), indent=1))
         if preprocessor is not None:
             preprocessor.save_pretrained(tmp)
     return folder
@@ -74,6 +80,7 @@ def load_merged(folder, *, device: str = "cpu") -> MergeResult:
     """Rebuild the tied model written by save_merged; ties are the same Parameter objects."""
     folder = Path(folder)
     manifest = Manifest.load(folder)
+    recorded = read_adapter(folder / ADAPTER_NAME) if (folder / ADAPTER_NAME).is_file() else None
     weights = folder / WEIGHTS_NAME
     if not weights.exists():
         raise InputError(f"{folder} has no {WEIGHTS_NAME}; was it written by save_merged()?")
@@ -86,8 +93,10 @@ def load_merged(folder, *, device: str = "cpu") -> MergeResult:
             raise ManifestError(
                 f"{folder}: config.json is a {config.model_type!r} model, its manifest a {manifest.model_type!r} one."
             )
-        check_config(config, folder)
+        check_config(config, folder, recorded)
         model = model_class(config)._from_config(config)
+        if recorded is not None:
+            bind(model, recorded)
         state = load_file(str(weights), device=device)
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
         raise CorruptModelError(

@@ -25,6 +25,7 @@ from ..runtime import write_settings
 from .export import Part, export_part, parts_for
 from .files import load_ir, save
 from .passes import (
+    DedupeConstants,
     DetectShared,
     FoldWeightTransposes,
     GraphPass,
@@ -137,7 +138,8 @@ def graph_passes(
     detect: bool = False,
 ) -> list[GraphPass]:
     """The order of the ONNX passes: fold weight transposes, share the merged tensors (or detect
-    copies without a manifest), give permuted layers their Gathers, simplify without undoing it."""
+    copies without a manifest), give permuted layers their Gathers, make equal constants one, simplify
+    without undoing it."""
     passes: list[GraphPass] = [FoldWeightTransposes()]
     if share is not None:
         passes.append(ShareMerged(share))
@@ -145,6 +147,7 @@ def graph_passes(
         passes.append(DetectShared())
     if orders:
         passes.append(PermuteGather(share or [], orders))
+    passes.append(DedupeConstants())
     if simplifier != "none":
         passes.append(SharingSafeSimplify(simplifier))
     return passes

@@ -207,6 +207,17 @@ def unique_param_bytes(model) -> int:
     return total
 
 
+def buffer_bytes(model) -> int:
+    """Float and bool buffers (rotary tables, causal masks): constants the graph may hold besides weights
+    (integer ones are counted with the graph's index constants)."""
+    seen, total = set(), 0
+    for b in model.buffers():
+        if (b.is_floating_point() or b.dtype == torch.bool) and id(b) not in seen:
+            seen.add(id(b))
+            total += b.numel() * b.element_size()
+    return total
+
+
 def validate(
     folder, *, reference=None, providers=("cpu",), side_by_side=True, runs: int = 20, log=lambda s: None
 ) -> dict:
@@ -257,13 +268,16 @@ def validate(
         params = unique_param_bytes(model)
         init = sum(r["unique_bytes"] for r in share_rows.values())
         index = sum(compare.initializer_bytes(folder / p.filename)["index_bytes"] for p in parts)  # shapes, indices
+        buffers = buffer_bytes(model)
         sharing_detail.update(
             unique_param_bytes=params,
             integer_constant_bytes=index,
+            buffer_bytes=buffers,
             file_over_params=file_bytes / params,
             initializers_over_params=(init - index) / params,
+            initializers_over_params_and_buffers=(init - index) / (params + buffers),
         )
-    ok = dups == 0 and (len(parts) > 1 or init - index <= 1.01 * params)
+    ok = dups == 0 and (len(parts) > 1 or init - index <= 1.01 * (params + buffers))
     checks.append(Check("sharing", "pass" if ok else "fail", sharing_detail))
     table = None
     if side_by_side and result.manifest.windows:
@@ -358,7 +372,8 @@ def summary(report: dict) -> str:
                 f"file bytes {d['file_bytes']:,}; duplicated tensors {d['duplicated_tensors']}"
                 + (
                     f"; file / unique parameter bytes {d['file_over_params']:.4f}; initializer / parameter "
-                    f"bytes {d['initializers_over_params']:.4f} (gate <= 1.01)"
+                    f"and buffer bytes {d.get('initializers_over_params_and_buffers', float('nan')):.4f} "
+                    "(gate <= 1.01)"
                     if "file_over_params" in d
                     else ""
                 )

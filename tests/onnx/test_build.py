@@ -137,7 +137,7 @@ def test_convert_writes_folder_and_validate_passes_then_fails_on_broken_graph(tm
     assert main(["validate", str(near), "--no-compare", "--json", str(tmp_path / "n.json")]) == EXIT_VALIDATION
     checks = {c["name"]: c for c in json.loads((tmp_path / "n.json").read_text())["checks"]}
     assert checks["outputs[cpu]"]["status"] == "pass" and checks["sharing"]["status"] == "fail"
-    assert checks["sharing"]["detail"]["initializers_over_params"] > 1.01
+    assert checks["sharing"]["detail"]["initializers_over_params_and_buffers"] > 1.01
     # break the graph: perturb one shared weight above tolerance
     m = onnx.load(str(out / "model.onnx"))
     t = next(t for t in m.graph.initializer if t.name.startswith("ffmerge.") and "fc_out.weight" in t.name)
