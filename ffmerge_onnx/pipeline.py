@@ -129,7 +129,16 @@ def load(spec: str | None, trust_remote_code: bool = False, log: Log = print) ->
             )
         merged = load_merged(folder)
         return Loaded(path, merged.model, load_preprocessor(path), merged)
-    return Loaded(path, load_model(path, trust_remote_code=trust_remote_code), load_preprocessor(path))
+    model = load_model(path, trust_remote_code=trust_remote_code)
+    adapter = adapter_for(model)
+    if adapter.name.startswith("inferred:"):
+        stacks = ", ".join(
+            f"{s} {adapter.stacks[s][0]} ({adapter.num_layers(model, s)} layers)" for s in adapter.stacks
+        )
+        ff = ", ".join(f"{k} {v[0]}" for k, v in adapter.projections.items() if v)
+        log(f"no reviewed adapter for {model.config.model_type}: inferred {stacks}; FF {ff} "
+            "(review it with `ffmerge-onnx inspect`, fix it with --adapter FILE)")  # fmt: skip
+    return Loaded(path, model, load_preprocessor(path))
 
 
 def calibration_data(

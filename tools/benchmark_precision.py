@@ -57,12 +57,12 @@ def main() -> None:
             options = ExportOptions(precision=name, runs=a.runs)
             try:
                 validated = export(result, folder, options, preprocessor=pre, log=lambda s: None)
-            except ValidationFailed as e:
+            except ValidationFailed as e:  # nothing written: the figures stay, the quality cannot be scored
                 validated = e.report
-                export(result, folder, ExportOptions(precision=name, compare=False), preprocessor=pre,
-                       log=lambda s: None)  # fmt: skip
             reference = str(Path(tmp) / "fp32") if name != "fp32" and (Path(tmp) / "fp32").exists() else None
-            if result.adapter.task == "causal-lm":
+            if not folder.exists():
+                quality = {"metric": "not scored (validation failed)", "value": float("nan")}
+            elif result.adapter.task == "causal-lm":
                 quality = evaluate(str(folder), max_tokens=a.tokens, progress=False)
             else:
                 quality = evaluate(str(folder), texts=texts, reference=reference or a.model, progress=False)
@@ -71,6 +71,7 @@ def main() -> None:
             report["rows"][name] = {
                 "ok": validated["ok"],
                 "checks": {c["name"]: c["status"] for c in validated["checks"]},
+                "check_details": {c["name"]: c["detail"] for c in validated["checks"] if c["name"].startswith("text")},
                 "quality": {"metric": quality["metric"], "value": quality["value"], "against": reference or a.model},
                 "merged_file_bytes": figures["merged"]["file_bytes"],
                 "unmerged_file_bytes": figures["unmerged_defaults"]["file_bytes"],

@@ -112,7 +112,7 @@ def _projections(model_type: str, block: nn.Module, d_model: int) -> tuple[dict[
     linear = [(p, m, _linear_layout(m)) for p, m in block.named_modules() if _linear_layout(m)]
     if any("expert" in p for p, _, _ in linear):
         raise _refuse(model_type, "its blocks hold mixture-of-experts FFs (several FFs chosen per token); merging "
-                                  "them as one FF would be wrong.")  # fmt: skip
+                                  "them as one FF would be wrong.", adapter_helps=False)  # fmt: skip
     shapes = {p: _shape(m, lay) for p, m, lay in linear}
     outs = [p for p, (i, o) in shapes.items() if o == d_model and i != d_model]
     if len(outs) != 1:
@@ -124,7 +124,8 @@ def _projections(model_type: str, block: nn.Module, d_model: int) -> tuple[dict[
     fused = [p for p, (i, o) in shapes.items() if i == d_model and o == 2 * d_ff and "att" not in p.lower()]
     if not ins and fused:
         raise _refuse(model_type, f"its gate and up projections are fused in one matrix ({fused[0]}: {d_model}->"
-                                  f"{2 * d_ff}); merging needs them as two Linear layers.")  # fmt: skip
+                                  f"{2 * d_ff}); merging needs them as two Linear layers (not supported yet).",
+                      adapter_helps=False)  # fmt: skip
     if len(ins) not in (1, 2):
         raise _refuse(model_type, f"found {len(ins)} projections d_model={d_model} -> d_ff={d_ff} in a block "
                                   f"({ins}); expected one, or two for a gated FF.")  # fmt: skip
@@ -182,7 +183,11 @@ def infer_adapter(model: nn.Module) -> Adapter:
     config = model.config
     model_type = getattr(config, "model_type", type(model).__name__)
     if any((_config_value(config, k) or 0) > 1 for k in ("num_experts", "num_local_experts", "moe_num_experts")):
-        raise _refuse(model_type, "it is a mixture-of-experts model (several FFs chosen per token per layer).")
+        raise _refuse(
+            model_type,
+            "it is a mixture-of-experts model (several FFs chosen per token per layer).",
+            adapter_helps=False,
+        )
     task = family_task(config)
     main_input = getattr(model, "main_input_name", "input_ids")
     if main_input not in ("input_ids", "pixel_values"):
@@ -192,7 +197,7 @@ def infer_adapter(model: nn.Module) -> Adapter:
     found = _stacks(base)
     if not found:
         raise _refuse(model_type, "found no list of two or more repeated blocks (a model that reuses one block for "
-                                  "every layer, such as ALBERT, already shares its FF weights).")  # fmt: skip
+                                  "every layer, such as ALBERT, already shares its FF weights).", adapter_helps=False)  # fmt: skip
     nested = [p for p, blocks in found.items() if _stacks(blocks[0])]
     if nested:
         raise _refuse(model_type, f"its blocks at {nested[0]} are stages holding block lists of their own, with "
@@ -201,11 +206,13 @@ def infer_adapter(model: nn.Module) -> Adapter:
     if len(found) > 2 or (len(found) == 2 and task != "seq2seq-lm"):
         raise _refuse(model_type, f"found several block lists ({', '.join(found)}); which to merge is ambiguous.")
     d_model = _config_value(config, "hidden_size|d_model|n_embd")
+    if not isinstance(d_model, int):
+        raise _refuse(model_type, "its config names no model width (hidden_size, d_model or n_embd).")
     stacks, paths, config_keys, found_roles = {}, {}, {}, {}
     layout = bias = None
     for path, blocks in found.items():
         name = _stack_name(path, task, len(found))
-        roles, stack_layout, stack_bias, d_ff = _projections(model_type, blocks[0], int(d_model))
+        roles, stack_layout, stack_bias, d_ff = _projections(model_type, blocks[0], d_model)
         if (paths and set(roles) != set(paths)) or layout not in (None, stack_layout) or bias not in (None, stack_bias):
             raise _refuse(model_type, "its stacks hold FFs of different structure (gated in one, layout or bias).")
         layout, bias = stack_layout, stack_bias
@@ -263,10 +270,14 @@ def _check_blocks(model_type: str, stack: str, blocks: nn.ModuleList, roles: dic
         weights.add(id(modules[roles["out"]].weight))
         widths.add(_shape(modules[roles["out"]], layout)[0])
     if len(weights) == 1:
-        raise _refuse(model_type, f"all its {stack} blocks already share one FF weight; there is nothing to merge.")
+        raise _refuse(
+            model_type,
+            f"all its {stack} blocks already share one FF weight; there is nothing to merge.",
+            adapter_helps=False,
+        )
     if len(widths) > 1:
         raise _refuse(model_type, f"its {stack} blocks have FFs of different widths {sorted(widths)}; merged FFs must "
-                                  "have one width.")  # fmt: skip
+                                  "have one width.", adapter_helps=False)  # fmt: skip
 
 
 def skeleton(config) -> nn.Module:

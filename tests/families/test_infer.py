@@ -99,6 +99,27 @@ def test_inferred_type_merges_exports_and_validates(model_type, tmp_path):
     assert (tmp_path / "out" / "reference" / "adapter.json").is_file()  # the folder carries its structure
 
 
+def test_an_ambiguous_block_is_refused_with_the_way_to_write_an_adapter():
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.down, self.side = nn.Linear(8, 16), nn.Linear(16, 8), nn.Linear(16, 8)
+
+    class Toy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = SimpleNamespace(model_type="toy", hidden_size=8, num_hidden_layers=2)
+            self.layers = nn.ModuleList([Block(), Block()])
+
+    with pytest.raises(UnsupportedArchitectureError, match="found 2 projections from the FF width") as e:
+        infer_adapter(Toy())
+    assert "--adapter-out FILE" in str(e.value) and "--adapter FILE" in str(e.value)
+
+
 def _save_tiny(model_type, folder):
     model = tm.build(model_type)
     model.save_pretrained(folder)
@@ -141,7 +162,7 @@ def test_a_refused_type_and_a_bad_adapter_file_stop_before_any_work(tmp_path, ca
     _save_tiny("phi3", tmp_path / "phi3")
     assert main(["convert", str(tmp_path / "phi3"), "-o", str(tmp_path / "out")]) == EXIT_USAGE
     err = capsys.readouterr().err
-    assert "gate_up_proj" in err and "--adapter" in err and not (tmp_path / "out").exists()
+    assert "gate_up_proj" in err and "two Linear layers" in err and not (tmp_path / "out").exists()
     (tmp_path / "bad.json").write_text(json.dumps({"name": "x", "stacks": []}))
     args = ["merge", str(tmp_path / "phi3"), "--adapter", str(tmp_path / "bad.json"), "-o", str(tmp_path / "m")]
     assert main(args) == EXIT_USAGE

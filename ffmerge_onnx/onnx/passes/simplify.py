@@ -3,7 +3,9 @@
 Both constant-fold Gather/Transpose on initializers into one full copy per consumer. We hide
 the tensors that must stay shared (every initializer of at least `protect_elements` elements,
 and every Gather index) as graph inputs while the simplifier runs, then put them back, and
-check that each one still exists once with its bytes unchanged."""
+check that each one still exists once with its bytes unchanged. The graph's inputs and outputs keep
+their shapes (onnxslim fixes Megatron-BERT's sequence length to its position table: onnxsim is used
+for such a model instead, and the pass counts the fallback)."""
 
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ class SharingSafeSimplify(GraphPass):
         self.protect_elements = protect_elements
         self.protected: dict[str, str] = {}  # name -> digest of every tensor that must stay shared
         self.before: dict[str, int] = {}  # digest -> copies before simplification
+        self.io_shapes: dict[str, list] = {}  # graph input / output -> dims before simplification
 
     @property
     def in_place(self) -> bool:  # returns a new model built from the simplifier's output
@@ -69,7 +72,11 @@ class SharingSafeSimplify(GraphPass):
         n_inputs = len(proto.graph.input)
         for name, t in kept.items():
             proto.graph.input.append(onnx.helper.make_tensor_value_info(name, t.data_type, list(t.dims)))
-        simplified = self._run(proto)
+        self.io_shapes = _io_shapes(proto.graph, skip=set(kept))
+        simplified = self._run(proto, self.simplifier)
+        if self.simplifier == "onnxslim" and _io_shapes(simplified.graph, skip=set(kept)) != self.io_shapes:
+            simplified = self._run(proto, "onnxsim")  # onnxslim fixed a dynamic size
+            self.count("fallback_to_onnxsim")
         inputs = [i for i in simplified.graph.input if i.name not in kept]
         if len(inputs) != n_inputs:
             raise GraphError(f"{self.simplifier} changed the model's inputs")
@@ -85,8 +92,9 @@ class SharingSafeSimplify(GraphPass):
         modified = self.counts["nodes_after"] != self.counts["nodes_before"] or after != self.before
         return ir.passes.PassResult(result, modified=modified)
 
-    def _run(self, proto: onnx.ModelProto) -> onnx.ModelProto:
-        if self.simplifier == "onnxslim":
+    @staticmethod
+    def _run(proto: onnx.ModelProto, simplifier: str) -> onnx.ModelProto:
+        if simplifier == "onnxslim":
             import onnxslim
 
             return onnxslim.slim(proto)
@@ -102,8 +110,22 @@ class SharingSafeSimplify(GraphPass):
         return {d: len(values) for d, values in digest_groups(graph).items()}
 
     def ensures(self, model: ir.Model) -> None:
-        """No protected tensor gained a copy (folded Gather/Transpose would add one)."""
+        """No protected tensor gained a copy (folded Gather/Transpose would add one), and the graph's inputs
+        and outputs kept their shapes."""
+        shapes = _io_shapes(ir.serde.serialize_model(model).graph, skip=set())
+        changed = {k: (v, shapes.get(k)) for k, v in self.io_shapes.items() if shapes.get(k) != v}
+        if changed:
+            self.fail(f"the graph's inputs or outputs changed shape (before, after): {changed}")
         after = self._digest_counts(model.graph)
         for name, d in self.protected.items():
             if after.get(d, 0) > self.before.get(d, 0):
                 self.fail(f"{name} exists {after[d]} times after simplification (was {self.before[d]})")
+
+
+def _io_shapes(graph: onnx.GraphProto, skip: set[str]) -> dict[str, list]:
+    """Graph input and output name -> dims (a name for a dynamic one, a number for a fixed one)."""
+    return {
+        v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+        for v in [*graph.input, *graph.output]
+        if v.name not in skip
+    }

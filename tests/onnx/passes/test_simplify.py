@@ -94,7 +94,7 @@ def test_ensures_fails_when_the_simplifier_copies_a_protected_tensor(monkeypatch
     name = "ffmerge.decoder.w0_1.fc_in.weight.T"
     shared = model.graph.initializers[name].const_value.numpy()
 
-    def duplicating(self, proto: onnx.ModelProto) -> onnx.ModelProto:
+    def duplicating(self, proto: onnx.ModelProto, simplifier: str) -> onnx.ModelProto:
         out = onnxslim.slim(proto)  # then one reader gets its own copy of the shared weight
         node = next(n for n in out.graph.node if name in n.input)
         out.graph.initializer.append(onnx.numpy_helper.from_array(shared, name + ".copy"))
@@ -104,3 +104,31 @@ def test_ensures_fails_when_the_simplifier_copies_a_protected_tensor(monkeypatch
     monkeypatch.setattr(SharingSafeSimplify, "_run", duplicating)
     with pytest.raises(PostconditionError, match="exists 2 times after simplification"):
         SharingSafeSimplify("onnxslim", protect_elements=D)(model)
+
+
+def _fixing(sizes: dict[str, int]):
+    """A simplifier that fixes the first input's first dim (as onnxslim does to Megatron-BERT's sequence length)."""
+    real = SharingSafeSimplify._run
+
+    def run(self, proto: onnx.ModelProto, simplifier: str) -> onnx.ModelProto:
+        out = real(proto, simplifier)
+        if simplifier in sizes:
+            out.graph.input[0].type.tensor_type.shape.dim[0].dim_value = sizes[simplifier]
+        return out
+
+    return run
+
+
+def test_onnxslim_fixing_a_dynamic_size_falls_back_to_onnxsim(monkeypatch):
+    model = gathered()
+    dims = list(model.graph.inputs[0].shape)
+    monkeypatch.setattr(SharingSafeSimplify, "_run", _fixing({"onnxslim": 64}))
+    simplify = SharingSafeSimplify("onnxslim", protect_elements=D)
+    out = simplify(model).model
+    assert simplify.counts["fallback_to_onnxsim"] == 1 and list(out.graph.inputs[0].shape) == dims
+
+
+def test_ensures_fails_when_a_dynamic_size_is_fixed(monkeypatch):
+    monkeypatch.setattr(SharingSafeSimplify, "_run", _fixing({"onnxslim": 64, "onnxsim": 64}))
+    with pytest.raises(PostconditionError, match="changed shape"):
+        SharingSafeSimplify("onnxslim", protect_elements=D)(gathered())
