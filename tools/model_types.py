@@ -54,6 +54,8 @@ def run(model_type: str) -> dict:
                 row["status"][name] = f"fail: {', '.join(failed)}"
             except FFMergeError as e:
                 row["status"][name] = f"{type(e).__name__}: {str(e)[:160]}"
+            except Exception as e:  # noqa: BLE001 - a crash is a row of the table, not the end of it
+                row["status"][name] = f"crash {type(e).__name__}: {str(e)[:160]}"
     return row
 
 

@@ -176,6 +176,22 @@ def _extra_tokens(base: nn.Module, config, task: str) -> int:
     )
 
 
+def _probe_cache(model: nn.Module) -> tuple[int, int] | None:
+    """(key/value heads, head dim) a causal LM really caches, from one two-token step: configs can say
+    otherwise (Falcon's multi-query attention keeps one head whatever num_kv_heads says)."""
+    if any(p.is_meta for p in model.parameters()):
+        return None
+    try:
+        with torch.no_grad():
+            out = model(input_ids=torch.zeros(1, 2, dtype=torch.long), use_cache=True)
+        cache = out.get("cache")
+        cache = out.get("past_key_values") if cache is None else cache
+        key = cache.layers[0].keys if hasattr(cache, "layers") else cache[0][0]
+        return int(key.shape[1]), int(key.shape[-1])
+    except Exception:  # noqa: BLE001 - a model this probe cannot drive keeps what its config says
+        return None
+
+
 def infer_adapter(model: nn.Module) -> Adapter:
     """An adapter for a loaded model from its structure (cached per model)."""
     if model in _cache:
@@ -235,6 +251,9 @@ def infer_adapter(model: nn.Module) -> Adapter:
         if key is not None:
             config_keys[canonical] = {n: key for n in stacks} if canonical in ("kv_heads", "head_dim") else key
     config_keys["d_model"] = _key(config, KEYS["d_model"], d_model)
+    cached = _probe_cache(model) if task == "causal-lm" else None
+    if cached is not None:
+        config_keys["kv_heads"], config_keys["head_dim"] = ({n: v for n in stacks} for v in cached)
     adapter = Adapter(
         name=f"inferred:{model_type}",
         description=f"Inferred from the loaded {type(model).__name__}; review it with `ffmerge-onnx inspect`.",

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import GraphError
+from ..errors import GraphError, UnsupportedArchitectureError
 from ..families import adapter_for, task_of
 
 OPSET = 18
@@ -369,16 +369,28 @@ def export_part(part: Part, path: Path, optimize: bool = False):
         warnings.simplefilter("ignore")
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
         logging.getLogger("transformers").setLevel(logging.ERROR)
-        program = torch.onnx.export(
-            part.module,
-            part.args(part.example),
-            dynamo=True,
-            optimize=optimize,
-            opset_version=OPSET,
-            input_names=list(part.example),
-            output_names=part.outputs,
-            dynamic_shapes=dynamic_shapes(part),
-            verbose=False,
-            report=False,
-        )
+        try:
+            program = torch.onnx.export(
+                part.module,
+                part.args(part.example),
+                dynamo=True,
+                optimize=optimize,
+                opset_version=OPSET,
+                input_names=list(part.example),
+                output_names=part.outputs,
+                dynamic_shapes=dynamic_shapes(part),
+                verbose=False,
+                report=False,
+            )
+        except (KeyboardInterrupt, MemoryError):
+            raise
+        except Exception as e:  # the exporter raises many kinds; each is this model's limit
+            cause = e
+            while cause.__cause__ is not None:
+                cause = cause.__cause__
+            reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:200]
+            raise UnsupportedArchitectureError(
+                f"torch.onnx.export cannot export {part.filename} of this {type(part.module).__name__} "
+                f"({type(cause).__name__}: {reason}). Without --kv-cache, or with another torch version, it may."
+            ) from e
     return program.model
