@@ -4,7 +4,6 @@ module); this module only reads that data and resolves it on a loaded model or i
 from __future__ import annotations
 
 import json
-import weakref
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -242,12 +241,12 @@ def registry() -> dict[str, Adapter]:
 
 
 _user: dict[str, Adapter] = {}  # --adapter FILE, ahead of the reviewed set
-_bound: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> the adapter its folder recorded
+BOUND = "_ffmerge_adapter"  # attribute of a model bound to an adapter; copies (deepcopy) keep it
 
 
 def bind(model: nn.Module, adapter: Adapter) -> None:
-    """Use `adapter` for this model object (a merged folder's recorded adapter), whatever its type."""
-    _bound[model] = adapter
+    """Use `adapter` for this model and its copies (a merged folder's recorded adapter), whatever its type."""
+    object.__setattr__(model, BOUND, adapter)
 
 
 def read_adapter(path) -> Adapter:
@@ -301,8 +300,8 @@ def adapter_for(model_or_type) -> Adapter:
     else:
         config = getattr(model_or_type, "config", model_or_type)
         model_type = getattr(config, "model_type", None) or type(model_or_type).__name__
-    if isinstance(model_or_type, nn.Module) and model_or_type in _bound:
-        return _bound[model_or_type]
+    if isinstance(getattr(model_or_type, BOUND, None), Adapter):
+        return getattr(model_or_type, BOUND)
     adapter = registered(model_type)
     if adapter is not None:
         return adapter
