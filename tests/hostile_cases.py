@@ -319,7 +319,7 @@ def cases(root: Path) -> list[tuple[str, object, type | None]]:
         ("model path does not exist", lambda c: m(model=c / "nope"), E.InputError),
         ("model path is a file, not a folder", model_is_file, E.InputError),
         ("model folder without config.json", lambda c: m(model=(c / "m").mkdir() or c / "m"), E.InputError),
-        ("unsupported architecture (T5)", t5, E.UnsupportedArchitectureError),
+        ("a one-layer T5: no repeated blocks to merge", t5, E.UnsupportedArchitectureError),
         ("config.json is not JSON", config_bytes(b"{not json"), E.InputError),
         ("config.json is binary", config_bytes(_bytes(512)), E.InputError),
         ("config.json is a JSON list", config_bytes(b"[1, 2]"), E.InputError),

@@ -192,24 +192,15 @@ def _probe_cache(model: nn.Module) -> tuple[int, int] | None:
         return None
 
 
-def infer_adapter(model: nn.Module) -> Adapter:
-    """An adapter for a loaded model from its structure (cached per model)."""
-    if model in _cache:
-        return _cache[model]
-    config = model.config
-    model_type = getattr(config, "model_type", type(model).__name__)
-    if any((_config_value(config, k) or 0) > 1 for k in ("num_experts", "num_local_experts", "moe_num_experts")):
-        raise _refuse(
-            model_type,
-            "it is a mixture-of-experts model (several FFs chosen per token per layer).",
-            adapter_helps=False,
-        )
-    task = family_task(config)
+def _block_lists(model_type: str, model: nn.Module, base: nn.Module, task: str) -> dict[str, nn.ModuleList]:
+    """The stacks to merge in (path -> blocks), or the refusal that says why there are none."""
+    if any((_config_value(model.config, k) or 0) > 1 for k in ("num_experts", "num_local_experts", "moe_num_experts")):
+        raise _refuse(model_type, "it is a mixture-of-experts model (several FFs chosen per token per layer).",
+                      adapter_helps=False)  # fmt: skip
     main_input = getattr(model, "main_input_name", "input_ids")
     if main_input not in ("input_ids", "pixel_values"):
         raise _refuse(model_type, f"it takes {main_input} (audio); calibration, export and validation feed text and "
                                   "images only so far.", adapter_helps=False)  # fmt: skip
-    base = getattr(model, "base_model", model)
     found = _stacks(base)
     if not found:
         raise _refuse(model_type, "found no list of two or more repeated blocks (a model that reuses one block for "
@@ -221,6 +212,29 @@ def infer_adapter(model: nn.Module) -> Adapter:
                       adapter_helps=False)  # fmt: skip
     if len(found) > 2 or (len(found) == 2 and task != "seq2seq-lm"):
         raise _refuse(model_type, f"found several block lists ({', '.join(found)}); which to merge is ambiguous.")
+    return found
+
+
+def _stack_keys(config, name: str, suffix: str, layers: int, d_ff: int, model_type: str) -> dict:
+    """Config keys of one stack: its layer count, attention heads and FF width (the width itself if no key holds it)."""
+    keys = {}
+    for canonical, value in (("num_layers", layers), ("heads", None), ("d_ff", d_ff)):
+        key = _key(config, KEYS.get(canonical + suffix, KEYS[canonical]), value)
+        if key is None and canonical == "num_layers":
+            raise _refuse(model_type, f"no config key holds its {name} layer count {layers}.")
+        keys[canonical] = d_ff if key is None and canonical == "d_ff" else key
+    return keys
+
+
+def infer_adapter(model: nn.Module) -> Adapter:
+    """An adapter for a loaded model from its structure (cached per model)."""
+    if model in _cache:
+        return _cache[model]
+    config = model.config
+    model_type = getattr(config, "model_type", type(model).__name__)
+    task = family_task(config)
+    base = getattr(model, "base_model", model)
+    found = _block_lists(model_type, model, base, task)
     d_model = _config_value(config, "hidden_size|d_model|n_embd")
     if not isinstance(d_model, int):
         raise _refuse(model_type, "its config names no model width (hidden_size, d_model or n_embd).")
@@ -239,12 +253,7 @@ def infer_adapter(model: nn.Module) -> Adapter:
         _check_blocks(model_type, name, blocks, roles, layout)
         stacks[name], found_roles[name] = (path,), roles
         suffix = f".{name}" if len(found) == 2 else ""
-        for canonical, value in (("num_layers", len(blocks)), ("heads", None), ("d_ff", d_ff)):
-            key = _key(config, KEYS[canonical + suffix] if canonical + suffix in KEYS else KEYS[canonical], value)
-            if key is None and canonical == "num_layers":
-                raise _refuse(model_type, f"no config key holds its {name} layer count {len(blocks)}.")
-            if key is None and canonical == "d_ff":
-                key = d_ff  # the width itself: no config key holds it
+        for canonical, key in _stack_keys(config, name, suffix, len(blocks), d_ff, model_type).items():
             config_keys.setdefault(canonical, {})[name] = key
     for canonical in ("kv_heads", "head_dim", "activation", "max_positions"):
         key = _key(config, KEYS[canonical])
