@@ -113,14 +113,18 @@ def _matmul_weights(src: Path):
 
 @contextlib.contextmanager
 def _quiet():
-    """onnxruntime's quantizers log every node at INFO and advise pre-processing at WARNING (after configuring
-    the root logger themselves, so levels set here would not hold)."""
-    before = logging.root.manager.disable
+    """onnxruntime's quantizers configure the root logger (logging.basicConfig) and then log every node at INFO
+    and advise pre-processing at WARNING: silenced while they run, and the root logger restored after."""
+    root = logging.getLogger()
+    disabled, level, handlers = logging.root.manager.disable, root.level, list(root.handlers)
     logging.disable(logging.WARNING)
     try:
         yield
     finally:
-        logging.disable(before)
+        logging.disable(disabled)
+        root.setLevel(level)
+        for handler in [h for h in root.handlers if h not in handlers]:
+            root.removeHandler(handler)
 
 
 def _weighted(model, op_types: tuple[str, ...]) -> list[str]:

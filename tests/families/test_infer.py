@@ -56,7 +56,11 @@ def test_at_least_forty_model_types_and_ten_without_json():
     assert len(NEW) >= 10 and len(set(REVIEWED) | set(NEW)) >= 40
 
 
-@pytest.mark.parametrize("model_type", NEW)
+def quick_or_slow(types):
+    return [t if t in QUICK else pytest.param(t, marks=pytest.mark.slow) for t in types]
+
+
+@pytest.mark.parametrize("model_type", quick_or_slow(NEW))
 def test_inferred_adapter_agrees_with_the_config_and_survives_json(model_type):
     model = tm.build(model_type)
     adapter = adapter_for(model)
@@ -77,9 +81,7 @@ def test_unsafe_or_unsupported_types_are_refused_with_the_reason(model_type):
         adapter_for(model)
 
 
-@pytest.mark.parametrize(
-    "model_type", [t if t in QUICK else pytest.param(t, marks=pytest.mark.slow) for t in NEW]
-)  # fmt: skip
+@pytest.mark.parametrize("model_type", quick_or_slow(NEW))
 def test_inferred_type_merges_exports_and_validates(model_type, tmp_path):
     """Window 1-2 of every stack: outputs match PyTorch, zero duplicated tensors, and the merged model
     holds one FF sublayer fewer per stack."""
