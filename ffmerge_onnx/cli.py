@@ -304,6 +304,22 @@ def convert_cmd(
     no_compare: Annotated[
         bool, typer.Option("--no-compare", help="Skip the side-by-side measurement against the original model.")
     ] = False,
+    max_loss: Annotated[
+        float | None,
+        typer.Option(
+            "--max-loss",
+            help="Quality goal: the exported model may lose at most this fraction of the original's quality on "
+            "the evaluation data (perplexity, accuracy, embedding cosine or BLEU); missed: nothing is written, exit 1.",
+        ),
+    ] = None,
+    eval_data: Annotated[
+        Path | None,
+        typer.Option(
+            "--eval-data",
+            help="Held-out data for --max-loss (default: the built-in BBC test split for text, Fashion-MNIST test "
+            "images for image classifiers; translation and text classification need a TSV file).",
+        ),
+    ] = None,
     precision: PrecisionOpt = Precision.fp32,
     block_size: BlockSizeOpt = 32,
     accuracy_level: AccuracyOpt = None,
@@ -328,6 +344,8 @@ def convert_cmd(
         precision=precision.value,
         block_size=block_size,
         accuracy_level=accuracy_level,
+        max_loss=max_loss,
+        eval_data=eval_data,
     )
     report = convert(
         model,
@@ -385,6 +403,11 @@ def _print_report(report: dict) -> None:
                     console.print(f"         {escape(str(r))}")
     if "side_by_side" in report:
         for line in side_by_side_lines(report["side_by_side"]):
+            console.print(escape(line), soft_wrap=True)
+    if "quality" in report:
+        from .quality.goal import goal_lines
+
+        for line in goal_lines(report["quality"]):
             console.print(escape(line), soft_wrap=True)
 
 
@@ -448,7 +471,9 @@ def evaluate_cmd(
         typer.Option("--reference", help="Original model, for embedding cosine (default: the manifest's source)."),
     ] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="Perplexity: tokens of text to score.")] = 20_000,
-    window: Annotated[int, typer.Option("--window")] = 512,
+    window: Annotated[
+        int | None, typer.Option("--window", help="Perplexity window (default: 512, or the model's positions).")
+    ] = None,
     stride: Annotated[int | None, typer.Option("--stride", help="Default: window - 1.")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the result as JSON here.")] = None,
 ):

@@ -37,7 +37,7 @@ from .merging.methods import method_params as method_params_for
 from .onnx.build import INFO, BuildOptions, build, write_info
 from .onnx.precision import PrecisionOptions, get_precision
 from .onnx.validate import REFERENCE, summary, validate
-from .quality import analyze
+from .quality import analyze, goal
 from .quality import search as window_search
 from .quality.finetune import recover
 from .quality.search import default_score, merge_count_for
@@ -89,9 +89,12 @@ class ExportOptions:
     precision: str = "fp32"  # onnx/precision.py PRECISIONS
     block_size: int = 32  # int8, int4: weights per scale
     accuracy_level: int | None = None  # int8, int4: MatMulNBits compute type
+    max_loss: float | None = None  # quality goal: relative loss on the evaluation data at most this (quality/goal.py)
+    eval_data: Path | None = None  # held-out data for the goal (default: the task's built-in test split)
 
     def __post_init__(self):
         get_precision(self.precision)
+        goal.check_goal_inputs("any", self.max_loss, self.eval_data)
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise InputError(f"--block-size is a power of 2, 16 or more; got {self.block_size}.")
 
@@ -255,6 +258,21 @@ def export(
             error = ValidationFailed(f"validation failed; nothing was written to {output}.\n" + summary(report))
             error.report = report  # the figures, for callers that want them anyway (benchmarks)
             raise error
+        if options.max_loss is not None:
+            quality = goal.judge(goal.score(tmp, tmp / REFERENCE, result.manifest.source, options.eval_data, log=log),
+                                 options.max_loss, int(result.manifest.finetune.get("steps", 0) or 0))  # fmt: skip
+            quality.update(params_removed_fraction=goal.removed_fraction(result), recovery=result.manifest.finetune,
+                           windows=[f"{w.stack} {w.start}-{w.end} ({w.method})" for w in result.manifest.windows])  # fmt: skip
+            report["quality"] = quality
+            (tmp / "report.json").write_text(json.dumps(report, indent=2))
+            (tmp / "report.md").write_text(
+                summary(report) + "\n## quality goal\n\n" + "\n".join(goal.goal_lines(quality))
+            )
+            if not quality["ok"]:
+                error = goal.QualityGoalMissed(f"quality goal missed; nothing was written to {output}: "
+                                               f"{quality['advice']}.")  # fmt: skip
+                error.report = report
+                raise error
         if not options.keep_reference:
             shutil.rmtree(tmp / REFERENCE)
     return report
@@ -292,11 +310,13 @@ def convert(
     log: Log = print,
 ) -> dict:
     """The whole pipeline into `output`; returns the validation report."""
-    with guarded_output(output, overwrite, [spec, options.calibration, recovery.data]) as target:
+    inputs = [spec, options.calibration, recovery.data, export_options.eval_data]
+    with guarded_output(output, overwrite, inputs) as target:
         warning = version_warning()
         if warning:
             log(f"warning: {warning}")
         loaded = load(spec, trust_remote_code, log)
+        goal.check_goal_inputs(task_of(loaded.model), export_options.max_loss, export_options.eval_data)
         result = merge_and_recover(loaded, options, recovery, log)
         return export(result, target, export_options, preprocessor=loaded.preprocessor, overwrite=overwrite, log=log)
 

@@ -157,7 +157,7 @@ def evaluate(
     texts: list[str] | None = None,
     reference: str | None = None,
     max_tokens: int = 20_000,
-    window: int = 512,
+    window: int | None = None,
     stride: int | None = None,
     progress: bool = True,
 ) -> dict:
@@ -215,6 +215,7 @@ def evaluate(
         if max_tokens < 2:
             raise InputError(f"--max-tokens must be 2 or more; got {max_tokens}.")
         limit = _max_positions(target.config)
+        window = min(512, limit or 512) if window is None else window  # default: 512, or the positions if fewer
         if limit and window > limit:
             raise InputError(f"--window {window} is longer than the model's {limit} positions; give at most {limit}.")
         ids = text_ids(target.tokenizer, texts, max_tokens)
