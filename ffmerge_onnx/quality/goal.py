@@ -8,12 +8,14 @@ nothing that chooses what to merge sees it."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from ..errors import InputError, ValidationFailed
 from .evaluate import evaluate
 
 LOWER_IS_BETTER = {"perplexity"}
+EVAL_DOCS = 200  # built-in BBC test articles scored for an encoder's embedding cosine (of 1,825)
 NEEDS_DATA = {"seq2seq-lm": "a TSV file of source<TAB>reference lines", "text-classification": "a TSV file of "
               "text<TAB>label lines"}  # fmt: skip
 
@@ -42,15 +44,22 @@ def relative_loss(metric: str, original: float, merged: float) -> float:
 
 def score(folder: Path, reference: Path, source: str, data: Path | None, *, log=print) -> dict:
     """The task's metric on the ONNX folder, the merged PyTorch reference and the original."""
+    from ..families.builtin import bbc_articles
+    from ..onnx.build import INFO
+
     log("quality: scoring the ONNX model, the merged PyTorch model and the original on the evaluation data")
-    onnx = evaluate(str(folder), data=data, reference=source, progress=False)
-    merged = evaluate(str(reference), data=data, reference=source, progress=False)
+    texts = None
+    if data is None and json.loads((Path(folder) / INFO).read_text()).get("task") == "feature-extraction":
+        texts = [p.read_text(encoding="utf-8", errors="replace") for p in bbc_articles("test")[:EVAL_DOCS]]
+    onnx = evaluate(str(folder), data=data, texts=texts, reference=source, progress=False)
+    merged = evaluate(str(reference), data=data, texts=texts, reference=source, progress=False)
     if onnx["metric"].startswith("embedding cosine"):
         original = 1.0  # the original's embeddings against themselves
     else:
         original = evaluate(source, data=data, progress=False)["value"]
     return {"metric": onnx["metric"], "original": original, "merged_pytorch": merged["value"],
-            "merged_onnx": onnx["value"], "data": str(data) if data else "built-in test split"}  # fmt: skip
+            "merged_onnx": onnx["value"],
+            "data": str(data) if data else f"built-in test split{f' (first {EVAL_DOCS} articles)' if texts else ''}"}  # fmt: skip
 
 
 def removed_fraction(result) -> float:
