@@ -677,6 +677,9 @@ def run(argv: list[str] | None = None) -> tuple[int, BaseException | None]:
     finally:
         if in_main:
             signal.signal(signal.SIGTERM, previous)
+        from .families.adapter import forget_user_adapters
+
+        forget_user_adapters()  # --adapter holds for its command only
 
 
 def _run(argv: list[str] | None) -> tuple[int, BaseException | None]:

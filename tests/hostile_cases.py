@@ -650,6 +650,71 @@ def cases(root: Path) -> list[tuple[str, object, type | None]]:
             E.InputError,
         ),
         ("convert: --block-size 0", lambda c: conv("--precision", "int4", "--block-size", "0"), E.InputError),
+        ("convert: --max-loss 1.5", lambda c: conv("--max-loss", "1.5"), E.InputError),
+        ("convert: --max-loss -0.1", lambda c: conv("--max-loss", "-0.1"), E.InputError),
+        (
+            "convert: --eval-data does not exist",
+            lambda c: conv("--max-loss", "0.1", "--eval-data", str(c / "nope.txt")),
+            E.InputError,
+        ),
+        # user adapters
+        ("--adapter does not exist", lambda c: m("--adapter", str(c / "nope.json")), E.InputError),
+        ("--adapter is binary", lambda c: m("--adapter", str(write(c, "a.json", _bytes(256)))), E.InputError),
+        ("--adapter is a JSON list", lambda c: m("--adapter", str(write(c, "a.json", "[1, 2]"))), E.InputError),
+        ("--adapter lacks fields", lambda c: m("--adapter", str(write(c, "a.json", '{"name": "x"}'))), E.InputError),
+        (
+            "--adapter with a layout of neither kind",
+            lambda c: m(
+                "--adapter",
+                str(
+                    write(
+                        c,
+                        "a.json",
+                        json.dumps(
+                            {
+                                "name": "x",
+                                "model_types": ["gpt2"],
+                                "task": "causal-lm",
+                                "stacks": {"decoder": ["h"]},
+                                "ff": {"in": ["mlp.c_fc"], "out": ["mlp.c_proj"]},
+                                "layout": "diagonal",
+                                "bias": True,
+                                "config_keys": {},
+                            }
+                        ),
+                    )
+                ),
+            ),
+            E.InputError,
+        ),
+        (
+            "--adapter naming projections the model lacks",
+            lambda c: m(
+                "--layers",
+                "1-2",
+                "--adapter",
+                str(
+                    write(
+                        c,
+                        "a.json",
+                        json.dumps(
+                            {
+                                "name": "x",
+                                "model_types": ["gpt2"],
+                                "task": "causal-lm",
+                                "stacks": {"decoder": ["h"]},
+                                "ff": {"in": ["mlp.nope"], "out": ["mlp.c_proj"]},
+                                "layout": "conv1d",
+                                "bias": True,
+                                "config_keys": {"num_layers": {"decoder": "n_layer"}},
+                            }
+                        ),
+                    )
+                ),
+            ),
+            E.UnsupportedArchitectureError,
+        ),
+        ("inspect: model does not exist", lambda c: ["inspect", str(c / "nope")], E.InputError),
         # quantize
         (
             "quantize: a model folder, not a convert folder",

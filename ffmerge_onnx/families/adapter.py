@@ -260,7 +260,10 @@ def read_adapter(path) -> Adapter:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise InputError(f"--adapter {path} is not a readable JSON file ({type(e).__name__}).") from e
-    missing = [k for k in REQUIRED if not isinstance(data, dict) or k not in data]
+    if not isinstance(data, dict):
+        raise InputError(f"--adapter {path} holds a JSON {type(data).__name__}, not an object; see "
+                         "ffmerge_onnx/families/*.json for the form.")  # fmt: skip
+    missing = [k for k in REQUIRED if k not in data]
     if missing:
         raise InputError(f"--adapter {path} lacks {', '.join(missing)}; see ffmerge_onnx/families/*.json for the form.")
     kinds = {"stacks": dict, "ff": dict, "config_keys": dict, "model_types": list, "layout": str, "task": str}
@@ -281,6 +284,10 @@ def use_adapter(path) -> Adapter:
     adapter = read_adapter(path)
     _user[adapter.name] = adapter
     return adapter
+
+
+def forget_user_adapters() -> None:
+    _user.clear()
 
 
 def supported_model_types() -> list[str]:
