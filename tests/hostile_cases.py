@@ -63,6 +63,13 @@ def cases(root: Path) -> list[tuple[str, object, type | None]]:
     def evaluate(*extra, model=tok, data=text):
         return ["evaluate", str(model), "--data", str(data), "--max-tokens", "200", *extra]
 
+    def adapter(c, **changes) -> str:
+        """A GPT-2 adapter file with some fields changed."""
+        data = {"name": "x", "model_types": ["gpt2"], "task": "causal-lm", "stacks": {"decoder": ["h"]},
+                "ff": {"in": ["mlp.c_fc"], "out": ["mlp.c_proj"]}, "layout": "conv1d", "bias": True,
+                "config_keys": {"num_layers": {"decoder": "n_layer"}}, **changes}  # fmt: skip
+        return str(write(c, "a.json", json.dumps(data)))
+
     def write(c, name, data: bytes | str):
         p = c / name
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -664,54 +671,12 @@ def cases(root: Path) -> list[tuple[str, object, type | None]]:
         ("--adapter lacks fields", lambda c: m("--adapter", str(write(c, "a.json", '{"name": "x"}'))), E.InputError),
         (
             "--adapter with a layout of neither kind",
-            lambda c: m(
-                "--adapter",
-                str(
-                    write(
-                        c,
-                        "a.json",
-                        json.dumps(
-                            {
-                                "name": "x",
-                                "model_types": ["gpt2"],
-                                "task": "causal-lm",
-                                "stacks": {"decoder": ["h"]},
-                                "ff": {"in": ["mlp.c_fc"], "out": ["mlp.c_proj"]},
-                                "layout": "diagonal",
-                                "bias": True,
-                                "config_keys": {},
-                            }
-                        ),
-                    )
-                ),
-            ),
+            lambda c: m("--adapter", adapter(c, layout="diagonal")),
             E.InputError,
         ),
         (
             "--adapter naming projections the model lacks",
-            lambda c: m(
-                "--layers",
-                "1-2",
-                "--adapter",
-                str(
-                    write(
-                        c,
-                        "a.json",
-                        json.dumps(
-                            {
-                                "name": "x",
-                                "model_types": ["gpt2"],
-                                "task": "causal-lm",
-                                "stacks": {"decoder": ["h"]},
-                                "ff": {"in": ["mlp.nope"], "out": ["mlp.c_proj"]},
-                                "layout": "conv1d",
-                                "bias": True,
-                                "config_keys": {"num_layers": {"decoder": "n_layer"}},
-                            }
-                        ),
-                    )
-                ),
-            ),
+            lambda c: m("--layers", "1-2", "--adapter", adapter(c, ff={"in": ["mlp.nope"], "out": ["mlp.c_proj"]})),
             E.UnsupportedArchitectureError,
         ),
         ("inspect: model does not exist", lambda c: ["inspect", str(c / "nope")], E.InputError),
