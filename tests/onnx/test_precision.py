@@ -124,6 +124,7 @@ def test_quantize_command_and_validate_on_a_convert_folder(tmp_path):
     assert main(["validate", str(tmp_path / "q"), "--no-compare"]) == EXIT_VALIDATION
 
 
+@pytest.mark.slow
 def test_text_quality_check_scores_real_text_against_the_fp32_reference(tmp_path, monkeypatch):
     """Below fp32, validate scores the BBC test split on the folder and on its fp32 reference and
     gates the perplexity rise by the precision's allowance."""

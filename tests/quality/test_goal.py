@@ -31,6 +31,7 @@ def convert_args(model, cal, text, out, max_loss):
             "--max-loss", str(max_loss), "--eval-data", str(text), "--no-compare", "-o", str(out)]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_a_met_goal_is_reported_with_the_three_scores(tiny_lm, tmp_path):
     model, cal, text = tiny_lm
     out = tmp_path / "out"
