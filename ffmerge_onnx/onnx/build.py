@@ -138,8 +138,8 @@ def graph_passes(
     detect: bool = False,
 ) -> list[GraphPass]:
     """The order of the ONNX passes: fold weight transposes, share the merged tensors (or detect
-    copies without a manifest), give permuted layers their Gathers, make equal constants one, simplify
-    without undoing it."""
+    copies without a manifest), give permuted layers their Gathers, make equal constants one (only when
+    sharing: a build without it keeps what the exporter wrote), simplify without undoing it."""
     passes: list[GraphPass] = [FoldWeightTransposes()]
     if share is not None:
         passes.append(ShareMerged(share))
@@ -147,7 +147,8 @@ def graph_passes(
         passes.append(DetectShared())
     if orders:
         passes.append(PermuteGather(share or [], orders))
-    passes.append(DedupeConstants())
+    if share is not None or detect:
+        passes.append(DedupeConstants())
     if simplifier != "none":
         passes.append(SharingSafeSimplify(simplifier))
     return passes
