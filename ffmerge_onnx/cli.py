@@ -585,7 +585,10 @@ def validate_cmd(
     if json_out:
         check_report(json_out, inputs)
     if path.is_dir() and (path / INFO).is_file():
-        report = validate(path, reference=reference, providers=names, side_by_side=not no_compare, log=_log)
+        from .quality.textcheck import check_text_quality
+
+        report = validate(path, reference=reference, providers=names, side_by_side=not no_compare, log=_log,
+                          text_check=check_text_quality)  # fmt: skip
     else:
         report = validate_graph(path, reference=reference, providers=names, feeds_file=feeds,
                                 measure_memory=not no_compare)  # fmt: skip

@@ -41,6 +41,7 @@ from .quality import analyze, goal
 from .quality import search as window_search
 from .quality.finetune import recover
 from .quality.search import default_score, merge_count_for
+from .quality.textcheck import check_text_quality
 from .runtime import version_warning
 
 Log = Callable[[str], None]
@@ -249,7 +250,8 @@ def export(
         if preprocessor is not None:
             preprocessor.save_pretrained(tmp)
         log("validating on onnxruntime")
-        report = validate(tmp, providers=options.providers, side_by_side=options.compare, runs=options.runs, log=log)
+        report = validate(tmp, providers=options.providers, side_by_side=options.compare, runs=options.runs, log=log,
+                          text_check=check_text_quality)  # fmt: skip
         report["folder"] = str(output)
         report["passes"] = built.passes
         (tmp / "report.json").write_text(json.dumps(report, indent=2))

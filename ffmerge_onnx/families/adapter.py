@@ -241,6 +241,7 @@ def registry() -> dict[str, Adapter]:
 
 
 _user: dict[str, Adapter] = {}  # --adapter FILE, ahead of the reviewed set
+INFERENCE: dict = {}  # "model" / "config" -> an inferred adapter; filled by families/infer.py
 BOUND = "_ffmerge_adapter"  # attribute of a model bound to an adapter; copies (deepcopy) keep it
 
 
@@ -312,12 +313,10 @@ def adapter_for(model_or_type) -> Adapter:
     adapter = registered(model_type)
     if adapter is not None:
         return adapter
-    from .infer import infer_adapter, skeleton
-
-    if isinstance(model_or_type, nn.Module) and hasattr(model_or_type, "config"):
-        return infer_adapter(model_or_type)
-    if hasattr(model_or_type, "to_dict") and getattr(model_or_type, "model_type", None):
-        return infer_adapter(skeleton(model_or_type))
+    if INFERENCE and isinstance(model_or_type, nn.Module) and hasattr(model_or_type, "config"):
+        return INFERENCE["model"](model_or_type)
+    if INFERENCE and hasattr(model_or_type, "to_dict") and getattr(model_or_type, "model_type", None):
+        return INFERENCE["config"](model_or_type)
     raise UnsupportedArchitectureError(
         f"Model type {model_type!r} has no adapter and no loaded model to infer one from. Reviewed: "
         f"{', '.join(supported_model_types())}. {HOW_TO_ADD}"

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedArchitectureError
-from .adapter import Adapter, _config_value
+from .adapter import INFERENCE, Adapter, _config_value
 
 ADAPTER_HELP = (
     "Write the structure as a JSON adapter (`ffmerge-onnx inspect MODEL --adapter-out FILE` gives the "
@@ -320,3 +320,6 @@ def skeleton(config) -> nn.Module:
         cls = transformers.AutoModel._model_mapping[type(config)]
     with torch.device("meta"):
         return cls._from_config(config)
+
+
+INFERENCE.update(model=infer_adapter, config=lambda config: infer_adapter(skeleton(config)))
