@@ -23,6 +23,7 @@ from .merging.methods.delta import DELTA
 from .onnx.build import SIMPLIFIER_CHOICES
 from .onnx.precision import PRECISIONS
 from .quality.finetune import OBJECTIVES, SCHEDULES, TRAINABLE
+from .quality.goal import ON_MISS
 from .quality.search import SEARCH_MODES
 from .runtime import MODES
 
@@ -48,6 +49,8 @@ Stack = _choice("Stack", ("encoder", "decoder"))
 Anchor = _choice("Anchor", ANCHORS)
 Align = _choice("Align", ALIGNERS)
 Method = _choice("Method", METHODS)
+AUTO_METHOD = {"auto": "each window merged with every method but delta and scored on validation data; the best wins"}
+MergeMethod = _choice("MergeMethod", [*AUTO_METHOD, *METHODS])
 Objective = _choice("Objective", OBJECTIVES)
 Train = _choice("Train", TRAINABLE)
 Schedule = _choice("Schedule", SCHEDULES)
@@ -55,6 +58,7 @@ Mode = _choice("Mode", MODES)
 Simplifier = _choice("Simplifier", SIMPLIFIER_CHOICES)
 SearchMode = _choice("SearchMode", SEARCH_MODES)
 Precision = _choice("Precision", PRECISIONS)
+OnMiss = _choice("OnMiss", ON_MISS)
 
 PrecisionOpt = Annotated[
     Precision, typer.Option("--precision", help=_help("Weights after the graph passes.", PRECISIONS))
@@ -71,7 +75,39 @@ Out = Annotated[Path, typer.Option("-o", "--output", help="Output folder.")]
 ModelArg = Annotated[
     str | None, typer.Argument(help="Model folder, .gguf file or hub id (default: built-in all-MiniLM-L6-v2).")
 ]
-LayersOpt = Annotated[str | None, typer.Option("--layers", help="Window(s) to merge, inclusive: 3-5 or 0-2,6-8.")]
+LayersOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--layers",
+        "--windows",
+        help="Window(s) to merge, inclusive: 3-5 or 0-2,6-8; auto: found for --reduction (the default when it is given).",
+    ),
+]
+ReductionOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--reduction",
+        help="Remove at least this fraction of the parameters: the windows (one to three) are ranked by neuron "
+        "alignment and confirmed on validation data.",
+    ),
+]
+ValidationOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--validation",
+        help="Data the automatic choices are scored on (default: the built-in validation split; never the "
+        "--eval-data).",
+    ),
+]
+ValTokensOpt = Annotated[int, typer.Option("--validation-tokens", help="Token budget for validation data.")]
+TopOpt = Annotated[int, typer.Option("--top", help="Window sets scored on validation data with --reduction.")]
+MinutesOpt = Annotated[
+    float,
+    typer.Option(
+        "--recovery-minutes",
+        help="Recovery fine-tune for this many minutes of training (with --finetune-steps: whichever ends first).",
+    ),
+]
 AdapterOpt = Annotated[
     Path | None,
     typer.Option(
@@ -96,6 +132,10 @@ StackOpt = Annotated[
 AnchorOpt = Annotated[Anchor, typer.Option("--anchor", help=_help("Layer the others are aligned to.", ANCHORS))]
 AlignOpt = Annotated[Align, typer.Option("--align", help=_help("Neuron alignment.", ALIGNERS))]
 MethodOpt = Annotated[Method, typer.Option("--method", help=_help("How aligned FF tensors become one.", METHODS))]
+AutoMethodOpt = Annotated[
+    MergeMethod,
+    typer.Option("--method", help=_help("How aligned FF tensors become one.", {**AUTO_METHOD, **METHODS})),
+]
 CalOpt = Annotated[
     Path | None, typer.Option("--calibration", help="Text file/folder, image folder, or .pt/.safetensors tensors.")
 ]
@@ -146,10 +186,13 @@ def _method_params(method, delta_rank, delta_budget) -> dict:
     return {"rank": delta_rank} if delta_rank is not None else {"rank": -1, "budget": delta_budget}
 
 
-def _merge_options(layers, stack, anchor, align, method, calibration, calibration_tokens, delta_rank, delta_budget):
+def _merge_options(
+    layers, stack, anchor, align, method, calibration, calibration_tokens, delta_rank, delta_budget, automatic=None
+):
     from .pipeline import MergeOptions
 
     params = _method_params(method, delta_rank, delta_budget)
+    reduction, validation, validation_tokens, top = automatic or (None, None, 10_000, 3)
     return MergeOptions(
         layers=layers,
         stack=stack.value if stack else None,
@@ -159,10 +202,14 @@ def _merge_options(layers, stack, anchor, align, method, calibration, calibratio
         method_params=params,
         calibration=calibration,
         calibration_tokens=calibration_tokens,
+        reduction=reduction,
+        validation=validation,
+        validation_tokens=validation_tokens,
+        top=top,
     )
 
 
-def _recovery(steps, lr, data, tokens, objective, train, schedule):
+def _recovery(steps, lr, data, tokens, objective, train, schedule, minutes=0.0):
     from .pipeline import RecoveryOptions
 
     return RecoveryOptions(
@@ -173,6 +220,7 @@ def _recovery(steps, lr, data, tokens, objective, train, schedule):
         objective=objective.value if objective else None,
         train=train.value,
         schedule=schedule.value,
+        minutes=minutes,
     )
 
 
@@ -190,10 +238,15 @@ def merge_cmd(
     align: AlignOpt = Align.correlation,
     calibration: CalOpt = None,
     calibration_tokens: TokensOpt = 10_000,
-    method: MethodOpt = Method.average,
+    method: AutoMethodOpt = MergeMethod.auto,
+    reduction: ReductionOpt = None,
+    validation: ValidationOpt = None,
+    validation_tokens: ValTokensOpt = 10_000,
+    top: TopOpt = 3,
     delta_rank: DeltaRankOpt = None,
     delta_budget: DeltaBudgetOpt = None,
     finetune_steps: StepsOpt = 0,
+    recovery_minutes: MinutesOpt = 0.0,
     lr: LrOpt = 5e-5,
     finetune_data: FtDataOpt = None,
     finetune_tokens: FtTokensOpt = 50_000,
@@ -213,9 +266,27 @@ def merge_cmd(
     result, before = run_merge(
         model,
         output,
-        _merge_options(layers, stack, anchor, align, method, calibration, calibration_tokens, delta_rank, delta_budget),
+        _merge_options(
+            layers,
+            stack,
+            anchor,
+            align,
+            method,
+            calibration,
+            calibration_tokens,
+            delta_rank,
+            delta_budget,
+            (reduction, validation, validation_tokens, top),
+        ),
         _recovery(
-            finetune_steps, lr, finetune_data, finetune_tokens, finetune_objective, finetune_train, finetune_schedule
+            finetune_steps,
+            lr,
+            finetune_data,
+            finetune_tokens,
+            finetune_objective,
+            finetune_train,
+            finetune_schedule,
+            recovery_minutes,
         ),
         overwrite=overwrite,
         trust_remote_code=trust_remote_code,
@@ -280,10 +351,15 @@ def convert_cmd(
             "--kv-cache", help="Decoders take past_key_values.* and return present.* (optimum's with-past layout)."
         ),
     ] = False,
-    method: MethodOpt = Method.average,
+    method: AutoMethodOpt = MergeMethod.auto,
+    reduction: ReductionOpt = None,
+    validation: ValidationOpt = None,
+    validation_tokens: ValTokensOpt = 10_000,
+    top: TopOpt = 3,
     delta_rank: DeltaRankOpt = None,
     delta_budget: DeltaBudgetOpt = None,
     finetune_steps: StepsOpt = 0,
+    recovery_minutes: MinutesOpt = 0.0,
     lr: LrOpt = 5e-5,
     finetune_data: FtDataOpt = None,
     finetune_tokens: FtTokensOpt = 50_000,
@@ -320,6 +396,9 @@ def convert_cmd(
             "images for image classifiers; translation and text classification need a TSV file).",
         ),
     ] = None,
+    on_miss: Annotated[
+        OnMiss, typer.Option("--on-miss", help=_help("When --max-loss is missed:", ON_MISS))
+    ] = OnMiss.nothing,
     precision: PrecisionOpt = Precision.fp32,
     block_size: BlockSizeOpt = 32,
     accuracy_level: AccuracyOpt = None,
@@ -346,13 +425,32 @@ def convert_cmd(
         accuracy_level=accuracy_level,
         max_loss=max_loss,
         eval_data=eval_data,
+        on_miss=on_miss.value,
     )
     report = convert(
         model,
         output,
-        _merge_options(layers, stack, anchor, align, method, calibration, calibration_tokens, delta_rank, delta_budget),
+        _merge_options(
+            layers,
+            stack,
+            anchor,
+            align,
+            method,
+            calibration,
+            calibration_tokens,
+            delta_rank,
+            delta_budget,
+            (reduction, validation, validation_tokens, top),
+        ),
         _recovery(
-            finetune_steps, lr, finetune_data, finetune_tokens, finetune_objective, finetune_train, finetune_schedule
+            finetune_steps,
+            lr,
+            finetune_data,
+            finetune_tokens,
+            finetune_objective,
+            finetune_train,
+            finetune_schedule,
+            recovery_minutes,
         ),
         export_options,
         overwrite=overwrite,
@@ -362,6 +460,13 @@ def convert_cmd(
     _print_report(report)
     kept = "reference/, " if not no_reference else ""
     console.print(f"wrote {output} (report.md, report.json, model files, {kept}ffmerge.json)")
+    if not report.get("quality", {}).get("ok", True):
+        from .quality.goal import QualityGoalMissed
+
+        raise QualityGoalMissed(
+            f"quality goal missed: {output} holds the best model found (--on-miss best), marked so in report.md and "
+            f"report.json; {report['quality']['advice']}."
+        )
 
 
 def _print_report(report: dict) -> None:
@@ -516,7 +621,7 @@ def search_cmd(
         typer.Option("--validation", help="Validation text/tensors (default: built-in BBC validation split)."),
     ] = None,
     calibration_tokens: TokensOpt = 10_000,
-    validation_tokens: Annotated[int, typer.Option("--validation-tokens")] = 10_000,
+    validation_tokens: ValTokensOpt = 10_000,
     output: Out = Path("search"),
     overwrite: OverwriteOpt = False,
     trust_remote_code: RemoteOpt = False,

@@ -34,10 +34,11 @@ from .merging import Calibration, MergeResult, load_calibration, load_merged, me
 from .merging.manifest import MANIFEST_NAME
 from .merging.methods import get_method
 from .merging.methods import method_params as method_params_for
+from .merging.windows import check_windows
 from .onnx.build import INFO, BuildOptions, build, write_info
 from .onnx.precision import PrecisionOptions, get_precision
 from .onnx.validate import REFERENCE, summary, validate
-from .quality import analyze, goal
+from .quality import analyze, goal, plan
 from .quality import search as window_search
 from .quality.finetune import recover
 from .quality.search import default_score, merge_count_for
@@ -51,14 +52,32 @@ Log = Callable[[str], None]
 class MergeOptions:
     """What to merge and how (the `merge` and `convert` options)."""
 
-    layers: str | None = None  # e.g. "3-5" or "0-2,6-8"; None: the built-in default window
+    layers: str | None = None  # e.g. "3-5" or "0-2,6-8"; "auto": found for `reduction`; None: the built-in default
     stack: str | None = None  # None: every stack of a seq2seq model, else the only one
     anchor: str = "first"
     align: str = "correlation"
-    method: str = "average"
+    method: str = "average"  # or "auto": the best of plan.CANDIDATE_METHODS per window on validation data
     method_params: dict = field(default_factory=dict)  # overrides of the method's declared parameters
     calibration: Path | None = None  # None: built-in data for the model's modality
     calibration_tokens: int = 10_000
+    reduction: float | None = None  # remove at least this fraction of the parameters (windows found: plan.py)
+    validation: Path | None = None  # what automatic choices are scored on (None: the built-in validation split)
+    validation_tokens: int = 10_000
+    top: int = 3  # window sets scored on validation
+
+    def __post_init__(self):
+        if self.layers == plan.AUTO and self.reduction is None:
+            raise InputError(
+                "--layers auto finds windows for --reduction F: give the fraction of parameters to remove."
+            )
+        if self.reduction is not None and not 0 < self.reduction < 1:
+            raise InputError(f"--reduction is a fraction of the parameters in (0, 1), e.g. 0.1; got {self.reduction}.")
+        if self.top < 1:
+            raise InputError(f"--top must be 1 or more; got {self.top}.")
+
+    @property
+    def automatic(self) -> bool:
+        return self.layers == plan.AUTO or self.method == plan.AUTO or self.reduction is not None
 
 
 @dataclass(frozen=True)
@@ -72,6 +91,11 @@ class RecoveryOptions:
     objective: str | None = None  # None: the task's default
     train: str = "all"
     schedule: str = "constant"
+    minutes: float = 0.0  # time budget for training (evaluations not counted); 0: steps alone decide
+
+    @property
+    def active(self) -> bool:
+        return self.steps > 0 or self.minutes > 0
 
 
 @dataclass(frozen=True)
@@ -92,10 +116,13 @@ class ExportOptions:
     accuracy_level: int | None = None  # int8, int4: MatMulNBits compute type
     max_loss: float | None = None  # quality goal: relative loss on the evaluation data at most this (quality/goal.py)
     eval_data: Path | None = None  # held-out data for the goal (default: the task's built-in test split)
+    on_miss: str = "nothing"  # goal missed: write nothing, or "best": write the model, marked as missing it
 
     def __post_init__(self):
         get_precision(self.precision)
         goal.check_goal_inputs("any", self.max_loss, self.eval_data)
+        if self.on_miss not in goal.ON_MISS:
+            raise InputError(f"--on-miss is one of {', '.join(goal.ON_MISS)}; got {self.on_miss!r}.")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise InputError(f"--block-size is a power of 2, 16 or more; got {self.block_size}.")
 
@@ -174,18 +201,23 @@ def merge_and_recover(
     model = loaded.model
     if options.calibration_tokens < 1:
         raise CalibrationError(f"--calibration-tokens must be 1 or more; got {options.calibration_tokens}.")
-    if recovery.steps < 0 or recovery.tokens < 1 or not recovery.lr > 0:
-        raise InputError("--finetune-steps must be 0 or more, --finetune-tokens and --finetune-lr above 0.")
-    if loaded.merged is not None and options.layers is None:
+    if recovery.steps < 0 or recovery.tokens < 1 or not recovery.lr > 0 or recovery.minutes < 0:
+        raise InputError(
+            "--finetune-steps and --recovery-minutes must be 0 or more, --finetune-tokens and --finetune-lr above 0."
+        )
+    if loaded.merged is not None and options.layers is None and not options.automatic:
         log(f"{loaded.spec} is merged already ({_windows_text(loaded.merged)}); no new window given")
         result = loaded.merged
-        original = load_model(result.manifest.source) if recovery.steps else None
+        original = load_model(result.manifest.source) if recovery.active else None
+    elif options.automatic:
+        original = copy.deepcopy(model) if recovery.active else None
+        result = _planned(loaded, options, log)
     else:
         layers = DEFAULT_LAYERS if options.layers is None else options.layers
         windows = windows_for(adapter_for(model), layers, options.stack)
         needed = options.align == "correlation" or get_method(options.method).needs_calibration
         cal = calibration_data(loaded, options.calibration, options.calibration_tokens, log=log) if needed else None
-        original = copy.deepcopy(model) if recovery.steps else None
+        original = copy.deepcopy(model) if recovery.active else None
         result = merge(
             loaded.merged or model,
             windows,
@@ -196,7 +228,7 @@ def merge_and_recover(
             method=options.method,
             params=options.method_params,
         )
-    if recovery.steps:
+    if recovery.active:
         batches = list(calibration_data(loaded, recovery.data, recovery.tokens, log=log))
         val = list(calibration_data(loaded, None, min(recovery.tokens, 8_000), split="validation", log=log))
         out = recover(
@@ -204,18 +236,74 @@ def merge_and_recover(
             original,
             batches,
             val,
-            steps=recovery.steps,
+            steps=recovery.steps or RECOVERY_STEPS_CAP,
             lr=recovery.lr,
             objective=recovery.objective,
             train=recovery.train,
             schedule=recovery.schedule,
+            budget_s=recovery.minutes * 60 or None,
         )
         name = result.manifest.finetune["score"]
         log(
-            f"fine-tuned {recovery.steps} steps: {name} {out.history[0]['score']:.4f} -> {out.best_score:.4f} "
-            f"(best at step {out.best_step})"
+            f"recovered {out.history[-1]['step']} steps in {out.history[-1]['seconds'] / 60:.1f} min: {name} "
+            f"{out.history[0]['score']:.4f} -> {out.best_score:.4f} (best at step {out.best_step})"
         )
     return result
+
+
+RECOVERY_STEPS_CAP = 1_000_000  # --recovery-minutes without --finetune-steps: the time budget decides
+
+
+def _planned(loaded: Loaded, options: MergeOptions, log: Log) -> MergeResult:
+    """Windows found for --reduction and/or a method chosen per window, on validation data (quality/plan.py)."""
+    if loaded.merged is not None and (options.layers == plan.AUTO or options.reduction is not None):
+        raise InputError(
+            f"{loaded.spec} is merged already; --reduction and --layers auto start from the original model "
+            f"({loaded.merged.manifest.source}). Give the further windows with --layers A-B."
+        )
+    model = loaded.model
+    adapter = adapter_for(model)
+    stacks = [options.stack] if options.stack else adapter.stack_names()
+    layers = options.layers if options.layers is not None else plan.AUTO if options.reduction is not None else None
+    layers = DEFAULT_LAYERS if layers is None else layers
+    spans = None
+    if layers != plan.AUTO:
+        given = windows_for(adapter, layers, stacks[-1])
+        check_windows(model, adapter, given)
+        spans = [(w.start, w.end) for w in given]
+        if options.reduction is not None:
+            removed = plan.removed_fraction(model, spans, stacks)
+            if removed < options.reduction - 1e-9:
+                raise InputError(
+                    f"--layers {layers} removes {removed:.2%} of the parameters, less than --reduction "
+                    f"{options.reduction:.2%}; give larger windows or --layers auto."
+                )
+    cal = calibration_data(loaded, options.calibration, options.calibration_tokens, log=log)
+    cal, val = _validation(loaded, options, cal, log)
+    chosen = plan.choose(loaded.merged or model, cal, val, stacks=stacks, reduction=options.reduction, windows=spans,
+                         method=options.method, params=options.method_params, anchor=options.anchor,
+                         align=options.align, top=options.top, log=log)  # fmt: skip
+    log(plan.lines(chosen.to_dict())[0])
+    source = loaded.merged.manifest.source if loaded.merged else loaded.spec
+    return plan.apply(loaded.merged or model, chosen, cal, source=source, anchor=options.anchor, align=options.align)
+
+
+def _validation(loaded: Loaded, options: MergeOptions, cal: Calibration, log: Log) -> tuple[Calibration, list]:
+    """Calibration and validation batches for the automatic choices: --validation or the built-in split, or
+    (no preprocessor to read the built-in data with) the last quarter of the calibration batches, held out."""
+    if options.validation is not None or loaded.preprocessor is not None:
+        val = calibration_data(loaded, options.validation, options.validation_tokens, split="validation", log=log)
+        return cal, list(val)
+    if len(cal.batches) < 2:
+        raise CalibrationError(
+            "--method auto and --reduction score their choices on validation data: pass --validation PATH (no "
+            "tokenizer or image processor came with the model to read the built-in data), or --method average."
+        )
+    cut = max(1, len(cal.batches) // 4)
+    log(f"validation: the last {cut} of the {len(cal.batches)} calibration batches, held out (no preprocessor "
+        "for the built-in data; --validation PATH to choose)")  # fmt: skip
+    kept = len(cal.batches) - cut
+    return replace(cal, batches=cal.batches[:kept], tokens=cal.tokens * kept // len(cal.batches)), cal.batches[kept:]
 
 
 def _windows_text(result: MergeResult) -> str:
@@ -254,30 +342,45 @@ def export(
                           text_check=check_text_quality)  # fmt: skip
         report["folder"] = str(output)
         report["passes"] = built.passes
-        (tmp / "report.json").write_text(json.dumps(report, indent=2))
-        (tmp / "report.md").write_text(summary(report))
+        if result.plan:
+            report["plan"] = result.plan
+        _write_report(tmp, report)
         if not report["ok"]:
             error = ValidationFailed(f"validation failed; nothing was written to {output}.\n" + summary(report))
             error.report = report  # the figures, for callers that want them anyway (benchmarks)
             raise error
         if options.max_loss is not None:
             quality = goal.judge(goal.score(tmp, tmp / REFERENCE, result.manifest.source, options.eval_data, log=log),
-                                 options.max_loss, int(result.manifest.finetune.get("steps", 0) or 0))  # fmt: skip
-            quality.update(params_removed_fraction=goal.removed_fraction(result), recovery=result.manifest.finetune,
+                                 options.max_loss, recovered=bool(result.manifest.finetune))  # fmt: skip
+            quality.update(params_removed_fraction=goal.removed_fraction(result),
+                           recovery=goal.recovery_summary(result.manifest.finetune),
                            windows=[f"{w.stack} {w.start}-{w.end} ({w.method})" for w in result.manifest.windows])  # fmt: skip
             report["quality"] = quality
-            (tmp / "report.json").write_text(json.dumps(report, indent=2))
-            (tmp / "report.md").write_text(
-                summary(report) + "\n## quality goal\n\n" + "\n".join(goal.goal_lines(quality))
-            )
+            _write_report(tmp, report)
             if not quality["ok"]:
-                error = goal.QualityGoalMissed(f"quality goal missed; nothing was written to {output}: "
-                                               f"{quality['advice']}.")  # fmt: skip
-                error.report = report
-                raise error
+                if options.on_miss != "best":
+                    error = goal.QualityGoalMissed(f"quality goal missed; nothing was written to {output}: "
+                                                   f"{quality['advice']}.")  # fmt: skip
+                    error.report = report
+                    raise error
+                log(f"quality goal missed: {quality['advice']}; writing the model anyway (--on-miss best), marked "
+                    "as missing the goal in report.md and report.json")  # fmt: skip
         if not options.keep_reference:
             shutil.rmtree(tmp / REFERENCE)
     return report
+
+
+def _write_report(folder: Path, report: dict) -> None:
+    """report.json, and report.md with the automatic choices and the quality goal when there are any."""
+    (folder / "report.json").write_text(json.dumps(report, indent=2))
+    text = summary(report)
+    if "quality" in report and not report["quality"]["ok"]:
+        text = "# QUALITY GOAL MISSED\n\n" + text
+    if "plan" in report:
+        text += "\n## windows and method (chosen on validation data)\n\n" + "\n".join(plan.lines(report["plan"]))
+    if "quality" in report:
+        text += "\n\n## quality goal\n\n" + "\n".join(goal.goal_lines(report["quality"]))
+    (folder / "report.md").write_text(text + "\n")
 
 
 # -- the commands ------------------------------------------------------------------------
@@ -312,7 +415,12 @@ def convert(
     log: Log = print,
 ) -> dict:
     """The whole pipeline into `output`; returns the validation report."""
-    inputs = [spec, options.calibration, recovery.data, export_options.eval_data]
+    inputs = [spec, options.calibration, options.validation, recovery.data, export_options.eval_data]
+    held_out = export_options.eval_data
+    for name, path in (("--calibration", options.calibration), ("--validation", options.validation),
+                       ("--finetune-data", recovery.data)):  # fmt: skip
+        if held_out is not None and path is not None and Path(path).resolve() == Path(held_out).resolve():
+            raise InputError(f"--eval-data is held out: it cannot also be the {name} data. Give separate files.")
     with guarded_output(output, overwrite, inputs) as target:
         warning = version_warning()
         if warning:

@@ -664,6 +664,29 @@ def cases(root: Path) -> list[tuple[str, object, type | None]]:
             lambda c: conv("--max-loss", "0.1", "--eval-data", str(c / "nope.txt")),
             E.InputError,
         ),
+        # automatic windows, method and recovery (quality/plan.py)
+        ("merge: --reduction 1.5", lambda c: m("--reduction", "1.5"), E.InputError),
+        ("merge: --reduction needing every layer", lambda c: m("--reduction", "0.6"), E.WindowError),
+        ("merge: --layers auto without --reduction", lambda c: m("--layers", "auto"), E.InputError),
+        (
+            "merge: --reduction above what --layers removes",
+            lambda c: m("--layers", "1-2", "--reduction", "0.3"),
+            E.InputError,
+        ),
+        (
+            "merge: --reduction with --method delta",
+            lambda c: m("--reduction", "0.1", "--method", "delta"),
+            E.InputError,
+        ),
+        ("merge: --validation does not exist", lambda c: m("--validation", str(c / "nope.txt")), E.CalibrationError),
+        ("merge: --top 0", lambda c: m("--reduction", "0.1", "--top", "0"), E.InputError),
+        ("merge: --recovery-minutes -1", lambda c: m("--recovery-minutes", "-1"), E.InputError),
+        (
+            "convert: --eval-data is the --calibration data",
+            lambda c: conv("--max-loss", "0.1", "--eval-data", str(cal)),
+            E.InputError,
+        ),
+        ("convert: --on-miss unknown", lambda c: conv("--on-miss", "maybe"), None),
         # user adapters
         ("--adapter does not exist", lambda c: m("--adapter", str(c / "nope.json")), E.InputError),
         ("--adapter is binary", lambda c: m("--adapter", str(write(c, "a.json", _bytes(256)))), E.InputError),

@@ -160,7 +160,7 @@ def test_out_of_memory_gets_its_own_exit_code(work, monkeypatch, tmp_path):
         raise MemoryError
 
     monkeypatch.setattr(sys.modules["ffmerge_onnx.pipeline"], "merge", boom)
-    code, err = run(["merge", str(work / "gpt2"), "-o", str(tmp_path / "o"), "--align", "none"])
+    code, err = run(["merge", str(work / "gpt2"), "-o", str(tmp_path / "o"), "--align", "none", "--method", "average"])
     assert code == errors.EXIT_RESOURCES and isinstance(err, MemoryError)
     assert not (tmp_path / "o").exists()
 
@@ -181,7 +181,8 @@ def test_resources_get_exit_4_however_the_library_says_it(work, monkeypatch, tmp
         raise error
 
     monkeypatch.setattr(sys.modules["ffmerge_onnx.pipeline"], "merge", boom)
-    code, err = run(["merge", str(work / "gpt2"), "-o", str(tmp_path / "o"), "--align", "none", "--layers", "1-2"])
+    args = ["--align", "none", "--layers", "1-2", "--method", "average"]
+    code, err = run(["merge", str(work / "gpt2"), "-o", str(tmp_path / "o"), *args])
     assert code == errors.EXIT_RESOURCES and err is error
     assert list(tmp_path.iterdir()) == []
 

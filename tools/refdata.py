@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from ffmerge_onnx.errors import InputError
-from ffmerge_onnx.families.builtin import bbc_articles, bbc_news_dir
+from ffmerge_onnx.families.builtin import bbc_news_dir
+from ffmerge_onnx.families.builtin import bbc_topics as builtin_topics
 
 
 def _package_dir(name: str, hint: str) -> Path:
@@ -34,7 +35,9 @@ def lee_corpus() -> tuple[list[str], np.ndarray]:
 
 def bbc_topics(split: str | None = None) -> tuple[list[str], list[str]]:
     """(texts, topic labels) of BBC news articles; split as in builtin.bbc_articles, None for all."""
-    paths = sorted(bbc_news_dir().glob("*/*.txt")) if split is None else bbc_articles(split)
+    if split is not None:
+        return builtin_topics(split)
+    paths = sorted(bbc_news_dir().glob("*/*.txt"))
     return [p.read_text(encoding="utf-8", errors="replace") for p in paths], [p.parent.name for p in paths]
 
 

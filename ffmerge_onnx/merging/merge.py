@@ -30,6 +30,7 @@ class MergeResult:
     model: nn.Module
     manifest: Manifest
     permutations: dict[str, torch.Tensor] = field(default_factory=dict)  # "<stack>.<layer>" -> perm
+    plan: dict | None = None  # how automatic windows / method were chosen (quality/plan.py), if they were
 
     @classmethod
     def unchanged(cls, model: nn.Module, source: str = "") -> MergeResult:

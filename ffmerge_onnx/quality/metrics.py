@@ -199,3 +199,14 @@ def batch_accuracy(model: nn.Module, batches) -> float:
             right += int((model(**inputs).logits.argmax(-1) == b["labels"]).sum())
             count += len(b["labels"])
     return right / count
+
+
+def probe_accuracy(train: torch.Tensor, train_labels, test: torch.Tensor, test_labels) -> float:
+    """Accuracy of a logistic-regression probe fitted on frozen, standardized embeddings (L2, lbfgs)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=1.0, random_state=0))
+    probe.fit(train.double().numpy(), list(train_labels))
+    return float(probe.score(test.double().numpy(), list(test_labels)))

@@ -54,27 +54,36 @@ def merge_count_for(model: nn.Module, reduction: float, stacks: list[str], kept:
     return max(k, 2)
 
 
+def pair_scores(
+    model: nn.Module, calibration: Calibration, stack: str, pairs: set[tuple[int, int]], progress: bool = True
+) -> dict[tuple[int, int], float]:
+    """Mean matched correlation of layer i's FF neurons to layer j's, for each pair (i, j) with i < j (one
+    calibration pass, or more when the statistics exceed the memory budget)."""
+    adapter = adapter_for(model)
+    pairs = sorted(pairs)
+    keys = [(f"{stack}.{i}.pre", f"{stack}.{j}.pre") for i, j in pairs]
+    moments = calibrate.collect(model, adapter, calibration, keys, progress=progress)
+    return {
+        (i, j): match(calibrate.find(moments, ka, kb).correlation(ka, kb)).score
+        for (i, j), (ka, kb) in zip(pairs, keys)
+    }
+
+
+def window_pairs(start: int, end: int, anchor: str) -> list[tuple[int, int]]:
+    """The (anchor, layer) pairs a window aligns, each as (lower, higher)."""
+    c = anchor_layer(list(range(start, end + 1)), anchor)
+    return [tuple(sorted((c, i))) for i in range(start, end + 1) if i != c]
+
+
 def alignment_scores(
     model: nn.Module, calibration: Calibration, stack: str, k: int, anchor: str = "first", progress: bool = True
 ) -> dict[tuple[int, int], float]:
     """Mean matched correlation of each window's layers to its anchor (1.0: permuted copies)."""
-    adapter = adapter_for(model)
-    n = adapter.num_layers(model, stack)
+    n = adapter_for(model).num_layers(model, stack)
     windows = [(a, a + k - 1) for a in range(n - k + 1)]
-    pairs = set()
-    for a, b in windows:
-        c = anchor_layer(list(range(a, b + 1)), anchor)
-        pairs |= {tuple(sorted((c, i))) for i in range(a, b + 1) if i != c}
-    keys = [(f"{stack}.{i}.pre", f"{stack}.{j}.pre") for i, j in sorted(pairs)]
-    moments = calibrate.collect(model, adapter, calibration, keys, progress=progress)
-    pair_score = {}
-    for (i, j), (ka, kb) in zip(sorted(pairs), keys):
-        pair_score[(i, j)] = match(calibrate.find(moments, ka, kb).correlation(ka, kb)).score
-    out = {}
-    for a, b in windows:
-        c = anchor_layer(list(range(a, b + 1)), anchor)
-        out[(a, b)] = sum(pair_score[tuple(sorted((c, i)))] for i in range(a, b + 1) if i != c) / (b - a)
-    return out
+    scores = pair_scores(model, calibration, stack, {p for a, b in windows for p in window_pairs(a, b, anchor)},
+                         progress)  # fmt: skip
+    return {(a, b): sum(scores[p] for p in window_pairs(a, b, anchor)) / (b - a) for a, b in windows}
 
 
 def search(

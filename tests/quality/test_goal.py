@@ -36,12 +36,14 @@ def test_a_met_goal_is_reported_with_the_three_scores(tiny_lm, tmp_path):
     model, cal, text = tiny_lm
     out = tmp_path / "out"
     assert main(convert_args(model, cal, text, out, 0.9)) == 0
-    q = json.loads((out / "report.json").read_text())["quality"]
+    report = json.loads((out / "report.json").read_text())
+    q = report["quality"]
     assert q["metric"] == "perplexity" and q["ok"] and q["max_loss"] == 0.9 and q["data"] == str(text)
     assert q["original"] == pytest.approx(evaluate(str(model), data=text, progress=False)["value"], rel=1e-9)
     assert q["merged_onnx"] == pytest.approx(q["merged_pytorch"], rel=1e-4)  # the same model, two runtimes
     assert q["relative_loss"] == pytest.approx(q["merged_onnx"] / q["original"] - 1)
-    assert q["windows"] == ["decoder 1-2 (average)"] and 0 < q["params_removed_fraction"] < 0.5
+    method = report["plan"]["methods"][0]  # --method auto, the default: chosen on validation data
+    assert q["windows"] == [f"decoder 1-2 ({method})"] and 0 < q["params_removed_fraction"] < 0.5
     assert "## quality goal" in (out / "report.md").read_text()
 
 
@@ -58,7 +60,7 @@ def test_a_missed_goal_writes_nothing_and_states_the_shortfall(tiny_lm, tmp_path
     assert main(convert_args(model, cal, text, out, 0.1)) == errors.EXIT_VALIDATION
     err = " ".join(capsys.readouterr().err.split())
     assert "quality goal missed" in err and "loss 30.00% exceeds the goal 10.00% by 20.00% points" in err
-    assert "--finetune-steps" in err and not out.exists()
+    assert "--recovery-minutes" in err and not out.exists()
 
 
 @pytest.mark.parametrize(
