@@ -1,5 +1,9 @@
 """Alternatives a user would compare merging with (research baselines, not shipped in the package).
 
+Block-influence layer drop (ShortGPT, Men et al. 2024): each layer's influence is 1 minus the mean cosine
+between the hidden state entering it and the one leaving it, over the calibration tokens; the `count`
+layers of least influence go, wherever they are.
+
 Linear block replacement (the ReplaceMe / LLM-Streamline family): remove layers a..b of a stack and
 put one linear map in their place, fitted by least squares on the calibration residual stream: the
 hidden state entering layer a, [h, 1], onto the hidden state leaving layer b. No training. It adds
@@ -123,3 +127,20 @@ def best_replacement(
         del trial
     best = (max if higher_is_better else min)(rows, key=lambda r: r["score"])
     return {"rows": rows, "best": [best["start"], best["end"]], "inputs": inputs}
+
+
+def block_influence(inputs: list[dict[int, torch.Tensor]], n: int) -> list[float]:
+    """ShortGPT's BI per layer: 1 - mean cosine(h entering layer i, h leaving it) over every token."""
+    out = []
+    for i in range(n):
+        cos = torch.cat([nn.functional.cosine_similarity(b[i], b[i + 1], dim=-1) for b in inputs])
+        out.append(float(1 - cos.mean()))
+    return out
+
+
+def influence_drop(model: nn.Module, stack: str, count: int, calibration: Calibration) -> dict:
+    """The `count` layers of least block influence dropped (from a copy); the model, the layers and every BI."""
+    n = adapter_for(model).num_layers(model, stack)
+    bi = block_influence(layer_inputs(model, calibration, stack), n)
+    dropped = sorted(sorted(range(n), key=lambda i: bi[i])[:count])
+    return {"model": drop_layers(copy.deepcopy(model), stack, dropped).model, "dropped": dropped, "influence": bi}

@@ -1,7 +1,9 @@
 """Merging against the alternatives a user would pick instead, at comparable parameters removed, before
 recovery: linear replacement of the best block of n layers (least squares on the calibration residual
-stream, tools/alternatives.py), dropping the best n layers, plain merges, and the `delta` merge (shared FF
-plus per-layer low-rank corrections) at several budgets and both initialisations; with --steps, each
+stream, tools/alternatives.py), dropping the best n adjacent layers, dropping the n layers of least block
+influence (ShortGPT), plain merges, the automatic choice of `convert --reduction F` (--auto F: windows and
+method chosen on the validation split, quality/plan.py), and the `delta` merge (shared FF plus per-layer
+low-rank corrections) at several budgets and both initialisations; with --steps, each
 also after the same recovery fine-tune (everything trained, including the linear map). Same benchmarks
 as tools/compare_quality.py (test data only for scoring; positions chosen on the validation split).
 Writes alternatives.md / .json to --out.
@@ -30,12 +32,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # compare_quality, alternatives (tools/, not shipped)
 
-from alternatives import best_replacement, fit_map, replace_block
+from alternatives import best_replacement, fit_map, influence_drop, replace_block
 from compare_quality import bench_for
 
 from ffmerge_onnx import MergeResult, Window, adapter_for, drop_layers, merge
 from ffmerge_onnx.families.loading import load_model, load_preprocessor
 from ffmerge_onnx.merging import parse_windows
+from ffmerge_onnx.quality import plan
 from ffmerge_onnx.quality.finetune import recover
 from ffmerge_onnx.quality.runners import TorchRunner
 from ffmerge_onnx.quality.search import best_drop, default_score
@@ -47,6 +50,7 @@ def main() -> None:
     ap.add_argument("--blocks", default="1", help="comma-separated n: replace / drop the best n adjacent layers")
     ap.add_argument("--windows", default="1-3", help="merge windows A-B (comma-separated)")
     ap.add_argument("--methods", default="regmean", help="plain merge methods to include")
+    ap.add_argument("--auto", default="", help="comma-separated F: the plan `convert --reduction F` picks")
     ap.add_argument("--budgets", default="0.1,0.2,0.3", help="delta budgets (fraction of the merged-away FF)")
     ap.add_argument("--inits", default="fit,svd")
     ap.add_argument("--delta-base", default="regmean")
@@ -107,6 +111,18 @@ def main() -> None:
         lo, hi = best_drop(original, stack, n, val_score, higher_is_better=higher, progress=False)["best"]
         row(f"drop {n}", f"{lo}-{hi}", drop_layers(copy.deepcopy(original), stack, list(range(lo, hi + 1))),
             time.time() - t)  # fmt: skip
+        t = time.time()
+        found = influence_drop(original, stack, n, bench.cal)
+        row(f"drop {n} by block influence (ShortGPT)", ",".join(map(str, found["dropped"])), found["model"],
+            time.time() - t, influence=found["influence"])  # fmt: skip
+        del found
+    for reduction in [float(x) for x in a.auto.split(",") if x]:
+        t = time.time()
+        chosen = plan.choose(original, bench.cal, list(bench.val), stacks=adapter.stack_names(), reduction=reduction,
+                             progress=False, log=lambda _: None)  # fmt: skip
+        merged = plan.apply(copy.deepcopy(original), chosen, bench.cal)
+        where = ", ".join(f"{x}-{y} {m}" for (x, y), m in zip(chosen.windows, chosen.methods))
+        row(f"auto, --reduction {reduction:g}", where, merged, time.time() - t, plan=chosen.to_dict())
     for w in parse_windows(a.windows, stack) if a.windows else []:
         windows = [Window(s, w.start, w.end) for s in adapter.stack_names()]
         where = f"{w.start}-{w.end}"

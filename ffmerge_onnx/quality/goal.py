@@ -133,6 +133,17 @@ def recovery_summary(finetune: dict) -> dict:
     return out
 
 
+def recovery_text(r: dict) -> str:
+    if not r:
+        return "none"
+    budget = f" of a {r['budget_minutes']:g}-minute budget" if r.get("budget_minutes") else ""
+    return (
+        f"{r.get('steps_run')} steps in {r.get('minutes', 0):.1f} min{budget}, objective {r.get('objective')}, "
+        f"lr {r.get('lr'):g} ({r.get('schedule')}), training {r.get('train')}; best {r.get('score')} on validation "
+        f"{r.get('best_score', float('nan')):.4f} at step {r.get('best_step')}"
+    )
+
+
 def goal_lines(quality: dict) -> list[str]:
     """The report's quality section."""
     lines = [
@@ -144,10 +155,8 @@ def goal_lines(quality: dict) -> list[str]:
             f"({'met' if quality['ok'] else 'missed'}) | {quality.get('params_removed_fraction', float('nan')):.2%} |"
         ),
         "",
-        (
-            f"Evaluation data: {quality['data']}; windows {quality.get('windows', [])}; recovery "
-            f"{quality.get('recovery', {}) or 'none'}."
-        ),
+        f"Evaluation data: {quality['data']}. Windows (method): {', '.join(quality.get('windows', [])) or 'none'}.",
+        f"Recovery: {recovery_text(quality.get('recovery') or {})}.",
     ]
     if "embedding_cosine" in quality:
         lines.append(f"Embedding cosine of the ONNX model to the original on the probe's test articles: "

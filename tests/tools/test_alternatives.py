@@ -11,7 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 
-from alternatives import best_replacement, fit_map, layer_inputs, replace_block
+from alternatives import best_replacement, fit_map, influence_drop, layer_inputs, replace_block
 
 from ffmerge_onnx import adapter_for
 from ffmerge_onnx.quality.search import fidelity
@@ -56,3 +56,14 @@ def test_the_search_finds_the_silent_block_and_a_block_at_the_end_is_handled():
     assert found["best"] == [2, 3] and len(found["rows"]) == 3
     best = next(r for r in found["rows"] if r["start"] == 2)  # the stack's last two layers: a hook after layer 1
     assert best["score"] > 0.999
+
+
+def test_block_influence_drops_the_silent_layers_wherever_they_are():
+    model = silent("llama", layers=(0, 2))  # not adjacent: ShortGPT drops by influence, not by position
+    cal = tm.calibration(model, n=64)
+    found = influence_drop(model, "decoder", 2, cal)
+    assert found["dropped"] == [0, 2]
+    assert found["influence"][0] < 1e-6 and found["influence"][2] < 1e-6 and min(found["influence"][1::2]) > 1e-4
+    x = tm.inputs(model)
+    assert torch.allclose(tm.output(found["model"], x), tm.output(model, x), atol=1e-4)
+    assert adapter_for(model).num_layers(model, "decoder") == 4  # the model itself is not changed
