@@ -15,6 +15,7 @@ import copy
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import cache
 
 from torch import nn
 
@@ -98,24 +99,28 @@ def removed_fraction(model: nn.Module, windows: list[Span], stacks: list[str]) -
     return sum(b - a for a, b in windows) * per_layer / model.num_parameters()
 
 
-def window_sets(n: int, m: int, score: Callable[[Span], float], max_windows: int = MAX_WINDOWS) -> list[tuple]:
-    """Every set of 1..max_windows disjoint windows in layers 0..n-1 merging away m layers in all, as
-    (alignment, windows) with the alignment the mean of `score(pair)` over the merged (anchor, layer)
-    pairs, best first."""
+def window_sets(
+    n: int, m: int, score: Callable[[Span], float], max_windows: int = MAX_WINDOWS, keep: int = 8
+) -> list[tuple]:
+    """Sets of 1..max_windows disjoint windows in layers 0..n-1 merging away m layers in all, as (alignment,
+    windows) with the alignment the mean of `score(window)` (a window's summed pair scores) over the m merged
+    layers, best first: the `keep` best placements of each ordered split of m into window sizes."""
     out = []
+    for sizes in _compositions(m, max_windows):
 
-    def place(sizes: list[int], start: int, chosen: list[Span]) -> None:
-        if not sizes:
-            out.append(tuple(chosen))
-            return
-        span = sum(s + 1 for s in sizes)  # layers the remaining windows need
-        for a in range(start, n - span + 1):
-            place(sizes[1:], a + sizes[0] + 1, [*chosen, (a, a + sizes[0])])
+        @cache
+        def best(j: int, pos: int, sizes=tuple(sizes)) -> list[tuple]:
+            if j == len(sizes):
+                return [(0.0, ())]
+            rows, need = [], sum(s + 1 for s in sizes[j:])  # layers the remaining windows take
+            for a in range(pos, n - need + 1):
+                w = (a, a + sizes[j])
+                rows += [(score(w) + total, (w, *rest)) for total, rest in best(j + 1, w[1] + 1)]
+            return sorted(rows, key=lambda r: (-r[0], r[1]))[:keep]
 
-    for parts in _compositions(m, max_windows):
-        place(parts, 0, [])
-    ranked = [(sum(score(w) for w in ws) / m, ws) for ws in set(out)]
-    return sorted(ranked, key=lambda r: (-r[0], r[1]))
+        out += best(0, 0)
+    ranked = {ws: total / m for total, ws in out}
+    return [(value, ws) for ws, value in sorted(ranked.items(), key=lambda r: (-r[1], r[0]))]
 
 
 def _compositions(m: int, most: int) -> list[list[int]]:
@@ -223,7 +228,10 @@ def choose(
             if uniform and better(uniform[0].score, combined) != combined:
                 plan.methods = uniform[0].methods
     final = [t for t in plan.trials if t.windows == plan.windows and t.methods == plan.methods]
-    plan.score = final[-1].score if final else math.nan
+    if not final:  # given windows and method: scored once, for the report
+        final = [Trial("final", plan.windows, plan.methods, scored(plan.windows, plan.methods))]
+        plan.trials += final
+    plan.score = final[-1].score
     plan.removed_fraction = removed_fraction(model, plan.windows, stacks)
     return plan
 
