@@ -172,9 +172,12 @@ def merge(
     max_stat_bytes: int = calibrate.DEFAULT_MAX_STAT_BYTES,
     method: str = "average",
     params: dict | None = None,
+    alignments: dict | None = None,
 ) -> MergeResult:
     """Align, combine (`method` with its `params`, see merging/methods) and tie each window's FF
-    sublayers, in place; a method's per-layer corrections go beside the shared tensors (lowrank.py)."""
+    sublayers, in place; a method's per-layer corrections go beside the shared tensors (lowrank.py).
+    `alignments`: a cache of window alignments the caller computed on this same model state (trials of
+    one model share it); windows missing from it are aligned and added."""
     previous = model if isinstance(model, MergeResult) else None
     model = previous.model if previous else model
     _check_arguments(model, windows, calibration)
@@ -187,7 +190,12 @@ def merge(
     earlier = _earlier_windows(model, adapter, previous)
     check_windows(model, adapter, [*earlier, *windows])
     _check_finite(model, adapter, windows)
-    matches = _alignments(model, adapter, windows, anchor, align, calibration, progress, max_stat_bytes)
+    cache = alignments if alignments is not None else {}
+    todo = [w for w in windows if (w, anchor, align) not in cache]
+    if todo:
+        found = _alignments(model, adapter, todo, anchor, align, calibration, progress, max_stat_bytes)
+        cache.update({(w, anchor, align): m for w, m in found.items()})
+    matches = {w: cache[(w, anchor, align)] for w in windows}
     records, permutations = [], {}
     for w in windows:
         layers = adapter.layers(model, w.stack)

@@ -180,14 +180,16 @@ def choose(
     better = max if higher else min
     plan = Plan([], [], stacks, name, higher, 0.0, params, original_score=float(score(model)))
 
+    cache = {}  # alignments on the unchanged model: every trial's first window reuses them
+
     def trial(spans: list[Span], chosen: list[str]) -> nn.Module:
         copied = copy.deepcopy(start)
         result = copied if isinstance(copied, MergeResult) else None
         trial_model = result.model if result else copied
-        for span, m in zip(spans, chosen):
+        for i, (span, m) in enumerate(zip(spans, chosen)):
             ws = [Window(s, *span) for s in stacks]
             result = merge(result or trial_model, ws, anchor=anchor, align=align, calibration=calibration,
-                           method=m, params=params, progress=False)  # fmt: skip
+                           method=m, params=params, progress=False, alignments=cache if i == 0 else None)  # fmt: skip
         return trial_model
 
     def scored(spans: list[Span], chosen: list[str]) -> float:

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import tiny_models as tm
 import torch
@@ -134,3 +136,23 @@ def test_layer_drop_baseline_gives_a_valid_smaller_model(model_type, tmp_path):
     assert torch.isfinite(y).all()
     save_merged(result, tmp_path / "d")
     assert torch.equal(tm.output(load_merged(tmp_path / "d").model, x), y)
+
+
+def test_trials_sharing_an_alignment_cache_align_once_and_merge_the_same(monkeypatch):
+    from ffmerge_onnx.merging import calibration as calibrate
+
+    model = tm.build("llama", gentle=True)
+    cal = tm.calibration(model)
+    window = [Window("decoder", 1, 2)]
+    plain = merge(copy.deepcopy(model), window, calibration=cal, progress=False)
+    passes = []
+    real = calibrate.collect
+    monkeypatch.setattr(calibrate, "collect", lambda *a, **k: passes.append(1) or real(*a, **k))
+    cache = {}
+    cached = [merge(copy.deepcopy(model), window, calibration=cal, method=m, progress=False, alignments=cache)
+              for m in ("average", "regmean", "average")]  # fmt: skip
+    assert len(passes) == 1 and len(cache) == 1
+    for key in plain.permutations:
+        assert torch.equal(plain.permutations[key], cached[2].permutations[key])
+    x = tm.inputs(model)
+    assert torch.equal(tm.output(plain.model, x), tm.output(cached[2].model, x))
