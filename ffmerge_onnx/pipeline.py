@@ -1,11 +1,13 @@
 """The pipeline, in order, in one place:
 
-    load -> windows -> calibrate -> merge -> recover -> save -> export -> passes -> validate
+    load -> windows -> calibrate -> merge -> recover -> save -> export -> passes -> validate [-> goal]
 
 `merge_and_recover` runs the steps up to recovery and returns a MergeResult; the `merge` command
 saves it (`run_merge`); `export` saves the reference checkpoint, exports, runs the graph passes and
-validates, into a folder that appears only when everything passed; `convert` is all of it. The
-window search and the similarity analysis share the load and calibration steps."""
+validates, into a folder that appears only when everything passed; `convert` is all of it. Windows
+are given, or (--reduction, --method auto) chosen with the method on validation data (quality/plan.py);
+the goal (--max-loss) scores the result on held-out data (quality/goal.py). The window search and the
+similarity analysis share the load and calibration steps."""
 
 from __future__ import annotations
 

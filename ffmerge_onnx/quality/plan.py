@@ -238,8 +238,15 @@ def choose(
     return plan
 
 
-def apply(model: nn.Module | MergeResult, plan: Plan, calibration: Calibration | None, *, source: str = "", anchor: str = "first",
-          align: str = "correlation") -> MergeResult:  # fmt: skip
+def apply(
+    model: nn.Module | MergeResult,
+    plan: Plan,
+    calibration: Calibration | None,
+    *,
+    source: str = "",
+    anchor: str = "first",
+    align: str = "correlation",
+) -> MergeResult:
     """Merge the plan's windows into `model` (in place; a merged model gets them added), each with its method."""
     result = model if isinstance(model, MergeResult) else None
     for span, m in zip(plan.windows, plan.methods):
