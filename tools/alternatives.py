@@ -46,13 +46,13 @@ def layer_inputs(model: nn.Module, calibration: Calibration, stack: str) -> list
     def grab(i):
         def pre(_m, args, kwargs):
             h = args[0] if args else kwargs["hidden_states"]
-            current[i] = h[current["mask"]].double()
+            current[i] = _tokens(h, current["mask"])
 
         return pre
 
     def last(_m, _args, output):
         h = output[0] if isinstance(output, tuple) else output
-        current[len(layers)] = h[current["mask"]].double()
+        current[len(layers)] = _tokens(h, current["mask"])
 
     for i, layer in enumerate(layers):
         handles.append(layer.register_forward_pre_hook(grab(i), with_kwargs=True))
@@ -69,6 +69,11 @@ def layer_inputs(model: nn.Module, calibration: Calibration, stack: str) -> list
         for h in handles:
             h.remove()
     return out
+
+
+def _tokens(h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """[tokens, d] float64: the real tokens of a text batch, every patch of an image batch."""
+    return (h[mask] if mask is not None else h.reshape(-1, h.shape[-1])).double()
 
 
 def fit_map(inputs: list[dict[int, torch.Tensor]], start: int, end: int) -> LinearMap:

@@ -51,6 +51,7 @@ def main() -> None:
     ap.add_argument("--windows", default="1-3", help="merge windows A-B (comma-separated)")
     ap.add_argument("--methods", default="regmean", help="plain merge methods to include")
     ap.add_argument("--auto", default="", help="comma-separated F: the plan `convert --reduction F` picks")
+    ap.add_argument("--plan", type=Path, default=None, help="a convert report.json: its recorded plan, applied")
     ap.add_argument("--budgets", default="0.1,0.2,0.3", help="delta budgets (fraction of the merged-away FF)")
     ap.add_argument("--inits", default="fit,svd")
     ap.add_argument("--delta-base", default="regmean")
@@ -123,6 +124,12 @@ def main() -> None:
         merged = plan.apply(copy.deepcopy(original), chosen, bench.cal)
         where = ", ".join(f"{x}-{y} {m}" for (x, y), m in zip(chosen.windows, chosen.methods))
         row(f"auto, --reduction {reduction:g}", where, merged, time.time() - t, plan=chosen.to_dict())
+    if a.plan:
+        t = time.time()
+        chosen = plan.Plan.from_dict(json.loads(a.plan.read_text())["plan"])
+        merged = plan.apply(copy.deepcopy(original), chosen, bench.cal)
+        where = ", ".join(f"{x}-{y} {m}" for (x, y), m in zip(chosen.windows, chosen.methods))
+        row(f"auto (plan of {a.plan.parent.name})", where, merged, time.time() - t, plan=chosen.to_dict())
     for w in parse_windows(a.windows, stack) if a.windows else []:
         windows = [Window(s, w.start, w.end) for s in adapter.stack_names()]
         where = f"{w.start}-{w.end}"

@@ -57,6 +57,13 @@ class Plan:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict) -> Plan:
+        """A plan as a report recorded it (report.json "plan")."""
+        fields = {**data, "windows": [tuple(w) for w in data["windows"]]}
+        fields["trials"] = [Trial(**{**t, "windows": [tuple(w) for w in t["windows"]]}) for t in data["trials"]]
+        return cls(**fields)
+
 
 def lines(plan: dict) -> list[str]:
     """The report's section from a plan's dict: what was tried on validation data, and what won."""

@@ -61,6 +61,7 @@ def test_choose_finds_the_planted_window_and_a_method_per_window():
     assert {t.methods[0] for t in chosen.trials if t.stage == "method"} == set(plan.CANDIDATE_METHODS)
     assert chosen.score == pytest.approx(chosen.original_score, rel=1e-5)  # the planted copy merges exactly
     assert chosen.removed_fraction == pytest.approx(reduction)
+    assert plan.Plan.from_dict(json.loads(json.dumps(chosen.to_dict()))) == chosen  # as report.json keeps it
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the model is not changed
     result = plan.apply(model, chosen, cal)
     assert [(w.start, w.end, w.method) for w in result.manifest.windows] == [(1, 2, chosen.methods[0])]
