@@ -186,42 +186,35 @@ def _method_params(method, delta_rank, delta_budget) -> dict:
     return {"rank": delta_rank} if delta_rank is not None else {"rank": -1, "budget": delta_budget}
 
 
-def _merge_options(
-    layers, stack, anchor, align, method, calibration, calibration_tokens, delta_rank, delta_budget, automatic=None
-):
-    from .pipeline import MergeOptions
+def _merge_and_recovery(a: dict) -> tuple:
+    """MergeOptions and RecoveryOptions from the options `merge` and `convert` share (their locals)."""
+    from .pipeline import MergeOptions, RecoveryOptions
 
-    params = _method_params(method, delta_rank, delta_budget)
-    reduction, validation, validation_tokens, top = automatic or (None, None, 10_000, 3)
-    return MergeOptions(
-        layers=layers,
-        stack=stack.value if stack else None,
-        anchor=anchor.value,
-        align=align.value,
-        method=method.value,
-        method_params=params,
-        calibration=calibration,
-        calibration_tokens=calibration_tokens,
-        reduction=reduction,
-        validation=validation,
-        validation_tokens=validation_tokens,
-        top=top,
+    merge = MergeOptions(
+        layers=a["layers"],
+        stack=a["stack"].value if a["stack"] else None,
+        anchor=a["anchor"].value,
+        align=a["align"].value,
+        method=a["method"].value,
+        method_params=_method_params(a["method"], a["delta_rank"], a["delta_budget"]),
+        calibration=a["calibration"],
+        calibration_tokens=a["calibration_tokens"],
+        reduction=a["reduction"],
+        validation=a["validation"],
+        validation_tokens=a["validation_tokens"],
+        top=a["top"],
     )
-
-
-def _recovery(steps, lr, data, tokens, objective, train, schedule, minutes=0.0):
-    from .pipeline import RecoveryOptions
-
-    return RecoveryOptions(
-        steps=steps,
-        lr=lr,
-        data=data,
-        tokens=tokens,
-        objective=objective.value if objective else None,
-        train=train.value,
-        schedule=schedule.value,
-        minutes=minutes,
+    recovery = RecoveryOptions(
+        steps=a["finetune_steps"],
+        lr=a["lr"],
+        data=a["finetune_data"],
+        tokens=a["finetune_tokens"],
+        objective=a["finetune_objective"].value if a["finetune_objective"] else None,
+        train=a["finetune_train"].value,
+        schedule=a["finetune_schedule"].value,
+        minutes=a["recovery_minutes"],
     )
+    return merge, recovery
 
 
 def _log(text: str) -> None:
@@ -266,28 +259,7 @@ def merge_cmd(
     result, before = run_merge(
         model,
         output,
-        _merge_options(
-            layers,
-            stack,
-            anchor,
-            align,
-            method,
-            calibration,
-            calibration_tokens,
-            delta_rank,
-            delta_budget,
-            (reduction, validation, validation_tokens, top),
-        ),
-        _recovery(
-            finetune_steps,
-            lr,
-            finetune_data,
-            finetune_tokens,
-            finetune_objective,
-            finetune_train,
-            finetune_schedule,
-            recovery_minutes,
-        ),
+        *_merge_and_recovery(locals()),
         overwrite=overwrite,
         trust_remote_code=trust_remote_code,
         log=_log,
@@ -430,28 +402,7 @@ def convert_cmd(
     report = convert(
         model,
         output,
-        _merge_options(
-            layers,
-            stack,
-            anchor,
-            align,
-            method,
-            calibration,
-            calibration_tokens,
-            delta_rank,
-            delta_budget,
-            (reduction, validation, validation_tokens, top),
-        ),
-        _recovery(
-            finetune_steps,
-            lr,
-            finetune_data,
-            finetune_tokens,
-            finetune_objective,
-            finetune_train,
-            finetune_schedule,
-            recovery_minutes,
-        ),
+        *_merge_and_recovery(locals()),
         export_options,
         overwrite=overwrite,
         trust_remote_code=trust_remote_code,
