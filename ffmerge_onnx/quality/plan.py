@@ -1,13 +1,15 @@
 """Automatic windows and merge method: `--reduction F` with `--layers auto`, and `--method auto`.
 
 Windows: the fewest FF sublayers whose removal takes away at least F of the parameters are merged
-away (per stack for seq2seq models). Every set of one to MAX_WINDOWS non-overlapping windows that
-does it is ranked by its alignment score (mean matched neuron correlation of each merged layer to its
-window's anchor, one calibration pass); the best set for each number of windows, then the next best,
-up to `top` sets, are merged with one method and scored on validation data. Method: each window of
-the best set is merged alone with every candidate method and scored on validation; the best per
-window wins, unless the first stage's uniform merge scores better. Only calibration and validation
-data are read here: held-out evaluation data never enters a choice."""
+away (per stack for seq2seq models). Sets of one to MAX_WINDOWS non-overlapping windows that do it
+are ranked by their alignment score (mean matched neuron correlation of each merged layer to its
+window's anchor, one calibration pass that also aligns every candidate). The best set for each number
+of windows, then the next best, SCREEN sets in all, are screened: merged by plain averaging with those
+alignments and scored on a quarter of the validation data. The `top` best of the screen are merged with
+a fitted method and scored on all of it. Method: each window of the best set is merged alone with every
+candidate method and scored on validation; the best per window wins, unless the uniform merge scores
+better. Only calibration and validation data are read here: held-out evaluation data never enters a
+choice."""
 
 from __future__ import annotations
 
@@ -17,17 +19,21 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import cache
 
+import numpy as np
 from torch import nn
 
 from ..errors import InputError, WindowError
 from ..families import adapter_for
 from ..merging import Calibration, MergeResult, Window, ff_param_count, merge
+from ..merging.align import Match
 from ..progress import track
-from .search import default_score, pair_scores, window_pairs
+from .search import default_score, pair_matches, window_pairs
 
 AUTO = "auto"
 CANDIDATE_METHODS = ("average", "regmean", "refit", "sequential")  # delta changes the accounting: not tried
 PROBE_METHOD = "regmean"  # merges the candidate window sets when the method is auto too
+SCREEN_METHOD = "average"  # the quick screen: no fitting, alignments from the ranking pass
+SCREEN = 12  # window sets screened on a quarter of the validation data
 MAX_WINDOWS = 3
 Span = tuple[int, int]
 
@@ -184,19 +190,23 @@ def choose(
         )
     params = dict(params or {}) if method != AUTO else {}
     score, higher, name = default_score(model, validation)
+    quick_score = default_score(model, validation[: max(1, len(validation) // 4)])[0]
     better = max if higher else min
     plan = Plan([], [], stacks, name, higher, 0.0, params, original_score=float(score(model)))
 
-    cache = {}  # alignments on the unchanged model: every trial's first window reuses them
+    aligned = {}  # alignments on the unchanged model: every trial's first merge reuses them
 
-    def trial(spans: list[Span], chosen: list[str]) -> nn.Module:
+    def trial(spans: list[Span], chosen: list[str], together: bool = False) -> nn.Module:
+        """A copy with the windows merged one after the other (each aligned on the model the previous ones
+        left, as `apply` does), or `together` in one merge aligned on the unchanged model (the screen)."""
         copied = copy.deepcopy(start)
         result = copied if isinstance(copied, MergeResult) else None
         trial_model = result.model if result else copied
-        for i, (span, m) in enumerate(zip(spans, chosen)):
-            ws = [Window(s, *span) for s in stacks]
+        groups = [(spans, chosen[0])] if together else [([span], m) for span, m in zip(spans, chosen)]
+        for i, (group, m) in enumerate(groups):
+            ws = [Window(s, *span) for span in group for s in stacks]
             result = merge(result or trial_model, ws, anchor=anchor, align=align, calibration=calibration,
-                           method=m, params=params, progress=False, alignments=cache if i == 0 else None)  # fmt: skip
+                           method=m, params=params, progress=False, alignments=aligned if i == 0 else None)  # fmt: skip
         return trial_model
 
     def scored(spans: list[Span], chosen: list[str]) -> float:
@@ -210,13 +220,26 @@ def choose(
         n = min(adapter_for(model).num_layers(model, s) for s in stacks)
         pairs = {p for a in range(n) for b in range(a + 1, min(n, a + m + 1)) for p in window_pairs(a, b, anchor)}
         log(f"windows: merging away {m} FF sublayer(s) per stack; ranking window sets by neuron alignment")
-        pscore = pair_scores(model, calibration, stacks[-1], pairs, progress)
-        ranked = window_sets(n, m, lambda w: sum(pscore[p] for p in window_pairs(*w, anchor)))
+        found = pair_matches(model, calibration, stacks[-1], pairs, progress)
+        ranked = window_sets(n, m, lambda w: sum(found[p].score for p in window_pairs(*w, anchor)))
+        if len(stacks) == 1:  # the ranking pass aligned every candidate window already: the trials reuse it
+            for _, spans in ranked:
+                for a, b in spans:
+                    d = adapter_for(model).ff_dim(adapter_for(model).layers(model, stacks[0])[a])
+                    key = (Window(stacks[0], a, b), anchor, align)
+                    aligned[key] = {
+                        i: Match(np.arange(d), 1.0) if i == c else found[(c, i)] for c, i in _anchored(a, b, anchor)
+                    }
+        screened = []
+        for align_score, spans in track(shortlist(ranked, max(SCREEN, top)), "screening", enabled=progress):
+            value = float(quick_score(trial(list(spans), [SCREEN_METHOD] * len(spans), together=True)))
+            screened.append(Trial("screen", list(spans), [SCREEN_METHOD] * len(spans), value, align_score))
+        plan.trials += screened
         probe = PROBE_METHOD if method == AUTO else method
-        for align_score, spans in track(shortlist(ranked, top), "scoring window sets", enabled=progress):
-            value = scored(list(spans), [probe] * len(spans))
-            plan.trials.append(Trial("windows", list(spans), [probe] * len(spans), value, align_score))
-        best = better(plan.trials, key=lambda t: t.score)
+        for t in sorted(screened, key=lambda t: -t.score if higher else t.score)[:top]:
+            value = scored(t.windows, [probe] * len(t.windows))
+            plan.trials.append(Trial("windows", t.windows, [probe] * len(t.windows), value, t.align_score))
+        best = better([t for t in plan.trials if t.stage == "windows"], key=lambda t: t.score)
         windows = best.windows
     windows = sorted(windows)
     if method != AUTO:
@@ -243,6 +266,12 @@ def choose(
     plan.score = final[-1].score
     plan.removed_fraction = removed_fraction(model, plan.windows, stacks)
     return plan
+
+
+def _anchored(a: int, b: int, anchor: str) -> list[tuple[int, int]]:
+    """(anchor, layer) for every layer of the window, the anchor with itself included."""
+    c = window_pairs(a, b, anchor)[0][0]
+    return [(c, i) for i in range(a, b + 1)]
 
 
 def apply(

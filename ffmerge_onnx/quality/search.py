@@ -18,7 +18,7 @@ from ..errors import InputError, WindowError
 from ..families import adapter_for, task_of
 from ..merging import Calibration, Window, drop_layers, ff_param_count, merge
 from ..merging import calibration as calibrate
-from ..merging.align import anchor_layer, match
+from ..merging.align import Match, anchor_layer, match
 from ..progress import track
 from .metrics import batch_accuracy, batch_perplexity, cosine_fidelity
 from .runners import TorchRunner
@@ -54,25 +54,22 @@ def merge_count_for(model: nn.Module, reduction: float, stacks: list[str], kept:
     return max(k, 2)
 
 
-def pair_scores(
+def pair_matches(
     model: nn.Module, calibration: Calibration, stack: str, pairs: set[tuple[int, int]], progress: bool = True
-) -> dict[tuple[int, int], float]:
-    """Mean matched correlation of layer i's FF neurons to layer j's, for each pair (i, j) with i < j (one
-    calibration pass, or more when the statistics exceed the memory budget)."""
+) -> dict[tuple[int, int], Match]:
+    """For each (anchor, layer) pair: the layer's FF neurons matched to the anchor's by activation correlation
+    (one calibration pass, or more when the statistics exceed the memory budget)."""
     adapter = adapter_for(model)
     pairs = sorted(pairs)
-    keys = [(f"{stack}.{i}.pre", f"{stack}.{j}.pre") for i, j in pairs]
+    keys = [(f"{stack}.{c}.pre", f"{stack}.{i}.pre") for c, i in pairs]
     moments = calibrate.collect(model, adapter, calibration, keys, progress=progress)
-    return {
-        (i, j): match(calibrate.find(moments, ka, kb).correlation(ka, kb)).score
-        for (i, j), (ka, kb) in zip(pairs, keys)
-    }
+    return {pair: match(calibrate.find(moments, kc, ki).correlation(kc, ki)) for pair, (kc, ki) in zip(pairs, keys)}
 
 
 def window_pairs(start: int, end: int, anchor: str) -> list[tuple[int, int]]:
-    """The (anchor, layer) pairs a window aligns, each as (lower, higher)."""
+    """The (anchor, layer) pairs a window aligns."""
     c = anchor_layer(list(range(start, end + 1)), anchor)
-    return [tuple(sorted((c, i))) for i in range(start, end + 1) if i != c]
+    return [(c, i) for i in range(start, end + 1) if i != c]
 
 
 def alignment_scores(
@@ -81,9 +78,9 @@ def alignment_scores(
     """Mean matched correlation of each window's layers to its anchor (1.0: permuted copies)."""
     n = adapter_for(model).num_layers(model, stack)
     windows = [(a, a + k - 1) for a in range(n - k + 1)]
-    scores = pair_scores(model, calibration, stack, {p for a, b in windows for p in window_pairs(a, b, anchor)},
+    found = pair_matches(model, calibration, stack, {p for a, b in windows for p in window_pairs(a, b, anchor)},
                          progress)  # fmt: skip
-    return {(a, b): sum(scores[p] for p in window_pairs(a, b, anchor)) / (b - a) for a, b in windows}
+    return {(a, b): sum(found[p].score for p in window_pairs(a, b, anchor)) / (b - a) for a, b in windows}
 
 
 def search(

@@ -58,6 +58,9 @@ def test_choose_finds_the_planted_window_and_a_method_per_window():
     cal, val = tm.calibration(model), list(tm.calibration(model, seed=11))
     chosen = plan.choose(model, cal, val, stacks=["decoder"], reduction=reduction, progress=False, log=lambda _: None)
     assert chosen.windows == [(1, 2)] and chosen.methods[0] in plan.CANDIDATE_METHODS
+    screen = [t for t in chosen.trials if t.stage == "screen"]  # every set, average, alignments from the ranking
+    best = (max if chosen.higher_is_better else min)(screen, key=lambda t: t.score)
+    assert len(screen) == 3 and best.windows == [(1, 2)]
     assert {t.methods[0] for t in chosen.trials if t.stage == "method"} == set(plan.CANDIDATE_METHODS)
     assert chosen.score == pytest.approx(chosen.original_score, rel=1e-5)  # the planted copy merges exactly
     assert chosen.removed_fraction == pytest.approx(reduction)
