@@ -353,7 +353,8 @@ def export(
             raise error
         if options.max_loss is not None:
             quality = goal.judge(goal.score(tmp, tmp / REFERENCE, result.manifest.source, options.eval_data, log=log),
-                                 options.max_loss, recovered=bool(result.manifest.finetune))  # fmt: skip
+                                 options.max_loss, recovered=bool(result.manifest.finetune),
+                                 methods_tried=plan.methods_tried(result.plan))  # fmt: skip
             quality.update(params_removed_fraction=goal.removed_fraction(result),
                            recovery=goal.recovery_summary(result.manifest.finetune),
                            windows=[f"{w.stack} {w.start}-{w.end} ({w.method})" for w in result.manifest.windows])  # fmt: skip

@@ -101,6 +101,19 @@ def main() -> None:
         write(a, bench, rows)
 
     row("original", "-", original, 0.0)
+    for reduction in [float(x) for x in a.auto.split(",") if x]:
+        t = time.time()
+        chosen = plan.choose(original, bench.cal, list(bench.val), stacks=adapter.stack_names(), reduction=reduction,
+                             progress=False, log=lambda _: None)  # fmt: skip
+        merged = plan.apply(copy.deepcopy(original), chosen, bench.cal)
+        where = ", ".join(f"{x}-{y} {m}" for (x, y), m in zip(chosen.windows, chosen.methods))
+        row(f"auto, --reduction {reduction:g}", where, merged, time.time() - t, plan=chosen.to_dict())
+    if a.plan:
+        t = time.time()
+        chosen = plan.Plan.from_dict(json.loads(a.plan.read_text())["plan"])
+        merged = plan.apply(copy.deepcopy(original), chosen, bench.cal)
+        where = ", ".join(f"{x}-{y} {m}" for (x, y), m in zip(chosen.windows, chosen.methods))
+        row(f"auto (plan of {a.plan.parent.name})", where, merged, time.time() - t, plan=chosen.to_dict())
     for n in [int(x) for x in a.blocks.split(",") if x]:
         t = time.time()
         found = best_replacement(original, stack, n, bench.cal, val_score, higher_is_better=higher)
@@ -117,19 +130,6 @@ def main() -> None:
         row(f"drop {n} by block influence (ShortGPT)", ",".join(map(str, found["dropped"])), found["model"],
             time.time() - t, influence=found["influence"])  # fmt: skip
         del found
-    for reduction in [float(x) for x in a.auto.split(",") if x]:
-        t = time.time()
-        chosen = plan.choose(original, bench.cal, list(bench.val), stacks=adapter.stack_names(), reduction=reduction,
-                             progress=False, log=lambda _: None)  # fmt: skip
-        merged = plan.apply(copy.deepcopy(original), chosen, bench.cal)
-        where = ", ".join(f"{x}-{y} {m}" for (x, y), m in zip(chosen.windows, chosen.methods))
-        row(f"auto, --reduction {reduction:g}", where, merged, time.time() - t, plan=chosen.to_dict())
-    if a.plan:
-        t = time.time()
-        chosen = plan.Plan.from_dict(json.loads(a.plan.read_text())["plan"])
-        merged = plan.apply(copy.deepcopy(original), chosen, bench.cal)
-        where = ", ".join(f"{x}-{y} {m}" for (x, y), m in zip(chosen.windows, chosen.methods))
-        row(f"auto (plan of {a.plan.parent.name})", where, merged, time.time() - t, plan=chosen.to_dict())
     for w in parse_windows(a.windows, stack) if a.windows else []:
         windows = [Window(s, w.start, w.end) for s in adapter.stack_names()]
         where = f"{w.start}-{w.end}"

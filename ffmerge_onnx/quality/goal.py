@@ -106,16 +106,19 @@ def removed_fraction(result) -> float:
     return removed / (kept + removed)
 
 
-def judge(quality: dict, max_loss: float, recovered: bool) -> dict:
+def judge(quality: dict, max_loss: float, recovered: bool, methods_tried: bool = False) -> dict:
     """The verdict on a scored model: loss, goal, and what would help when it is missed."""
     loss = relative_loss(quality["metric"], quality["original"], quality["merged_onnx"])
     ok = loss <= max_loss
     out = {**quality, "relative_loss": loss, "max_loss": max_loss, "ok": ok}
     if not ok:
-        more = "more recovery time (--recovery-minutes)" if recovered else "a recovery fine-tune (--recovery-minutes M)"
+        helps = ["more recovery time (--recovery-minutes)" if recovered else "a recovery fine-tune (--recovery-minutes M)",
+                 "a smaller --reduction (fewer layers merged)"]  # fmt: skip
+        if not methods_tried:
+            helps.append("--method auto (every merge method tried on validation data)")
         out["advice"] = (
-            f"loss {loss:.2%} exceeds the goal {max_loss:.2%} by {loss - max_loss:.2%} points; {more}, a smaller "
-            "--reduction (fewer layers merged), or --method auto (every merge method tried on validation data) may help"
+            f"loss {loss:.2%} exceeds the goal {max_loss:.2%} by {loss - max_loss:.2%} points; "
+            f"{', '.join(helps[:-1])} or {helps[-1]} may help"
         )
     return out
 

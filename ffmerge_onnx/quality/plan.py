@@ -268,6 +268,11 @@ def choose(
     return plan
 
 
+def methods_tried(plan: dict | None) -> bool:
+    """Whether a recorded plan tried every method on its windows (`--method auto`)."""
+    return bool(plan) and any(t["stage"] == "method" for t in plan["trials"])
+
+
 def _anchored(a: int, b: int, anchor: str) -> list[tuple[int, int]]:
     """(anchor, layer) for every layer of the window, the anchor with itself included."""
     c = window_pairs(a, b, anchor)[0][0]
