@@ -207,6 +207,11 @@ def merge_and_recover(
         raise InputError(
             "--finetune-steps and --recovery-minutes must be 0 or more, --finetune-tokens and --finetune-lr above 0."
         )
+    no_data = options.calibration is None and options.validation is None and loaded.preprocessor is None
+    if no_data and options.method == plan.AUTO and options.layers != plan.AUTO and options.reduction is None:
+        log("method auto scores the methods on data, and there is none (no --calibration and no tokenizer or "
+            "image processor for the built-in data): merging with average")  # fmt: skip
+        options = replace(options, method="average")
     if loaded.merged is not None and options.layers is None and not options.automatic:
         log(f"{loaded.spec} is merged already ({_windows_text(loaded.merged)}); no new window given")
         result = loaded.merged
