@@ -138,6 +138,7 @@ def test_layer_drop_baseline_gives_a_valid_smaller_model(model_type, tmp_path):
     assert torch.equal(tm.output(load_merged(tmp_path / "d").model, x), y)
 
 
+@pytest.mark.slow
 def test_trials_sharing_an_alignment_cache_align_once_and_merge_the_same(monkeypatch):
     from ffmerge_onnx.merging import calibration as calibrate
 

@@ -6,6 +6,7 @@ import copy
 import sys
 from pathlib import Path
 
+import pytest
 import tiny_models as tm
 import torch
 
@@ -58,6 +59,7 @@ def test_the_search_finds_the_silent_block_and_a_block_at_the_end_is_handled():
     assert best["score"] > 0.999
 
 
+@pytest.mark.slow
 def test_block_influence_drops_the_silent_layers_wherever_they_are():
     model = silent("llama", layers=(0, 2))  # not adjacent: ShortGPT drops by influence, not by position
     cal = tm.calibration(model, n=64)
