@@ -100,20 +100,21 @@ def main() -> None:
         print(f"{name:<32} {where:>7} removed {r['removed']:6.2%}  {text}", flush=True)
         write(a, bench, rows)
 
+    def planned_row(name: str, chosen, started: float) -> None:
+        merged = plan.apply(copy.deepcopy(original), chosen, bench.cal)
+        where = ", ".join(f"{x}-{y} {m}" for (x, y), m in zip(chosen.windows, chosen.methods))
+        row(name, where, merged, time.time() - started, plan=chosen.to_dict())
+
     row("original", "-", original, 0.0)
     for reduction in [float(x) for x in a.auto.split(",") if x]:
         t = time.time()
         chosen = plan.choose(original, bench.cal, list(bench.val), stacks=adapter.stack_names(), reduction=reduction,
                              progress=False, log=lambda _: None)  # fmt: skip
-        merged = plan.apply(copy.deepcopy(original), chosen, bench.cal)
-        where = ", ".join(f"{x}-{y} {m}" for (x, y), m in zip(chosen.windows, chosen.methods))
-        row(f"auto, --reduction {reduction:g}", where, merged, time.time() - t, plan=chosen.to_dict())
+        planned_row(f"auto, --reduction {reduction:g}", chosen, t)
     if a.plan:
         t = time.time()
         chosen = plan.Plan.from_dict(json.loads(a.plan.read_text())["plan"])
-        merged = plan.apply(copy.deepcopy(original), chosen, bench.cal)
-        where = ", ".join(f"{x}-{y} {m}" for (x, y), m in zip(chosen.windows, chosen.methods))
-        row(f"auto (plan of {a.plan.parent.name})", where, merged, time.time() - t, plan=chosen.to_dict())
+        planned_row(f"auto (plan of {a.plan.parent.name})", chosen, t)
     for n in [int(x) for x in a.blocks.split(",") if x]:
         t = time.time()
         found = best_replacement(original, stack, n, bench.cal, val_score, higher_is_better=higher)
