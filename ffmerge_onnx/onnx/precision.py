@@ -73,7 +73,8 @@ def _fp16(src: Path, dst: Path, options: PrecisionOptions, external: bool) -> li
 def _matmul_weights(src: Path):
     """The model with every constant weight a MatMul can read as such, for the weight quantizers (which read
     MatMul weights only). Exact:
-    - Gemm(A, W, C) with a constant W read as is becomes MatMul + Add (Conv1D FFs, e.g. GPT-2's);
+    - Gemm(A, W, C) with a constant W read as is becomes MatMul + Add (Conv1D FFs, e.g. GPT-2's), with a
+      Transpose of A for transA (mode gather's output projections);
     - Transpose(W) of a tied embedding feeding the LM head's MatMul becomes the constant W.T (the quantizers
       skip a MatMul whose weight is computed, leaving the largest tensor of a small LM in fp32)."""
     import onnx_ir as ir
@@ -91,11 +92,15 @@ def _matmul_weights(src: Path):
                 ir.convenience.replace_all_uses_with(node.outputs[0], folded)
                 graph.remove(node, safe=True)
             continue
-        if node.op_type != "Gemm" or attrs.get("transA", 0) or attrs.get("transB", 0):
+        if node.op_type != "Gemm" or attrs.get("transB", 0):
             continue
         if attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0 or not node.inputs[1].is_initializer():
             continue
         a, w, c = (list(node.inputs) + [None])[:3]
+        if attrs.get("transA", 0):
+            transpose = ir.node("Transpose", [a], {"perm": [1, 0]}, name=f"{node.name}.a")
+            graph.insert_before(node, transpose)
+            a = transpose.outputs[0]
         matmul = ir.node("MatMul", [a, w], name=f"{node.name}.matmul")
         graph.insert_before(node, matmul)
         out = matmul.outputs[0]
@@ -281,6 +286,13 @@ class ToPrecision:
             raise PostconditionError(
                 f"ToPrecision({self.options.name}): merged tensors {missing[:3]} are gone from {path.name} under "
                 "their names; the sharing can no longer be checked"
+            )
+        twice = [s for s in self.shared if {s, s + ".T"} & set(names) and any(
+            derived(n, s) and n not in (s, s + ".T") for n in names)]  # fmt: skip
+        if twice:
+            raise PostconditionError(
+                f"ToPrecision({self.options.name}): merged tensors {twice[:3]} are held both as they were and "
+                f"quantized in {path.name}: a node the quantizer skips still reads the unquantized tensor"
             )
         copies = stats["duplicates"]  # zero points (all zeros for every weight) are not counted (files.sharing)
         if copies:

@@ -110,7 +110,9 @@ def test_convert_writes_folder_and_validate_passes_then_fails_on_broken_graph(tm
     assert not table["original"] and table["baseline"].startswith("untied copies")
     (row,) = table["rows"].values()
     assert set(row["figures"]) == {"merged", "unmerged_defaults", "paper_practice"}
-    assert row["file_saving_over_away"] > 0.85  # gather adds each permuted layer's order (int64) to the file
+    # gather adds each permuted layer's order (int64) to the weights, and about ten small nodes per layer
+    # to the graph: a few KB, visible against this tiny model's 25 KB merged away only
+    assert row["weight_saving_over_away"] > 0.9 and row["file_saving_over_away"] > 0.7, row
     checks = {c["name"]: c for c in report["checks"]}
     assert (
         checks["memory_vs_unmerged"]["status"] == "skipped"

@@ -30,18 +30,20 @@ def merged(model_type="llama"):
 
 
 @pytest.mark.parametrize(
-    "name",
+    "name, mode",
     [
-        pytest.param("fp16", marks=pytest.mark.slow),
-        "int8",
-        pytest.param("int8-dynamic", marks=pytest.mark.slow),
-        pytest.param("int4", marks=pytest.mark.slow),
+        pytest.param("fp16", "fold", marks=pytest.mark.slow),
+        ("int8", "fold"),
+        pytest.param("int8-dynamic", "fold", marks=pytest.mark.slow),
+        pytest.param("int4", "fold", marks=pytest.mark.slow),
+        pytest.param("int4", "gather", marks=pytest.mark.slow),  # Gemm(transA) output projections
     ],
 )
-def test_each_precision_keeps_every_merged_tensor_once_and_passes_its_gate(name, tmp_path):
+def test_each_precision_keeps_every_merged_tensor_once_and_passes_its_gate(name, mode, tmp_path):
     result = merged()
     shared = [n for w in result.manifest.windows for n in w.shared.values()]
-    report = export(result, tmp_path / "out", ExportOptions(precision=name, compare=False), log=lambda s: None)
+    options = ExportOptions(precision=name, mode=mode, compare=False)
+    report = export(result, tmp_path / "out", options, log=lambda s: None)
     assert report["ok"] and report["precision"] == name
     info = json.loads((tmp_path / "out" / "onnx_export.json").read_text())
     assert info["precision"] == name and info["passes"]["model.onnx"]["ToPrecision"]["merged_tensors"] == len(shared)
@@ -53,6 +55,7 @@ def test_each_precision_keeps_every_merged_tensor_once_and_passes_its_gate(name,
         weight = {"fp16": [s + ".T"], "int8": [s + ".T_Q8"], "int8-dynamic": [s + ".T_quantized"],
                   "int4": [s + ".T_Q4"]}[name]  # fmt: skip
         assert [n for n in held if n in weight] == weight, held
+        assert s + ".T" not in held or name == "fp16", held  # no fp32 copy left beside the quantized one
     checks = {c["name"]: c for c in report["checks"]}
     rows = checks["outputs[cpu]"]["detail"]["rows"]
     assert rows and all(r["ok"] for r in rows)

@@ -2,6 +2,7 @@
 its projections read the shared tensors as they are."""
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import pytest
 import tiny_graphs as tg
@@ -29,13 +30,28 @@ def expose(model: ir.Model, name: str) -> ir.Model:
     return model
 
 
-def test_the_layer_sees_its_hidden_units_in_its_own_order_and_computes_the_same_ff():
+def with_shapes(model: ir.Model) -> ir.Model:
+    """Record every value's shape, as the exporter does."""
+    return ir.from_proto(onnx.shape_inference.infer_shapes(ir.serde.serialize_model(model)))
+
+
+@pytest.mark.parametrize("shapes", [True, False])
+def test_the_layer_sees_its_hidden_units_in_its_own_order_and_computes_the_same_ff(shapes):
     model, ff = tg.shared_pair()
+    if shapes:
+        model = with_shapes(model)
     p = PermuteGather(tg.ff_targets(ff), [layer1_order()])
     result = p(expose(model, "a1"))  # a1: layer 1's hidden activation, Relu(W_in x + b_in)
     assert result.modified and p.counts == {"gathers": 2}  # out of fc1 into its order, into fc2 back
     gathers = [n for n in result.model.graph if n.op_type == "Gather"]
     assert all(not n.inputs[0].is_initializer() for n in gathers)  # activations, never weights
+    # whole rows: the hidden axis goes to the front for the Gather (onnxruntime's last-axis Gather is
+    # slow); a graph that records no ranks gets the plain last-axis Gather
+    assert [n.attributes["axis"].as_int() for n in gathers] == ([0, 0] if shapes else [-1, -1])
+    # back into the output projection without a second Transpose: Gemm reads the rows as transA
+    assert tg.ops(result.model).count("Transpose") == (3 if shapes else 0)
+    gemms = [n for n in result.model.graph if n.op_type == "Gemm"]
+    assert [n.attributes["transA"].as_int() for n in gemms] == ([1] if shapes else [])
     # a graph where layer 1 stores the shared FF in its own order: the same hidden units, the same output
     own = expose(tg.parse(tg.ff_stack([ff, tg.permuted(ff, ORDER)])), "a1")
     x = np.random.default_rng(1).standard_normal((5, D)).astype(np.float32)
