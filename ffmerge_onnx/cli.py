@@ -557,7 +557,10 @@ def search_cmd(
     model: ModelArg = None,
     merge_count: Annotated[int | None, typer.Option("--merge-count", help="k: FF sublayers merged into one.")] = None,
     reduction: Annotated[
-        float | None, typer.Option("--reduction", help="Fraction of all parameters to remove, e.g. 0.1.")
+        float | None,
+        typer.Option(
+            "--reduction", help="Remove at least this fraction of all parameters, e.g. 0.1 (the fewest layers that do)."
+        ),
     ] = None,
     mode: Annotated[SearchMode, typer.Option("--mode", help=_help("Search.", SEARCH_MODES))] = SearchMode.full,
     top: Annotated[int, typer.Option("--top")] = 3,

@@ -43,7 +43,7 @@ from .onnx.validate import REFERENCE, summary, validate
 from .quality import analyze, goal, plan
 from .quality import search as window_search
 from .quality.finetune import recover
-from .quality.search import default_score, merge_count_for
+from .quality.search import default_score
 from .quality.textcheck import check_text_quality
 from .runtime import version_warning
 
@@ -503,7 +503,7 @@ def run_search(
         stacks = [stack] if stack else adapter_for(model).stack_names()
         params = method_params_for(method, method_params)
         kept = float(params.get("budget", 0.0)) if params.get("rank", 0) == -1 else 0.0  # delta's corrections
-        k = merge_count if merge_count is not None else merge_count_for(model, reduction, stacks, kept)
+        k = merge_count if merge_count is not None else plan.layers_needed(model, reduction, stacks, kept) + 1
         cal = calibration_data(loaded, calibration, calibration_tokens, log=log)
         val = calibration_data(loaded, validation, validation_tokens, split="validation", log=log)
         score, higher, name = default_score(model, val)

@@ -91,11 +91,13 @@ def lines(plan: dict) -> list[str]:
     return out
 
 
-def layers_needed(model: nn.Module, reduction: float, stacks: list[str]) -> int:
-    """The fewest FF sublayers (per stack) whose merging away removes at least `reduction` of the parameters."""
+def layers_needed(model: nn.Module, reduction: float, stacks: list[str], kept: float = 0.0) -> int:
+    """The fewest FF sublayers (per stack) whose merging away removes at least `reduction` of the parameters,
+    when a fraction `kept` of each merged-away FF stays as per-layer corrections (method delta's budget).
+    The one rule for --reduction (convert, merge, search: a window of k layers merges k - 1 away)."""
     if not 0 < reduction < 1:
         raise WindowError(f"--reduction is a fraction of the parameters in (0, 1), e.g. 0.1; got {reduction}.")
-    per_layer = sum(ff_param_count(model, s) for s in stacks)
+    per_layer = sum(ff_param_count(model, s) for s in stacks) * (1 - kept)
     m = max(1, math.ceil(reduction * model.num_parameters() / per_layer - 1e-9))
     n = min(adapter_for(model).num_layers(model, s) for s in stacks)
     if m > n - 1:

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..errors import InputError, WindowError
 from ..families import adapter_for, task_of
-from ..merging import Calibration, Window, drop_layers, ff_param_count, merge
+from ..merging import Calibration, Window, drop_layers, merge
 from ..merging import calibration as calibrate
 from ..merging.align import Match, anchor_layer, match
 from ..progress import track
@@ -35,23 +35,6 @@ class Candidate:
     end: int
     align_score: float
     score: float | None = None
-
-
-def merge_count_for(model: nn.Module, reduction: float, stacks: list[str], kept: float = 0.0) -> int:
-    """k such that merging k FF sublayers (per stack) removes about `reduction` of all parameters, when a
-    fraction `kept` of each merged-away FF stays as per-layer corrections (method delta's budget)."""
-    if not 0 < reduction < 1:
-        raise WindowError(f"--reduction must be between 0 and 1; got {reduction}.")
-    total = model.num_parameters()  # a tied parameter counts once
-    ff = sum(ff_param_count(model, s) for s in stacks) * (1 - kept)
-    k = round(reduction * total / ff) + 1
-    n = min(adapter_for(model).num_layers(model, s) for s in stacks)
-    if k > n:
-        raise WindowError(
-            f"Removing {reduction:.0%} of the parameters needs merging {k} FF sublayers; "
-            f"the model has {n} per stack. Ask for less."
-        )
-    return max(k, 2)
 
 
 def pair_matches(

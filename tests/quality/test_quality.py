@@ -14,8 +14,9 @@ from ffmerge_onnx import Window, adapter_for, merge
 from ffmerge_onnx.errors import InputError
 from ffmerge_onnx.onnx.build import BuildOptions, build
 from ffmerge_onnx.quality.metrics import batch_perplexity, cosine_fidelity, image_accuracy, perplexity
+from ffmerge_onnx.quality.plan import layers_needed
 from ffmerge_onnx.quality.runners import Runner, TorchRunner, runner
-from ffmerge_onnx.quality.search import fidelity, merge_count_for, search
+from ffmerge_onnx.quality.search import fidelity, search
 
 
 class Uniform(Runner):
@@ -143,15 +144,14 @@ def test_best_drop_finds_the_layers_that_do_nothing(model_type):
     assert adapter.num_layers(model, stack) == len(adapter.layers(model, stack))  # input unchanged
 
 
-def test_merge_count_for_a_reduction():
+def test_layers_needed_counts_the_delta_corrections_kept():
     model = tm.build("llama")
     total = sum(p.numel() for p in model.parameters())
     ff = sum(p.numel() for p in adapter_for(model).ff_params(adapter_for(model).layers(model, "decoder")[0]).values())
-    k = merge_count_for(model, 2 * ff / total, ["decoder"])
-    assert k == 3  # 2 FF sublayers removed = merging 3
+    assert layers_needed(model, 2 * ff / total, ["decoder"]) == 2  # 2 FF sublayers removed = merging 3
     # with half of each merged-away FF kept as delta corrections, removing one FF's worth takes merging 3
-    assert merge_count_for(model, ff / total, ["decoder"]) == 2
-    assert merge_count_for(model, ff / total, ["decoder"], kept=0.5) == 3
+    assert layers_needed(model, ff / total, ["decoder"]) == 1
+    assert layers_needed(model, ff / total, ["decoder"], kept=0.5) == 2
 
 
 def saved_with_text(tmp_path, model_type, words, seed):
