@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from functools import cache
 
 import numpy as np
@@ -59,9 +59,14 @@ class Plan:
     score: float = math.nan  # the chosen merge on validation
     original_score: float = math.nan
     trials: list[Trial] = field(default_factory=list)
+    # alignments on the unchanged model, for `apply`'s first merge (not recorded)
+    aligned: dict = field(default_factory=dict, repr=False, compare=False)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = {
+            f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name not in ("aligned", "trials")
+        }
+        return {**out, "trials": [asdict(t) for t in self.trials]}
 
     @classmethod
     def from_dict(cls, data: dict) -> Plan:
@@ -196,7 +201,7 @@ def choose(
     better = max if higher else min
     plan = Plan([], [], stacks, name, higher, 0.0, params, original_score=float(score(model)))
 
-    aligned = {}  # alignments on the unchanged model: every trial's first merge reuses them
+    aligned = plan.aligned  # alignments on the unchanged model: every trial's first merge reuses them
 
     def trial(spans: list[Span], chosen: list[str], together: bool = False) -> nn.Module:
         """A copy with the windows merged one after the other (each aligned on the model the previous ones
@@ -290,11 +295,13 @@ def apply(
     anchor: str = "first",
     align: str = "correlation",
 ) -> MergeResult:
-    """Merge the plan's windows into `model` (in place; a merged model gets them added), each with its method."""
+    """Merge the plan's windows into `model` (in place; a merged model gets them added), each with its method.
+    The first window reuses the alignment `choose` made on this same, unchanged model."""
     result = model if isinstance(model, MergeResult) else None
-    for span, m in zip(plan.windows, plan.methods):
+    for i, (span, m) in enumerate(zip(plan.windows, plan.methods)):
         ws = [Window(s, *span) for s in plan.stacks]
         result = merge(result or model, ws, anchor=anchor, align=align, calibration=calibration, source=source,
-                       method=m, params=plan.params, progress=False)  # fmt: skip
+                       method=m, params=plan.params, progress=False,
+                       alignments=plan.aligned if i == 0 else None)  # fmt: skip
     result.plan = plan.to_dict()
     return result

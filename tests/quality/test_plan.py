@@ -3,6 +3,7 @@ a method per window chosen on validation, and held-out evaluation data never rea
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 
@@ -51,7 +52,7 @@ def _planted_model():
     return model
 
 
-def test_choose_finds_the_planted_window_and_a_method_per_window():
+def test_choose_finds_the_planted_window_and_a_method_per_window(monkeypatch):
     model = _planted_model()
     reduction = ff_param_count(model, "decoder") / model.num_parameters()  # one layer merged away
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -66,7 +67,12 @@ def test_choose_finds_the_planted_window_and_a_method_per_window():
     assert chosen.removed_fraction == pytest.approx(reduction)
     assert plan.Plan.from_dict(json.loads(json.dumps(chosen.to_dict()))) == chosen  # as report.json keeps it
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the model is not changed
+    aligning = []  # apply reuses the alignment choose made on the same unchanged model
+    merge_module = importlib.import_module("ffmerge_onnx.merging.merge")
+    real = merge_module._alignments
+    monkeypatch.setattr(merge_module, "_alignments", lambda *a, **k: aligning.append(1) or real(*a, **k))
     result = plan.apply(model, chosen, cal)
+    assert not aligning and "aligned" not in chosen.to_dict()
     assert [(w.start, w.end, w.method) for w in result.manifest.windows] == [(1, 2, chosen.methods[0])]
     assert result.plan["windows"] == [(1, 2)]
 
