@@ -117,19 +117,37 @@ def initializer_bytes(path: Path) -> dict[str, int]:
     return out
 
 
-def shared_bytes_ratio(path: Path, result: MergeResult, stacks: list[str]) -> float:
-    """Bytes the merged tensors take in this file (at its precision: quantized weights and their scales)
-    over their fp32 bytes: scales merged-away bytes to the file's precision."""
+def away_at_precision(merged: Path, unmerged: Path, base: MergeResult, result: MergeResult, stacks: list[str]) -> int:
+    """What the merge removes at a quantized file's precision: the bytes the unmerged model at that precision
+    stores for the windows' FF tensors (weights, scales, zero points), less what the merged file stores for the
+    shared tensors (int4 keeps those of long windows in 8 bits) and for any per-layer corrections."""
     import onnx_ir as ir
 
+    adapter = adapter_for(base.model)
+    names = {id(p): n for n, p in base.model.named_parameters()}
+    wanted = []
+    for w in result.manifest.windows:
+        if w.stack in stacks:
+            layers = adapter.layers(base.model, w.stack)
+            wanted += [(names[id(p)], p) for i in w.layers for p in adapter.ff_params(layers[i]).values()]
+    if not wanted:
+        return 0
+    window_fp32 = sum(p.numel() * p.element_size() for _, p in wanted)
+    window = sum(v.const_value.nbytes for n, v in ir.load(unmerged).graph.initializers.items()
+                 if v.const_value is not None and any(_holds(n, name) for name, _ in wanted))  # fmt: skip
     shared = targets(result, stacks)
-    fp32 = sum(t.value.nbytes for t in shared)
-    if not fp32:
-        return 1.0
-    model = ir.load(path)
-    held = sum(v.const_value.nbytes for n, v in model.graph.initializers.items()
+    kept = sum(v.const_value.nbytes for n, v in ir.load(merged).graph.initializers.items()
                if v.const_value is not None and any(derived(n, t.name) for t in shared))  # fmt: skip
-    return held / fp32
+    away_fp32 = window_fp32 - sum(t.value.nbytes for t in shared)  # k - 1 layers' FF tensors
+    corrections_fp32 = away_fp32 - result.merged_away_bytes(stacks)  # method delta's, at fp32
+    return round(window - kept - corrections_fp32 * window / window_fp32)
+
+
+def _holds(initializer: str, param: str) -> bool:
+    """Whether an initializer holds a parameter: its name (under the export wrapper's attribute, e.g. `model.`),
+    transposed or quantized (precision.derived)."""
+    at = initializer.find(param)
+    return at >= 0 and (at == 0 or initializer[at - 1] == ".") and derived(initializer[at:], param)
 
 
 def measure_variants(
@@ -152,7 +170,8 @@ def measure_variants(
         options = BuildOptions(simplifier=info.get("simplifier", "onnxslim"), share=False, kv_cache=kv_cache,
                                precision=precision)  # the baseline at the same precision  # fmt: skip
         log(f"exporting the baselines ({note}; the paper's practice)")
-        base_files = build(base or untied_copy(result), tmp / "unmerged", options).files
+        unmerged = base or untied_copy(result)
+        base_files = build(unmerged, tmp / "unmerged", options).files
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             paper_files = paper_practice(result, tmp / "paper", kv_cache, precision)
@@ -174,11 +193,12 @@ def measure_variants(
                     row[name]["file_bytes"] = _size(where, files, part.filename)
                     row[name].update(initializer_bytes(where / part.filename))
                 parts.setdefault(part.filename, {})[shape] = row
-    stacks = result.adapter.stack_names()
-    away = {}
-    for p in parts:
-        ratio = shared_bytes_ratio(folder / p, result, part_stacks(p, stacks)) if precision.name != "fp32" else 1.0
-        away[p] = round(result.merged_away_bytes(part_stacks(p, stacks)) * ratio)
+        stacks = result.adapter.stack_names()
+        away = {}
+        for p in parts:
+            away[p] = result.merged_away_bytes(part_stacks(p, stacks))
+            if precision.name != "fp32":
+                away[p] = away_at_precision(folder / p, tmp / "unmerged" / p, unmerged, result, part_stacks(p, stacks))
     return {"baseline": note if base is not None else f"untied copies ({note})", "original": base is not None,
             "parts": parts, "away": away, "precision": precision.name}  # fmt: skip
 

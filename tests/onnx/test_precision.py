@@ -23,9 +23,9 @@ from ffmerge_onnx.onnx.precision import PRECISIONS, PrecisionOptions, ToPrecisio
 from ffmerge_onnx.pipeline import ExportOptions, export
 
 
-def merged(model_type="llama"):
+def merged(model_type="llama", start=1, end=3):
     model = tm.build(model_type)
-    return merge(model, [Window("decoder" if model_type != "bert" else "encoder", 1, 3)],
+    return merge(model, [Window("decoder" if model_type != "bert" else "encoder", start, end)],
                  calibration=tm.calibration(model), progress=False)  # fmt: skip
 
 
@@ -104,6 +104,26 @@ def test_a_step_that_renames_the_merged_tensors_fails(tmp_path):
     shared = [n for w in result.manifest.windows for n in w.shared.values()]
     with pytest.raises(PostconditionError, match="gone"):
         ToPrecision(PrecisionOptions("fp16"), shared).ensures(tmp_path / "renamed.onnx", ["renamed.onnx"])
+
+
+@pytest.mark.slow
+def test_int4_keeps_a_long_windows_merged_tensors_in_8_bits(tmp_path):
+    """A tensor merged from 4 layers repeats its rounding in all 4: 8 bits for it, 4 for the rest; the size gate
+    counts what the merge removes at int4 (the unmerged window's int4 bytes less the 8-bit shared tensors)."""
+    model = tm.build("llama")
+    model.save_pretrained(tmp_path / "llama")  # the original, for the side-by-side baseline
+    torch.save(torch.randint(3, tm.VOCAB, (16, 16), generator=torch.Generator().manual_seed(0)), tmp_path / "cal.pt")
+    assert main(["convert", str(tmp_path / "llama"), "-o", str(tmp_path / "out"), "--layers", "0-3", "--method",
+                 "average", "--calibration", str(tmp_path / "cal.pt"), "--calibration-tokens", "200",
+                 "--precision", "int4"]) == 0  # fmt: skip
+    inits = [t.name for t in onnx.load(str(tmp_path / "out" / "model.onnx")).graph.initializer]
+    shared = [n.removesuffix(".T_Q8") for n in inits if n.startswith("ffmerge.") and n.endswith(".T_Q8")]
+    assert len(shared) == 3 and not any(n.startswith("ffmerge.") and n.endswith("_Q4") for n in inits)
+    assert any(n.endswith("_Q4") for n in inits)  # the other layers' weights
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    checks = {c["name"]: c for c in report["checks"]}
+    (row,) = checks["size_vs_unmerged"]["detail"]["rows"].values()
+    assert checks["size_vs_unmerged"]["status"] == "pass" and 0.95 <= row["weight_saving_over_away"] <= 1.01, row
 
 
 @pytest.mark.slow
