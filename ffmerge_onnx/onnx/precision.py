@@ -51,7 +51,7 @@ from .files import EXTERNAL_DATA_THRESHOLD, save, sharing
 from .passes.base import PostconditionError
 
 FP32_ATOL, FP32_RTOL = 1e-4, 1e-5
-MERGED_NAME = re.compile(r"ffmerge\.[^.]+\.w(\d+)_(\d+)\.")  # ShareMerged's stable names
+MERGED_NAME = re.compile(r"ffmerge\..+?\.w(\d+)_(\d+)\.")  # ShareMerged's stable names
 # int4: a tensor merged from this many layers or more stays in 8 bits. Its rounding error is the same in each
 # of the k layers, so it adds up (k e) where separate layers' errors partly cancel (sqrt(k) e); 8 bits cost
 # 0.375 bytes per merged parameter more than HQQ's 4 (0.75 with scales and zero points), which leaves
