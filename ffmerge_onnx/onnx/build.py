@@ -8,7 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +36,7 @@ from .passes import (
     Target,
 )
 from .passes.simplify import SIMPLIFIERS
-from .precision import PrecisionOptions, ToPrecision
+from .precision import EIGHT_BIT_WINDOW, PrecisionOptions, ToPrecision
 
 SIMPLIFIER_CHOICES = {**SIMPLIFIERS, "none": "no simplifier"}
 INFO = "onnx_export.json"
@@ -193,7 +193,9 @@ def build(result: MergeResult, folder: Path, options: BuildOptions) -> BuildResu
             )
             files = save(ir_model, folder / part.filename, options.external_data)
             if options.precision.name != "fp32":
-                step = ToPrecision(options.precision, [t.name for t in share or []], check=options.share)
+                long = tuple(t.name for t in share or [] if len(t.module_suffixes) >= EIGHT_BIT_WINDOW)
+                precision = replace(options.precision, eight_bit=long)
+                step = ToPrecision(precision, [t.name for t in share or []], check=options.share)
                 files, counts["ToPrecision"] = step(folder / part.filename, files, options.external_data)
             out.files += files
             out.passes[part.filename] = counts

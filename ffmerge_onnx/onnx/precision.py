@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -51,7 +50,6 @@ from .files import EXTERNAL_DATA_THRESHOLD, save, sharing
 from .passes.base import PostconditionError
 
 FP32_ATOL, FP32_RTOL = 1e-4, 1e-5
-MERGED_NAME = re.compile(r"ffmerge\..+?\.w(\d+)_(\d+)\.")  # ShareMerged's stable names
 # int4: a tensor merged from this many layers or more stays in 8 bits. Its rounding error is the same in each
 # of the k layers, so it adds up (k e) where separate layers' errors partly cancel (sqrt(k) e); 8 bits cost
 # 0.375 bytes per merged parameter more than HQQ's 4 (0.75 with scales and zero points), which leaves
@@ -66,6 +64,9 @@ class PrecisionOptions:
     name: str = "fp32"
     block_size: int = 32  # int8, int4: weights per scale
     accuracy_level: int | None = None  # int8, int4: MatMulNBits compute type (4: int8), None: int8 4, int4 ORT's
+    eight_bit: tuple[
+        str, ...
+    ] = ()  # int4: merged tensors kept in 8 bits (set by the build: windows of EIGHT_BIT_WINDOW+)
 
 
 def derived(name: str, shared: str) -> bool:
@@ -212,21 +213,17 @@ def _int8_dynamic(src: Path, dst: Path, options: PrecisionOptions, external: boo
     return _dynamic_int8(_matmul_weights(src), dst, external, ("MatMul", "Gather"))
 
 
-def _reads_long_merged(model) -> list[str]:
-    """MatMuls whose weight is a tensor merged from EIGHT_BIT_WINDOW layers or more (ShareMerged's stable name)."""
-    out = []
-    for n in model.graph:
-        found = MERGED_NAME.match(n.inputs[1].name or "") if n.op_type == "MatMul" and n.inputs[1] is not None else None
-        if found and int(found.group(2)) - int(found.group(1)) + 1 >= EIGHT_BIT_WINDOW:
-            out.append(n.name)
-    return out
+def _reads(model, names: tuple[str, ...]) -> list[str]:
+    """MatMuls whose weight holds one of the named merged tensors (as itself or transposed)."""
+    return [n.name for n in model.graph if n.op_type == "MatMul" and n.inputs[1] is not None
+            and any(derived(n.inputs[1].name or "", s) for s in names)]  # fmt: skip
 
 
 def _int4(src: Path, dst: Path, options: PrecisionOptions, external: bool) -> list[str]:
     # in 8 bits: the LM head, as llama.cpp's Q4_K_M keeps its output tensor at 6 bits (its rounding goes straight
     # into the logits), and the tensors of long windows (their rounding repeats in every layer that reads them)
     model = _matmul_weights(src)
-    eight = _heads(model) + _reads_long_merged(model)
+    eight = _heads(model) + _reads(model, options.eight_bit)
     model = _nbits(model, 4, options, options.accuracy_level, ("MatMul",), exclude=eight)
     if eight:  # the only MatMuls with a constant weight left
         model = _nbits(model, 8, options, _int8_level(options), ("MatMul",))

@@ -121,7 +121,7 @@ def _projection(users: list[tuple[ir.Node, int]]) -> tuple[ir.Node, ir.Node | No
         attrs = {k: a.value for k, a in node.attributes.items()}
         if attrs.get("transA", 0) or attrs.get("transB", 0) or attrs.get("alpha", 1.0) != 1.0:
             return None
-    elif node.op_type != "MatMul" or node.inputs[0] is not users[0][0].inputs[users[0][1]]:
+    elif node.op_type != "MatMul" or users[0][1] != 0:  # the hidden units as the left operand
         return None
     weight = node.inputs[1]
     if not weight.is_initializer() or weight.shape is None or len(weight.shape) != 2:
