@@ -3,6 +3,7 @@ help come from the registries they live in. Errors become one clear line and a d
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import signal
@@ -744,9 +745,43 @@ def run(argv: list[str] | None = None) -> tuple[int, BaseException | None]:
         forget_user_adapters()  # --adapter holds for its command only
 
 
+DISTRIBUTED_COMMANDS = ("merge", "convert")  # the ones that run under torchrun
+
+
 def _run(argv: list[str] | None) -> tuple[int, BaseException | None]:
+    from . import distributed
+
+    if not distributed.launched():
+        return _dispatch(argv)
+    args = sys.argv[1:] if argv is None else argv
+    command = next((a for a in args if not a.startswith("-")), None)
+    if command not in DISTRIBUTED_COMMANDS:
+        console.print(f"[red]error:[/red] under torchrun only {' and '.join(DISTRIBUTED_COMMANDS)} run; "
+                      f"run {command or 'this command'} as one process.")  # fmt: skip
+        return errors.EXIT_USAGE, None
     try:
-        rv = app(args=argv, standalone_mode=False)
+        distributed.start()
+        return _dispatch(argv)
+    finally:
+        distributed.stop()
+
+
+@contextlib.contextmanager
+def _quiet_unless_main():
+    """Under torchrun only rank 0 prints progress and reports; every rank prints its own errors."""
+    from .distributed import world
+
+    console.quiet = not world().main
+    try:
+        yield
+    finally:
+        console.quiet = False
+
+
+def _dispatch(argv: list[str] | None) -> tuple[int, BaseException | None]:
+    try:
+        with _quiet_unless_main():
+            rv = app(args=argv, standalone_mode=False)
         if rv == errors.EXIT_INTERRUPTED:  # typer turns Ctrl-C into a return value of 130
             raise KeyboardInterrupt
     except errors.FFMergeError as e:
@@ -767,6 +802,15 @@ def _run(argv: list[str] | None) -> tuple[int, BaseException | None]:
         console.print(f"[red]error:[/red] {e}")
         return errors.EXIT_USAGE, e
     except Exception as e:  # noqa: BLE001
+        from .distributed import peer_failed
+
+        if peer_failed(e):
+            from rich.markup import escape
+
+            first = escape(str(e).splitlines()[0] if str(e) else type(e).__name__)
+            console.print(f"[red]error:[/red] another process of this torchrun job failed ({first}); see its error "
+                          "above. No output was written.")  # fmt: skip
+            return errors.EXIT_PEER, e
         kind = _resources(e)
         if kind == "memory":
             console.print(

@@ -1,7 +1,7 @@
 """Typed errors. Each one says what went wrong and what to do next.
 
 Exit codes of the CLI: 0 ok, 1 validation failed, 2 usage / bad input, 3 internal error,
-4 out of memory or disk, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM). The graph passes' own pre- and postcondition errors
+4 out of memory or disk, 5 another process of a torchrun job failed, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM). The graph passes' own pre- and postcondition errors
 (subclasses of onnx-ir's) live in `onnx/passes/base.py`.
 """
 
@@ -12,6 +12,7 @@ EXIT_VALIDATION = 1
 EXIT_USAGE = 2
 EXIT_INTERNAL = 3
 EXIT_RESOURCES = 4
+EXIT_PEER = 5  # under torchrun: another rank failed or disagreed
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143  # 128 + SIGTERM
 

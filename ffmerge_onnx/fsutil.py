@@ -122,9 +122,15 @@ def output_lock(target: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def guarded_output(target, overwrite: bool = False, inputs: Iterable[Path | str | None] = ()) -> Iterator[Path]:
-    """A whole command's hold on its output: checks first, then the lock until the end."""
+def guarded_output(
+    target, overwrite: bool = False, inputs: Iterable[Path | str | None] = (), lock: bool = True
+) -> Iterator[Path]:
+    """A whole command's hold on its output: checks first, then the lock until the end (`lock` False: the
+    checks alone, for processes that will not write, such as torchrun's ranks above 0)."""
     resolved = check_target(target, overwrite, inputs)
+    if not lock:
+        yield resolved
+        return
     with output_lock(resolved):
         yield resolved
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from torch import nn
 
+from . import distributed
 from .errors import CalibrationError, InputError, ValidationFailed
 from .families import adapter_for, task_of
 from .families.builtin import (
@@ -235,6 +236,7 @@ def merge_and_recover(
             method=options.method,
             params=options.method_params,
         )
+    distributed.check_identical(result.model)
     if recovery.active:
         batches = list(calibration_data(loaded, recovery.data, recovery.tokens, log=log))
         val = list(calibration_data(loaded, None, min(recovery.tokens, 8_000), split="validation", log=log))
@@ -403,11 +405,14 @@ def run_merge(
     log: Log = print,
 ) -> tuple[MergeResult, int]:
     """load -> ... -> recover -> save; returns the result and the parameter count before merging."""
-    with guarded_output(output, overwrite, [spec, options.calibration, recovery.data]) as target:
+    main = distributed.world().main
+    with guarded_output(output, overwrite, [spec, options.calibration, recovery.data], lock=main) as target:
         loaded = load(spec, trust_remote_code, log)
         before = loaded.model.num_parameters()
         result = merge_and_recover(loaded, options, recovery, log)
-        save_merged(result, target, preprocessor=loaded.preprocessor, overwrite=overwrite)
+        if main:  # under torchrun rank 0 writes; the others wait for it
+            save_merged(result, target, preprocessor=loaded.preprocessor, overwrite=overwrite)
+        distributed.barrier()
     return result, before
 
 
@@ -429,14 +434,19 @@ def convert(
                        ("--finetune-data", recovery.data)):  # fmt: skip
         if held_out is not None and path is not None and Path(path).resolve() == Path(held_out).resolve():
             raise InputError(f"--eval-data is held out: it cannot also be the {name} data. Give separate files.")
-    with guarded_output(output, overwrite, inputs) as target:
+    main = distributed.world().main
+    with guarded_output(output, overwrite, inputs, lock=main) as target:
         warning = version_warning()
         if warning:
             log(f"warning: {warning}")
         loaded = load(spec, trust_remote_code, log)
         goal.check_goal_inputs(task_of(loaded.model), export_options.max_loss, export_options.eval_data)
         result = merge_and_recover(loaded, options, recovery, log)
-        return export(result, target, export_options, preprocessor=loaded.preprocessor, overwrite=overwrite, log=log)
+        report = None
+        if main:  # under torchrun rank 0 exports, validates and writes; the others wait for its report
+            report = export(result, target, export_options, preprocessor=loaded.preprocessor, overwrite=overwrite,
+                            log=log)  # fmt: skip
+        return distributed.broadcast_object(report)
 
 
 def run_quantize(

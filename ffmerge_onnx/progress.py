@@ -11,7 +11,7 @@ T = TypeVar("T")
 
 
 def track(items: Iterable[T], description: str, total: int | None = None, enabled: bool = True) -> Iterator[T]:
-    if not enabled:
+    if not enabled or not _main_rank():
         yield from items
         return
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -20,3 +20,10 @@ def track(items: Iterable[T], description: str, total: int | None = None, enable
         for item in items:
             yield item
             progress.advance(task)
+
+
+def _main_rank() -> bool:
+    """Under torchrun only rank 0 draws progress."""
+    from .distributed import world
+
+    return world().main

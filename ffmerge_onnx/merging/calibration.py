@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .. import distributed
 from ..families import Adapter, adapter_for
 from ..progress import track
 from .data import Calibration, token_mask
@@ -113,7 +114,8 @@ def collect(
     max_bytes: int = DEFAULT_MAX_STAT_BYTES,
     progress: bool = True,
 ) -> list[Moments]:
-    """Moments for every pair of stream keys, in as few data passes as memory allows."""
+    """Moments for every pair of stream keys, in as few data passes as memory allows. Under torchrun each
+    rank reads its share of the batches and the sums are added across ranks (every rank gets the total)."""
     keys = sorted({k for p in pairs for k in p})
     dims = {k: stream_dim(model, adapter, Stream.parse(k)) for k in keys}
     was_training = model.training
@@ -131,7 +133,7 @@ def collect(
         recorder = _Recorder(model, adapter, streams)
         try:
             label = "calibrating" + (f" (pass {i + 1}/{len(groups)})" if len(groups) > 1 else "")
-            for batch in track(calibration.batches, label, enabled=progress):
+            for batch in track(distributed.shard(calibration.batches), label, enabled=progress):
                 recorder.features.clear()
                 for stack in by_stack:
                     recorder.masks[stack] = token_mask(batch, stack, tokens_per_item(model, batch, stack))
@@ -140,9 +142,22 @@ def collect(
                     moments.update({k: recorder.features[k] for k in moments.dims})
         finally:
             recorder.close()
+        for moments in by_stack.values():
+            sum_over_ranks(moments)
         results.extend(by_stack.values())
     model.train(was_training)
     return results
+
+
+def sum_over_ranks(moments: Moments) -> None:
+    """Add every rank's statistics in place (they are sums, so the total is what one process would get)."""
+    if not distributed.world().active:
+        return
+    n = torch.tensor([moments.n], dtype=torch.int64)
+    distributed.all_reduce_sum(n)
+    moments.n = int(n.item())
+    for t in [*moments.sum.values(), *moments.sumsq.values(), *moments.cross.values()]:
+        distributed.all_reduce_sum(t)
 
 
 def find(moments: list[Moments], a: str, b: str) -> Moments:

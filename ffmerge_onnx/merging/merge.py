@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import distributed
 from ..errors import CalibrationError, InputError, WindowError
 from ..families import Adapter, adapter_for
 from ..progress import track
@@ -146,6 +147,14 @@ def _alignments(model, adapter, windows, anchor, align, calibration, progress, m
         a = anchor_layer(w.layers, anchor)
         pairs += [(f"{w.stack}.{a}.pre", f"{w.stack}.{i}.pre") for i in w.layers if i != a]
     moments = calibrate.collect(model, adapter, calibration, pairs, max_bytes=max_stat_bytes, progress=progress)
+    if distributed.world().active:  # the statistics are summed on every rank: solve once, share the answer
+        found = _matches(model, adapter, windows, anchor, moments, progress) if distributed.world().main else None
+        return distributed.broadcast_object(found)
+    return _matches(model, adapter, windows, anchor, moments, progress)
+
+
+def _matches(model, adapter, windows, anchor, moments, progress) -> dict:
+    matches: dict[Window, dict[int, Match]] = {}
     jobs = [(w, i) for w in windows for i in w.layers]
     for w, i in track(jobs, "aligning", enabled=progress):
         a = anchor_layer(w.layers, anchor)

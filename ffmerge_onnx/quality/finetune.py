@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .. import distributed
 from ..errors import InputError
 from ..families import adapter_for, task_of
 from ..merging import MergeResult
@@ -162,7 +163,7 @@ def _kl_layers_loss(original, dropped: set[int] = frozenset(), weight: float = 1
 
     def loss(model, batch):
         inputs = {**_inputs(batch), "use_cache": False, "output_hidden_states": True}
-        matching = layer_map(model, original, dropped)  # cheap: counts layers
+        matching = layer_map(getattr(model, "module", model), original, dropped)  # cheap; unwraps DDP
         with torch.no_grad():
             ref = original(**inputs)
         out = model(**inputs)
@@ -177,22 +178,50 @@ def _kl_layers_loss(original, dropped: set[int] = frozenset(), weight: float = 1
     return loss
 
 
+def _real_tokens(batch: dict) -> int:
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    return _rows(batch)
+
+
+def _predicted_tokens(batch: dict) -> int:
+    """Tokens with a next-token target (the first of each row predicts nothing)."""
+    return int(batch["attention_mask"][:, 1:].sum())
+
+
+def _rows(batch: dict) -> int:
+    return next(v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor))
+
+
 @dataclass(frozen=True)
 class Objective:
-    """A recovery objective: `make(original, dropped)` gives the loss of a (model, batch)."""
+    """A recovery objective: `make(original, dropped)` gives the loss of a (model, batch); `count(batch)`
+    is what that loss averages over (tokens or rows), so ranks holding parts of a batch weigh it right."""
 
     name: str
     help: str
     make: Callable[[nn.Module | None, set[int]], LossFn]
     needs_original: bool = False
     causal_lm_only: bool = False
+    count: Callable[[dict], int] = _real_tokens
 
 
 OBJECTIVES: dict[str, Objective] = {
     o.name: o
     for o in (
-        Objective("lm", "next-token loss (causal LMs)", lambda original, dropped: _lm_loss, causal_lm_only=True),
-        Objective("classify", "cross-entropy on labelled data (classifiers)", lambda original, dropped: _classify_loss),
+        Objective(
+            "lm",
+            "next-token loss (causal LMs)",
+            lambda original, dropped: _lm_loss,
+            causal_lm_only=True,
+            count=_predicted_tokens,
+        ),
+        Objective(
+            "classify",
+            "cross-entropy on labelled data (classifiers)",
+            lambda original, dropped: _classify_loss,
+            count=_rows,
+        ),
         Objective(
             "distill",
             "match the original's last hidden states (encoders)",
@@ -270,14 +299,18 @@ def finetune(
         raise InputError(f"schedule must be one of {', '.join(SCHEDULES)}; got {schedule!r}.")
     loss_fn = loss_for(objective, model, original, dropped)
     params = trainable_params(model, train, shared, deltas)
+    rank = distributed.world()
+    if rank.active:
+        _to(distributed.device(), model, original)
+    trainer = _data_parallel(model) if rank.active else model
     device = params[0].device  # the model's device: CPU, or a GPU when the caller moved it there
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     warmup = max(1, min(steps // 10, 50))
     result, start = FinetuneResult(), 0
     best_state = None
     state_path = Path(output) / STATE if output else None
-    if state_path and state_path.exists():  # resume
-        saved = torch.load(state_path, map_location="cpu", weights_only=True)
+    if state_path and state_path.exists():  # resume (any number of ranks: the state is the whole model's)
+        saved = torch.load(state_path, map_location=device, weights_only=True)
         with torch.no_grad():
             for p, v in zip(params, saved["params"]):
                 p.copy_(v)
@@ -288,7 +321,7 @@ def finetune(
         result.best_step, result.best_score = int(saved["best_step"]), float(saved["best_score"])
     if best_state is None:
         model.eval()
-        result.best_score = float(score(model))
+        result.best_score = _scored(score, model)
         result.history.append({"step": 0, "score": result.best_score, "loss": math.nan, "seconds": 0.0})
         best_state = [p.detach().clone() for p in params]
     better = (lambda a, b: a > b) if higher_is_better else (lambda a, b: a < b)
@@ -303,17 +336,22 @@ def finetune(
         for group in opt.param_groups:
             group["lr"] = lr * lr_factor(step, warmup, steps, trained, budget_s, schedule)
         model.train()
-        loss = loss_fn(model, to_device(batches[next(order)], device))
+        batch = batches[next(order)]
+        part = distributed.shard_rows(batch)
+        loss = loss_fn(trainer, to_device(part, device))
+        if rank.active:  # DDP averages the ranks' gradients: weigh each by its share of the batch's tokens
+            count = OBJECTIVES[objective].count
+            loss = loss * (count(part) * rank.size / max(count(batch), 1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        running.append(float(loss.detach()))
-        trained += time.perf_counter() - tick
+        running.append(float(distributed.all_reduce_sum(loss.detach().clone())) / rank.size)
+        trained = distributed.broadcast_object(trained + time.perf_counter() - tick)  # rank 0's clock decides
         out_of_time = budget_s is not None and trained >= budget_s
         if step % eval_every == 0 or step == steps or out_of_time:
             model.eval()
-            value = float(score(model))
+            value = _scored(score, model)
             result.history.append(
                 {"step": step, "score": value, "loss": sum(running) / len(running), "seconds": trained}
             )
@@ -321,7 +359,7 @@ def finetune(
             if better(value, result.best_score):
                 result.best_step, result.best_score = step, value
                 best_state = [p.detach().clone() for p in params]
-            if state_path:
+            if state_path and rank.main:
                 _save_state(state_path, params, opt, step, result, best_state)
         if out_of_time:
             break
@@ -329,7 +367,32 @@ def finetune(
         for p, v in zip(params, best_state):
             p.copy_(v)
     model.eval()
+    if rank.active:
+        _to(torch.device("cpu"), model, original)
+        distributed.check_identical(model, "the recovered weights")
     return result
+
+
+def _scored(score: Callable[[nn.Module], float], model: nn.Module) -> float:
+    """The validation score; under torchrun rank 0 scores and every rank takes its value."""
+    value = float(score(model)) if distributed.world().main else None
+    return float(distributed.broadcast_object(value))
+
+
+def _data_parallel(model: nn.Module) -> nn.Module:
+    """DDP over the ranks. Tied (merged) tensors are one Parameter, so DDP reduces each gradient once;
+    unused parameters (a pooler the loss never reads) are allowed."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    dev = distributed.device()
+    return DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None,
+                                   find_unused_parameters=True)  # fmt: skip
+
+
+def _to(device: torch.device, *models: nn.Module | None) -> None:
+    for m in models:
+        if m is not None and next(m.parameters()).device != device:
+            m.to(device)
 
 
 def _save_state(path: Path, params, opt, step: int, result: FinetuneResult, best_state) -> None:
