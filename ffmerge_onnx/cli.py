@@ -160,6 +160,14 @@ TrainOpt = Annotated[Train, typer.Option("--finetune-train", help=_help("What th
 ScheduleOpt = Annotated[
     Schedule, typer.Option("--finetune-schedule", help=_help("Learning rate after warmup.", SCHEDULES))
 ]
+ShardOpt = Annotated[
+    bool,
+    typer.Option(
+        "--shard",
+        help="Under torchrun: recover with FSDP2, each process holding a shard of the weights, gradients and "
+        "optimizer state (default: DDP, a whole copy per process). See docs/scale.md.",
+    ),
+]
 
 
 DeltaRankOpt = Annotated[
@@ -214,6 +222,7 @@ def _merge_and_recovery(a: dict) -> tuple:
         train=a["finetune_train"].value,
         schedule=a["finetune_schedule"].value,
         minutes=a["recovery_minutes"],
+        shard=a["shard"],
     )
     return merge, recovery
 
@@ -247,6 +256,7 @@ def merge_cmd(
     finetune_objective: ObjectiveOpt = None,
     finetune_train: TrainOpt = Train.all,
     finetune_schedule: ScheduleOpt = Schedule.constant,
+    shard: ShardOpt = False,
     overwrite: OverwriteOpt = False,
     trust_remote_code: RemoteOpt = False,
     adapter: AdapterOpt = None,
@@ -339,6 +349,7 @@ def convert_cmd(
     finetune_objective: ObjectiveOpt = None,
     finetune_train: TrainOpt = Train.all,
     finetune_schedule: ScheduleOpt = Schedule.constant,
+    shard: ShardOpt = False,
     no_reference: Annotated[
         bool, typer.Option("--no-reference", help="Do not keep the merged checkpoint in OUT/reference.")
     ] = False,

@@ -95,6 +95,7 @@ class RecoveryOptions:
     train: str = "all"
     schedule: str = "constant"
     minutes: float = 0.0  # time budget for training (evaluations not counted); 0: steps alone decide
+    shard: bool = False  # under torchrun: FSDP2 instead of DDP
 
     @property
     def active(self) -> bool:
@@ -251,6 +252,7 @@ def merge_and_recover(
             train=recovery.train,
             schedule=recovery.schedule,
             budget_s=recovery.minutes * 60 or None,
+            shard=recovery.shard,
         )
         name = result.manifest.finetune["score"]
         log(

@@ -287,12 +287,15 @@ def finetune(
     dropped: set[int] = frozenset(),
     budget_s: float | None = None,
     schedule: str = "constant",
+    shard: bool = False,
 ) -> FinetuneResult:
     """Train in place for `steps` steps, or until `budget_s` seconds of training (evaluation not
     counted) have passed; the model ends at its best validation state. History "seconds" is
     training time so far. The learning rate warms up linearly, then stays (`constant`) or falls
     linearly to zero at the end of the steps or of the time budget, whichever comes first (`linear`).
-    `shared`: the merged tensors (for train=merged*); `dropped`: the original's removed layers (kl+layers)."""
+    `shared`: the merged tensors (for train=merged*); `dropped`: the original's removed layers (kl+layers).
+    Under torchrun the ranks train one model on their rows of every batch: DDP, or with `shard` FSDP2
+    (each rank holds a shard of the weights, gradients and optimizer moments)."""
     if steps < 1 or not batches:
         raise InputError("Fine-tuning needs at least one step and one batch of data.")
     if schedule not in SCHEDULES:
@@ -300,9 +303,17 @@ def finetune(
     loss_fn = loss_for(objective, model, original, dropped)
     params = trainable_params(model, train, shared, deltas)
     rank = distributed.world()
-    if rank.active:
+    sharded = rank.active and shard
+    trainer, scored = model, model  # what trains (DDP or FSDP around the model) and what validation scores
+    if sharded:
+        _to(distributed.device(), original)
+        trainer = scored = _fully_sharded(model)
+        names = {id(p): n for n, p in model.named_parameters()}
+        mine = dict(trainer.named_parameters())
+        params = [mine[names[id(p)]] for p in params]
+    elif rank.active:
         _to(distributed.device(), model, original)
-    trainer = _data_parallel(model) if rank.active else model
+        trainer = _data_parallel(model)
     device = params[0].device  # the model's device: CPU, or a GPU when the caller moved it there
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     warmup = max(1, min(steps // 10, 50))
@@ -313,15 +324,17 @@ def finetune(
         saved = torch.load(state_path, map_location=device, weights_only=True)
         with torch.no_grad():
             for p, v in zip(params, saved["params"]):
-                p.copy_(v)
+                p.copy_(_placed(v, p))
         opt.load_state_dict(saved["optimizer"])
+        for p in params:  # moments saved whole: this rank's shard of them under --shard
+            opt.state[p] = {k: _placed(v, p) if v.shape == p.shape else v for k, v in opt.state[p].items()}
         start = int(saved["step"])
         result.history = [dict(zip(HISTORY, row)) for row in saved["history"].tolist()]
-        best_state = saved["best"]
+        best_state = [_placed(v, p) for v, p in zip(saved["best"], params)]
         result.best_step, result.best_score = int(saved["best_step"]), float(saved["best_score"])
     if best_state is None:
         model.eval()
-        result.best_score = _scored(score, model)
+        result.best_score = _scored(score, scored, everyone=sharded)
         result.history.append({"step": 0, "score": result.best_score, "loss": math.nan, "seconds": 0.0})
         best_state = [p.detach().clone() for p in params]
     better = (lambda a, b: a > b) if higher_is_better else (lambda a, b: a < b)
@@ -351,7 +364,7 @@ def finetune(
         out_of_time = budget_s is not None and trained >= budget_s
         if step % eval_every == 0 or step == steps or out_of_time:
             model.eval()
-            value = _scored(score, model)
+            value = _scored(score, scored, everyone=sharded)
             result.history.append(
                 {"step": step, "score": value, "loss": sum(running) / len(running), "seconds": trained}
             )
@@ -359,13 +372,17 @@ def finetune(
             if better(value, result.best_score):
                 result.best_step, result.best_score = step, value
                 best_state = [p.detach().clone() for p in params]
-            if state_path and rank.main:
+            if state_path:
                 _save_state(state_path, params, opt, step, result, best_state)
         if out_of_time:
             break
     with torch.no_grad():
         for p, v in zip(params, best_state):
             p.copy_(v)
+        if sharded:  # the sharded copy's tensors, gathered whole, back into the model
+            own = dict(model.named_parameters())
+            for name, p in trainer.named_parameters():
+                own[name].copy_(_whole(p).to(own[name].device))
     model.eval()
     if rank.active:
         _to(torch.device("cpu"), model, original)
@@ -373,10 +390,49 @@ def finetune(
     return result
 
 
-def _scored(score: Callable[[nn.Module], float], model: nn.Module) -> float:
-    """The validation score; under torchrun rank 0 scores and every rank takes its value."""
-    value = float(score(model)) if distributed.world().main else None
+def _scored(score: Callable[[nn.Module], float], model: nn.Module, everyone: bool = False) -> float:
+    """The validation score; under torchrun rank 0 scores (every rank takes part when the model is
+    sharded) and every rank takes rank 0's value."""
+    value = float(score(model)) if everyone or distributed.world().main else None
     return float(distributed.broadcast_object(value))
+
+
+def _fully_sharded(model: nn.Module) -> nn.Module:
+    """A copy of the model sharded over the ranks with FSDP2 (`fully_shard`). Each block whose tensors
+    are its own is one unit; blocks that read a merged (tied) tensor stay in the root unit with the
+    embeddings and heads, so every shared tensor lives in exactly one unit and its gradient is whole."""
+    import copy
+
+    from torch.distributed.fsdp import fully_shard
+
+    copied = copy.deepcopy(model)
+    uses: dict[int, int] = {}
+    for _, p in copied.named_parameters(remove_duplicate=False):
+        uses[id(p)] = uses.get(id(p), 0) + 1
+    adapter = adapter_for(copied)
+    for stack in adapter.stack_names():
+        for block in adapter.layers(copied, stack):
+            inside: dict[int, int] = {}
+            for _, p in block.named_parameters(remove_duplicate=False):
+                inside[id(p)] = inside.get(id(p), 0) + 1
+            if all(uses[i] == n for i, n in inside.items()):
+                fully_shard(block)
+    fully_shard(copied)
+    return copied
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """A sharded (DTensor) tensor gathered whole on every rank; a plain tensor as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _placed(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A whole saved tensor laid out like `like` (this rank's shard when `like` is sharded)."""
+    if not hasattr(like, "device_mesh"):
+        return v
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(v.to(like.device), like.device_mesh, like.placements)
 
 
 def _data_parallel(model: nn.Module) -> nn.Module:
@@ -396,21 +452,24 @@ def _to(device: torch.device, *models: nn.Module | None) -> None:
 
 
 def _save_state(path: Path, params, opt, step: int, result: FinetuneResult, best_state) -> None:
+    """Progress, whole (sharded tensors gathered), so a run resumes on any number of ranks; rank 0
+    writes it atomically (every rank must call this: gathering is collective)."""
+    optimizer = opt.state_dict()
+    optimizer["state"] = {k: {n: _whole(v) for n, v in st.items()} for k, st in optimizer["state"].items()}
+    state = {
+        "params": [_whole(p.detach()) for p in params],
+        "optimizer": optimizer,
+        "step": step,
+        "history": torch.tensor([[h[k] for k in HISTORY] for h in result.history], dtype=torch.float64),
+        "best": [_whole(v) for v in best_state],
+        "best_step": result.best_step,
+        "best_score": result.best_score,
+    }
+    if not distributed.world().main:
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
-    history = torch.tensor([[h[k] for k in HISTORY] for h in result.history], dtype=torch.float64)
     tmp = path.with_suffix(".tmp")
-    torch.save(
-        {
-            "params": [p.detach() for p in params],
-            "optimizer": opt.state_dict(),
-            "step": step,
-            "history": history,
-            "best": best_state,
-            "best_step": result.best_step,
-            "best_score": result.best_score,
-        },
-        tmp,
-    )
+    torch.save(state, tmp)
     tmp.replace(path)
 
 
@@ -429,6 +488,7 @@ def recover(
     train: str = "all",
     budget_s: float | None = None,
     schedule: str = "constant",
+    shard: bool = False,
 ) -> FinetuneResult:
     """Fine-tune a merged (or layer-dropped) model with the objective its task allows, scored on
     validation batches, and record it in the manifest (whose fingerprint follows the new weights)."""
@@ -457,6 +517,7 @@ def recover(
         dropped=dropped,
         budget_s=budget_s,
         schedule=schedule,
+        shard=shard,
     )
     result.manifest.finetune = {
         "steps": steps,
@@ -464,6 +525,8 @@ def recover(
         "budget_s": budget_s,
         "lr": lr,
         "schedule": schedule,
+        "processes": distributed.world().size,
+        "shard": shard,
         "objective": objective,
         "train": train,
         "score": name,

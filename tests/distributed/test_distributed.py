@@ -49,11 +49,13 @@ def test_statistics_summed_over_ranks_equal_one_process(tmp_path):
         assert torch.equal(two["perms"][i], one["perms"][i])
 
 
-def test_ddp_recovery_matches_one_process_and_keeps_ties(tmp_path):
+@pytest.mark.slow  # two processes, several seconds each
+@pytest.mark.parametrize("job", ["recovered", "sharded"])
+def test_ddp_and_fsdp_recovery_match_one_process_and_keep_ties(tmp_path, job):
     sys.path.insert(0, str(WORKER.parent))
     from worker import recovered
 
-    _ok(torchrun(WORKER, "recovered", tmp_path / "two.pt"))
+    _ok(torchrun(WORKER, job, tmp_path / "two.pt"))
     two, one = torch.load(tmp_path / "two.pt"), recovered()
     start = dict(tm.build("llama", gentle=True).named_parameters())
     assert set(two) == set(one)
@@ -62,6 +64,21 @@ def test_ddp_recovery_matches_one_process_and_keeps_ties(tmp_path):
         assert torch.allclose(two[name], value, rtol=0, atol=1e-5), (name, (two[name] - value).abs().max())
         moved += name in start and not torch.equal(value, start[name])
     assert moved > 10  # training changed the weights, so the match says something
+
+
+@pytest.mark.slow  # two processes, several seconds each
+@pytest.mark.parametrize("job", ["three_steps_saved", "sharded_three_steps_saved"])
+def test_progress_saved_by_two_ranks_resumes_in_one_process(tmp_path, job):
+    """Rank 0 saves whole tensors (gathered from the shards under FSDP): 3 steps on 2 ranks, then 2 more
+    in one process, equal 5 steps in one process."""
+    sys.path.insert(0, str(WORKER.parent))
+    from worker import recovered
+
+    _ok(torchrun(WORKER, job, tmp_path / "unused.pt", tmp_path / "state"))
+    assert (tmp_path / "state" / "finetune_state.pt").is_file() and not list((tmp_path / "state").glob("*.tmp"))
+    resumed, straight = recovered(output=tmp_path / "state"), recovered()
+    for name, value in straight.items():
+        assert torch.allclose(resumed[name], value, rtol=0, atol=1e-5), name
 
 
 def _merge_args(tmp_path, out, steps=3):
@@ -78,6 +95,7 @@ def _saved(tmp_path):
     (tmp_path / "text.txt").write_text(tm.word_text(600, seed=5))
 
 
+@pytest.mark.slow  # two processes, several seconds each
 def test_torchrun_merge_writes_once_what_one_process_writes(tmp_path):
     from ffmerge_onnx import load_merged
     from ffmerge_onnx.cli import main
@@ -107,6 +125,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # two processes, several seconds each
 @pytest.mark.parametrize("victim", [1, 0])
 def test_a_rank_killed_mid_run_ends_every_rank_non_zero_with_no_output(tmp_path, victim):
     """Both ranks started with torchrun's environment; one is killed while fine-tuning."""

@@ -6,6 +6,7 @@ python -m torch.distributed.run --standalone --nproc-per-node 2 worker.py JOB OU
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -38,23 +39,29 @@ def statistics() -> dict:
     }
 
 
-def recovered() -> dict:
-    """A merged tiny Llama after STEPS steps of lm recovery on 4-row batches (with padding)."""
+def recovered(shard: bool = False, steps: int = STEPS, output: Path | None = None) -> dict:
+    """A merged tiny Llama after `steps` steps of lm recovery on 4-row batches (with padding); with
+    `output`, progress is saved there (and resumed from there)."""
     model = tm.build("llama", gentle=True)
     cal = tm.calibration(model, n=24)
     model = merge(model, [Window("decoder", 1, 2)], calibration=cal, progress=False).model
-    calls = iter(range(100))
+    def score(_m):  # improves at every evaluation, also across a resume, so the last state is the best
+        return time.time()
 
-    def score(_m):  # improves at every evaluation, so the last state is the best
-        return float(next(calls))
-
-    finetune(model, cal.batches, score, higher_is_better=True, steps=STEPS, lr=1e-3, eval_every=STEPS, progress=False)
+    finetune(model, cal.batches, score, higher_is_better=True, steps=steps, lr=1e-3, eval_every=1, progress=False,
+             shard=shard, output=output)  # fmt: skip
     layers = adapter_for(model).layers(model, "decoder")
     assert layers[1].mlp.up_proj.weight is layers[2].mlp.up_proj.weight, "ties broken by recovery"
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-JOBS = {"statistics": statistics, "recovered": recovered}
+JOBS = {
+    "statistics": statistics,
+    "recovered": recovered,
+    "sharded": lambda: recovered(shard=True),
+    "three_steps_saved": lambda: recovered(steps=3, output=Path(sys.argv[3])),
+    "sharded_three_steps_saved": lambda: recovered(shard=True, steps=3, output=Path(sys.argv[3])),
+}
 
 if __name__ == "__main__":
     job, out = sys.argv[1], Path(sys.argv[2])
