@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 import transformers
 
-from ffmerge_onnx.families.loading import load_preprocessor
 from ffmerge_onnx.families.builtin import builtin_models
+from ffmerge_onnx.families.loading import load_preprocessor
 
 
 def main() -> None:

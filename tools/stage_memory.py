@@ -79,7 +79,9 @@ def main() -> int:
     end = time.time() - start
     for s, nxt in zip(stages, [*stages[1:], {"t0": end}]):
         s["seconds"] = nxt["t0"] - s["t0"]
-    print(f"\n| stage (from the log line that starts it) | seconds | peak RSS GB | peak tree RSS GB |\n|---|---|---|---|")
+    print(
+        "\n| stage (from the log line that starts it) | seconds | peak RSS GB | peak tree RSS GB |\n|---|---|---|---|"
+    )
     for s in stages:
         if s["seconds"] >= 0.5 or s["rss"]:
             print(f"| {s['stage']} | {s['seconds']:.1f} | {s['rss'] / 1e9:.2f} | {s['tree'] / 1e9:.2f} |")

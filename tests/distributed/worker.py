@@ -45,6 +45,7 @@ def recovered(shard: bool = False, steps: int = STEPS, output: Path | None = Non
     model = tm.build("llama", gentle=True)
     cal = tm.calibration(model, n=24)
     model = merge(model, [Window("decoder", 1, 2)], calibration=cal, progress=False).model
+
     def score(_m):  # improves at every evaluation, also across a resume, so the last state is the best
         return time.time()
 
