@@ -12,7 +12,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "ffmerge_onnx"
 # lowest first; a module may import from its own layer and the ones before it
 LAYERS = [
-    {"_version", "errors", "progress", "fsutil", "runtime"},
+    {"_version", "errors", "progress", "fsutil", "runtime", "distributed"},
     {"families"},
     {"merging"},
     {"onnx"},
@@ -44,14 +44,21 @@ def imports(path: Path) -> set[str]:
             else:
                 target = node.module or ""
             if target.startswith("ffmerge_onnx"):
-                found.add(target)
-                found |= {f"{target}.{a.name}" for a in node.names}  # `from . import x` may name a module
+                names = {f"{target}.{a.name}" for a in node.names}  # `from . import x` may name a module
+                found |= names
+                if node.module or not all(_is_module(n) for n in names):
+                    found.add(target)  # `from .. import distributed` reads that module, not the package
     return found
 
 
 def graph() -> dict[str, set[str]]:
     modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
     return {name: {m for m in imports(path) if m in modules and m != name} for name, path in modules.items()}
+
+
+def _is_module(name: str) -> bool:
+    rel = Path(*name.split(".")[1:])
+    return (PACKAGE / rel).with_suffix(".py").is_file() or (PACKAGE / rel / "__init__.py").is_file()
 
 
 def layer_of(module: str) -> int:
