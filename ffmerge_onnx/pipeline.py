@@ -328,10 +328,12 @@ def export(
     *,
     preprocessor=None,
     overwrite: bool = False,
+    release: bool = False,
     log: Log = print,
 ) -> dict:
     """Steps 6-9: save the reference, export, run the graph passes, validate; nothing is left behind
-    unless it validates. Returns the validation report."""
+    unless it validates. Returns the validation report. `release`: the caller is done with the model, so
+    its weights are freed once exported (validation reads the saved reference)."""
     output = Path(output)
     model = result.model
     with atomic_dir(output, overwrite=overwrite) as tmp:
@@ -348,6 +350,8 @@ def export(
             model.generation_config.save_pretrained(tmp)
         if preprocessor is not None:
             preprocessor.save_pretrained(tmp)
+        if release:
+            model.to("meta")
         log("validating on onnxruntime")
         report = validate(tmp, providers=options.providers, side_by_side=options.compare, runs=options.runs, log=log,
                           text_check=check_text_quality)  # fmt: skip
@@ -447,7 +451,7 @@ def convert(
         report = None
         if main:  # under torchrun rank 0 exports, validates and writes; the others wait for its report
             report = export(result, target, export_options, preprocessor=loaded.preprocessor, overwrite=overwrite,
-                            log=log)  # fmt: skip
+                            release=True, log=log)  # fmt: skip
         return distributed.broadcast_object(report)
 
 

@@ -171,23 +171,28 @@ DUPLICATE_MIN_ELEMENTS = 1024  # smaller constants (shape vectors, scalars) are 
 def sharing(path: Path, files: list[str] | None = None) -> dict:
     """Initializer bytes (total and unique), duplicated tensors and bytes on disk of one ONNX file."""
     path = Path(path)
-    model = load_onnx(path)
+    model = load_ir(path)  # external weights are read one at a time and released, never all at once
     total = unique = 0
     groups: dict[str, list[str]] = {}
-    for t in model.graph.initializer:
-        a = numpy_helper.to_array(t)
+    for name, v in model.graph.initializers.items():
+        t = v.const_value
+        a = numpy_helper.to_array(t.raw) if isinstance(t.raw, onnx.TensorProto) else t.numpy()
         total += a.nbytes
         d = digest(a)
         if d not in groups:
             unique += a.nbytes
         # corrections are per layer by design; symmetric quantization's zero points are all zeros for every weight
-        if a.size >= DUPLICATE_MIN_ELEMENTS and ".delta_" not in t.name and not t.name.endswith("_zero_point"):
-            groups.setdefault(d, []).append(t.name)
+        if a.size >= DUPLICATE_MIN_ELEMENTS and ".delta_" not in name and not name.endswith("_zero_point"):
+            groups.setdefault(d, []).append(name)
+        del a
+        if hasattr(t, "release"):
+            t.release()
     dups = {names[0]: names[1:] for names in groups.values() if len(names) > 1}
-    gathers = sum(1 for n in model.graph.node if n.op_type == "Gather" and n.input[1].startswith("ffmerge."))
+    gathers = sum(1 for n in model.graph if n.op_type == "Gather" and n.inputs[1] is not None
+                  and n.inputs[1].name.startswith("ffmerge."))  # fmt: skip
     on_disk = sum((path.parent / f).stat().st_size for f in (files or [path.name]))
     return {
-        "initializers": len(model.graph.initializer),
+        "initializers": len(model.graph.initializers),
         "initializer_bytes": total,
         "unique_bytes": unique,
         "duplicated_tensors": sum(len(v) for v in dups.values()),

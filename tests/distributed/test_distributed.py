@@ -32,6 +32,7 @@ def _ok(run: subprocess.CompletedProcess) -> None:
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
 
 
+@pytest.mark.slow  # two processes
 def test_statistics_summed_over_ranks_equal_one_process(tmp_path):
     sys.path.insert(0, str(WORKER.parent))
     from worker import statistics

@@ -91,6 +91,7 @@ def test_a_precision_step_that_duplicates_a_merged_tensor_fails(tmp_path, monkey
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # quick subset under 3 minutes
 def test_a_step_that_renames_the_merged_tensors_fails(tmp_path):
     result = merged("gpt2")
     export(result, tmp_path / "fp32", ExportOptions(compare=False), log=lambda s: None)

@@ -47,6 +47,7 @@ def test_a_met_goal_is_reported_with_the_three_scores(tiny_lm, tmp_path):
     assert "## quality goal" in (out / "report.md").read_text()
 
 
+@pytest.mark.slow  # quick subset under 3 minutes
 def test_a_missed_goal_writes_nothing_and_states_the_shortfall(tiny_lm, tmp_path, monkeypatch, capsys):
     model, cal, text = tiny_lm
     real = goal.score

@@ -164,6 +164,7 @@ def saved_with_text(tmp_path, model_type, words, seed):
     return model, tok
 
 
+@pytest.mark.slow  # quick subset under 3 minutes
 def test_evaluate_and_search_cli(tmp_path):
     import json
 
@@ -269,6 +270,7 @@ def test_evaluate_image_accuracy_on_pytorch_and_onnx(tmp_path):
     assert main(["evaluate", str(tmp_path / "out"), "--data", str(tmp_path / "imgs")]) == 2
 
 
+@pytest.mark.slow  # quick subset under 3 minutes
 def test_evaluate_text_accuracy_on_pytorch_and_onnx(tmp_path):
     """Text classifiers: accuracy over a `text<TAB>label` file, the same on the merged checkpoint and its export."""
     import json

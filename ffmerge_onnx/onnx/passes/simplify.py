@@ -64,29 +64,31 @@ class SharingSafeSimplify(GraphPass):
         names = self._protected_names(graph)
         self.protected = {n: digest(array(graph.initializers[n])) for n in names}
         self.before = self._digest_counts(graph)
-        proto = ir.serde.serialize_model(model)
-        kept = {t.name: t for t in proto.graph.initializer if t.name in names}
-        others = [t for t in proto.graph.initializer if t.name not in names]
-        del proto.graph.initializer[:]
-        proto.graph.initializer.extend(others)
+        self.io_shapes = _ir_io_shapes(graph)
+        kept = {n: graph.initializers[n] for n in names}
+        proto = _serialized_without(model, kept)  # the simplifier never sees (or copies) the protected weights
         n_inputs = len(proto.graph.input)
-        for name, t in kept.items():
-            proto.graph.input.append(onnx.helper.make_tensor_value_info(name, t.data_type, list(t.dims)))
-        self.io_shapes = _io_shapes(proto.graph, skip=set(kept))
+        for name, v in kept.items():
+            proto.graph.input.append(onnx.helper.make_tensor_value_info(name, v.const_value.dtype.value,
+                                                                        list(v.const_value.shape)))  # fmt: skip
+        shapes = _io_shapes(proto.graph, skip=set(kept))
         simplified = self._run(proto, self.simplifier)
-        if self.simplifier == "onnxslim" and _io_shapes(simplified.graph, skip=set(kept)) != self.io_shapes:
+        if self.simplifier == "onnxslim" and _io_shapes(simplified.graph, skip=set(kept)) != shapes:
             simplified = self._run(proto, "onnxsim")  # onnxslim fixed a dynamic size
             self.count("fallback_to_onnxsim")
-        inputs = [i for i in simplified.graph.input if i.name not in kept]
-        if len(inputs) != n_inputs:
+        if len([i for i in simplified.graph.input if i.name not in kept]) != n_inputs:
             raise GraphError(f"{self.simplifier} changed the model's inputs")
-        used = {i for n in simplified.graph.node for i in n.input} | {o.name for o in simplified.graph.output}
-        del simplified.graph.input[:]
-        simplified.graph.input.extend(inputs)
-        simplified.graph.initializer.extend(t for name, t in kept.items() if name in used)
+        del proto
+        result = ir.serde.deserialize_model(simplified)
+        del simplified
+        for v in list(result.graph.inputs):  # the protected weights go back, the same tensors, not copies
+            if v.name in kept:
+                result.graph.inputs.remove(v)
+                if v.uses():
+                    v.const_value = kept[v.name].const_value
+                    result.graph.register_initializer(v)
         self.count("protected", len(kept))
         self.count("nodes_before", len(list(graph.all_nodes())))
-        result = ir.serde.deserialize_model(simplified)
         self.count("nodes_after", len(list(result.graph.all_nodes())))
         after = self._digest_counts(result.graph)
         modified = self.counts["nodes_after"] != self.counts["nodes_before"] or after != self.before
@@ -112,7 +114,7 @@ class SharingSafeSimplify(GraphPass):
     def ensures(self, model: ir.Model) -> None:
         """No protected tensor gained a copy (folded Gather/Transpose would add one), and the graph's inputs
         and outputs kept their shapes."""
-        shapes = _io_shapes(ir.serde.serialize_model(model).graph, skip=set())
+        shapes = _ir_io_shapes(model.graph)
         changed = {k: (v, shapes.get(k)) for k, v in self.io_shapes.items() if shapes.get(k) != v}
         if changed:
             self.fail(f"the graph's inputs or outputs changed shape (before, after): {changed}")
@@ -129,3 +131,25 @@ def _io_shapes(graph: onnx.GraphProto, skip: set[str]) -> dict[str, list]:
         for v in [*graph.input, *graph.output]
         if v.name not in skip
     }
+
+
+def _ir_io_shapes(graph: ir.Graph) -> dict[str, list]:
+    """Graph input and output name -> dims (a name or None for a dynamic one, a number for a fixed one)."""
+    return {
+        v.name: [d if isinstance(d, int) else d.value for d in v.shape] if v.shape is not None else None
+        for v in [*graph.inputs, *graph.outputs]
+    }
+
+
+def _serialized_without(model: ir.Model, kept: dict[str, ir.Value]) -> onnx.ModelProto:
+    """The model as a proto without the `kept` initializers (taken out of the graph while it is written)."""
+    graph = model.graph
+    order = list(graph.initializers.values())
+    for name in kept:
+        graph.initializers.pop(name)
+    try:
+        return ir.serde.serialize_model(model)
+    finally:
+        graph.initializers.clear()
+        for v in order:  # back in their order: the input model is left as it was
+            graph.register_initializer(v)
