@@ -12,6 +12,7 @@ similarity analysis share the load and calibration steps."""
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import shutil
 import tempfile
@@ -46,7 +47,7 @@ from .quality import search as window_search
 from .quality.finetune import recover
 from .quality.search import default_score
 from .quality.textcheck import check_text_quality
-from .runtime import version_warning
+from .runtime import trim_heap, version_warning
 
 Log = Callable[[str], None]
 
@@ -352,6 +353,8 @@ def export(
             preprocessor.save_pretrained(tmp)
         if release:
             model.to("meta")
+        gc.collect()
+        trim_heap()  # the exporter's and passes' freed memory back to the OS before sessions are built
         log("validating on onnxruntime")
         report = validate(tmp, providers=options.providers, side_by_side=options.compare, runs=options.runs, log=log,
                           text_check=check_text_quality)  # fmt: skip
