@@ -351,8 +351,9 @@ def export(
             model.generation_config.save_pretrained(tmp)
         if preprocessor is not None:
             preprocessor.save_pretrained(tmp)
+        removed = goal.removed_fraction(result)  # counts tied tensors once: before they are released
         if release:
-            model.to("meta")
+            model.to("meta")  # new Parameters per module: the ties are gone, the weights freed
         gc.collect()
         trim_heap()  # the exporter's and passes' freed memory back to the OS before sessions are built
         log("validating on onnxruntime")
@@ -371,7 +372,7 @@ def export(
             quality = goal.judge(goal.score(tmp, tmp / REFERENCE, result.manifest.source, options.eval_data, log=log),
                                  options.max_loss, recovered=bool(result.manifest.finetune),
                                  methods_tried=plan.methods_tried(result.plan))  # fmt: skip
-            quality.update(params_removed_fraction=goal.removed_fraction(result),
+            quality.update(params_removed_fraction=removed,
                            recovery=goal.recovery_summary(result.manifest.finetune),
                            windows=[f"{w.stack} {w.start}-{w.end} ({w.method})" for w in result.manifest.windows])  # fmt: skip
             report["quality"] = quality

@@ -65,7 +65,7 @@ class SharingSafeSimplify(GraphPass):
         self.protected = {n: digest(array(graph.initializers[n])) for n in names}
         self.before = self._digest_counts(graph)
         self.io_shapes = _ir_io_shapes(graph)
-        kept = {n: graph.initializers[n] for n in names}
+        kept = {n: v for n, v in graph.initializers.items() if n in names}  # file order, as before
         proto = _serialized_without(model, kept)  # the simplifier never sees (or copies) the protected weights
         n_inputs = len(proto.graph.input)
         for name, v in kept.items():
