@@ -505,7 +505,9 @@ def inspect_cmd(
     data, used = describe(spec, trust_remote_code=trust_remote_code)
     console.print(
         f"[bold]{data['model_type']}[/bold] ({data['class']}): family {data['family']}, adapter {data['adapter']}, "
-        f"task {data['task']}, {data['layout']} layout, bias {data['bias']}, gated {data['gated']}, "
+        f"task {data['task']}, {data['layout']} layout, bias {data['bias']}, gated {data['gated']}"
+        + (f" (fused: {' then '.join(data['fused'])} in one matrix)" if data["fused"] else "")
+        + ", "
         f"{data['params']:,} parameters"
     )
     for stack, d in data["stacks"].items():

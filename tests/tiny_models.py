@@ -241,16 +241,17 @@ INFERRED = {
     "siglip_text_model": (_config("SiglipTextConfig", **_COMMON), T.SiglipTextModel),
     "clip_vision_model": (_config("CLIPVisionConfig", **_VISION), T.CLIPVisionModel),
     "siglip_vision_model": (_config("SiglipVisionConfig", **_VISION), T.SiglipVisionModel),
+    # gate and up fused in one matrix
+    "phi3": (_config("Phi3Config", **_DECODER), T.Phi3ForCausalLM),
+    "modernbert": (_config("ModernBertConfig", **_COMMON, global_attn_every_n_layers=2, local_attention=16,
+                           cls_token_id=0, sep_token_id=0), T.ModernBertModel),
+    "glm": (_config("GlmConfig", **_DECODER, head_dim=16), T.GlmForCausalLM),
 }  # fmt: skip
 # model types inference refuses, with the reason it must give
 REFUSED = {
-    "phi3": (_config("Phi3Config", **_DECODER), T.Phi3ForCausalLM, "fused in one matrix"),
-    "modernbert": (_config("ModernBertConfig", **_COMMON, global_attn_every_n_layers=2, local_attention=16,
-                           cls_token_id=0, sep_token_id=0), T.ModernBertModel, "fused in one matrix"),
     "albert": (_config("AlbertConfig", **_COMMON, embedding_size=16), T.AlbertModel, "no list of two or more"),
     "mixtral": (_config("MixtralConfig", **_DECODER, num_local_experts=4, num_experts_per_tok=2),
                 T.MixtralForCausalLM, "mixture-of-experts"),
-    "glm": (_config("GlmConfig", **_DECODER, head_dim=16), T.GlmForCausalLM, "fused in one matrix"),
     "whisper": (_config("WhisperConfig", **_SEQ2SEQ, num_mel_bins=16, max_source_positions=32,
                         max_target_positions=64), T.WhisperForConditionalGeneration, "takes input_features (audio)"),
     "wav2vec2": (_config("Wav2Vec2Config", **_COMMON, conv_dim=(16, 16), conv_stride=(4, 4), conv_kernel=(8, 8),
@@ -342,7 +343,7 @@ def plant(model, stack, src, dst, noise, seed=0):
         for role in adapter.roles():
             s = adapter.ff_params(layers[src])[role.name]
             d = adapter.ff_params(layers[dst])[role.name]
-            t = s.index_select(role.hidden_axis, perm) if role.hidden_axis is not None else s.clone()
+            t = s.index_select(role.hidden_axis, role.index(perm)) if role.hidden_axis is not None else s.clone()
             d.copy_(t + noise * torch.randn(t.shape, generator=g))
     return perm
 

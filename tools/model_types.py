@@ -40,7 +40,7 @@ def run(model_type: str) -> dict:
     except FFMergeError as e:
         return {**row, "adapter": "refused", "status": {"refused": str(e).split(" Write the structure")[0]}}
     row.update(adapter="reviewed" if registered(model.config.model_type) else "inferred", task=adapter.task_of(model),
-               stacks=",".join(adapter.stack_names()), gated=adapter.gated)  # fmt: skip
+               stacks=",".join(adapter.stack_names()), gated="fused" if adapter.fused else adapter.gated)  # fmt: skip
     result = merge(model, [Window(s, 1, 2) for s in adapter.stack_names()], calibration=tm.calibration(model),
                    progress=False)  # fmt: skip
     row["status"] = {}
@@ -91,7 +91,7 @@ def main() -> None:
             continue
         s = r["status"]
         lines.append(f"| {r['type']} | {r['class']} | {r['adapter']} | {r['task']} | {r['stacks']} | "
-                     f"{'yes' if r['gated'] else 'no'} | {s.get('fold', '-')} | {s.get('gather', '-')} | "
+                     f"{r['gated'] if r['gated'] == 'fused' else 'yes' if r['gated'] else 'no'} | {s.get('fold', '-')} | {s.get('gather', '-')} | "
                      f"{s.get('fold + KV cache', '-')} |")  # fmt: skip
     passing = {r["type"] for r in rows if r["adapter"] != "refused" and r["status"].get("fold") == "pass"}
     lines += ["", f"{len(passing)} model types pass with fold permutations.", ""]

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 
+import torch
 from torch import nn
 
 from ..errors import UnsupportedArchitectureError
@@ -28,6 +29,12 @@ class Role:
     projection: str  # "in" | "gate" | "out"
     attr: str  # "weight" | "bias"
     hidden_axis: int | None  # None: lives in model space (b_out), never permuted
+    blocks: int = 1  # d_ff-wide blocks along the hidden axis (2 for a fused gate/up projection)
+
+    def index(self, perm) -> torch.Tensor:
+        """The hidden-axis index that applies `perm` to every block alike."""
+        perm = torch.as_tensor(perm, dtype=torch.long)
+        return torch.cat([perm + b * len(perm) for b in range(self.blocks)]) if self.blocks > 1 else perm
 
 
 def _config_value(config, spec: str | None):
@@ -57,6 +64,7 @@ class Adapter:
     config_keys: dict  # canonical name -> config key spec (per stack for num_layers and heads)
     position_offset: int = 0  # positions the embedding reserves (RoBERTa: 2)
     extra_tokens: int = 0  # tokens an image adds beyond its patches (ViT: CLS; DeiT: CLS + distillation)
+    fused: tuple[str, ...] | None = None  # one `in` matrix holding gate and up, in this order (Phi-3: gate, in)
 
     @classmethod
     def from_json(cls, data: dict) -> Adapter:
@@ -74,6 +82,7 @@ class Adapter:
             config_keys=data["config_keys"],
             position_offset=int(data.get("position_offset", 0)),
             extra_tokens=int(data.get("extra_tokens", 0)),
+            fused=tuple(data["fused"]) if data.get("fused") else None,
         )
 
     def to_json(self) -> dict:
@@ -86,6 +95,8 @@ class Adapter:
             data["position_offset"] = self.position_offset
         if self.extra_tokens:
             data["extra_tokens"] = self.extra_tokens
+        if self.fused:
+            data["fused"] = list(self.fused)
         return data
 
     def task_of(self, model: nn.Module) -> str:
@@ -95,7 +106,12 @@ class Adapter:
 
     @property
     def gated(self) -> bool:
+        """A separate gate projection (a fused one is part of `in`)."""
         return self.projections.get("gate") is not None
+
+    def up_block(self) -> int:
+        """Which d_ff-wide block of the `in` projection's output is the up (not activated) part."""
+        return self.fused.index("in") if self.fused else 0
 
     def roles(self) -> list[Role]:
         """Every FF tensor of one layer, with its hidden axis in PyTorch layout."""
@@ -106,9 +122,10 @@ class Adapter:
             if self.projections.get(proj) is None:
                 continue
             axis = w_out_axis if proj == "out" else w_in_axis
-            roles.append(Role(f"{names[proj]}.weight", proj, "weight", axis))
+            blocks = len(self.fused) if self.fused and proj == "in" else 1
+            roles.append(Role(f"{names[proj]}.weight", proj, "weight", axis, blocks))
             if self.bias:
-                roles.append(Role(f"{names[proj]}.bias", proj, "bias", None if proj == "out" else 0))
+                roles.append(Role(f"{names[proj]}.bias", proj, "bias", None if proj == "out" else 0, blocks))
         return roles
 
     def role(self, name: str) -> Role:
@@ -194,7 +211,7 @@ class Adapter:
 
     def ff_dim(self, layer: nn.Module) -> int:
         w = self.projection(layer, "in").weight
-        return w.shape[0] if self.layout == "linear" else w.shape[1]
+        return (w.shape[0] if self.layout == "linear" else w.shape[1]) // (len(self.fused) if self.fused else 1)
 
     def model_dim(self, layer: nn.Module) -> int:
         """Width of the FF output (model space)."""
@@ -273,6 +290,12 @@ def read_adapter(path) -> Adapter:
         raise InputError(
             f"--adapter {path}: {', '.join(wrong) or 'layout or ff'} is not of the expected form (layout linear or "
             "conv1d; ff with in, out and optionally gate; stacks, config_keys objects; model_types a list)."
+        )
+    fused = data.get("fused")
+    if fused is not None and (not isinstance(fused, list) or sorted(fused) != ["gate", "in"] or data["ff"].get("gate")):
+        raise InputError(
+            f'--adapter {path}: fused must be the order of the halves of the one `in` matrix, ["gate", "in"] '
+            'or ["in", "gate"], with ff.gate null.'
         )
     try:
         return Adapter.from_json(data)

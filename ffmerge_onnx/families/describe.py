@@ -54,7 +54,8 @@ def describe(spec: str, *, trust_remote_code: bool = False) -> tuple[dict, Adapt
         "task": adapter.task_of(model),
         "layout": adapter.layout,
         "bias": adapter.bias,
-        "gated": adapter.gated,
+        "gated": adapter.gated or bool(adapter.fused),
+        "fused": list(adapter.fused) if adapter.fused else None,  # gate and up in one `in` matrix, in this order
         "params": total,
         "stacks": stacks,
     }

@@ -8,8 +8,10 @@ module and its config.
   `in` (and `gate`, for gated FFs) the maps d_model -> d_ff; Linear ([out, in]) or Conv1D ([in, out]);
 - config keys by the values they hold (layer counts, heads, widths, positions).
 
-Refused with the reason: no repeated block list (ALBERT reuses one block), mixture-of-experts FFs, fused
-gate/up projections, blocks that all share one FF, FF widths that differ between blocks, biases on some
+A fused gate/up matrix (Phi-3 `gate_up_proj`, ModernBERT `Wi`) is one `in` projection of 2 d_ff
+outputs; which half is the gate is found by a probe (`_fused_order`).
+
+Refused with the reason: no repeated block list (ALBERT reuses one block), mixture-of-experts FFs, blocks that all share one FF, FF widths that differ between blocks, biases on some
 projections only, and anything where the shapes leave more than one reading."""
 
 from __future__ import annotations
@@ -107,8 +109,9 @@ def family_task(config) -> str:
     return "feature-extraction"
 
 
-def _projections(model_type: str, block: nn.Module, d_model: int) -> tuple[dict[str, str], str, bool, int]:
-    """({in, gate?, out} -> path in the block, layout, bias, d_ff) of one block's FF sublayer."""
+def _projections(model_type: str, block: nn.Module, d_model: int):
+    """({in, gate?, out} -> path in the block, layout, bias, d_ff, fused order or None) of one block's FF
+    sublayer."""
     linear = [(p, m, _linear_layout(m)) for p, m in block.named_modules() if _linear_layout(m)]
     if any("expert" in p for p, _, _ in linear):
         raise _refuse(model_type, "its blocks hold mixture-of-experts FFs (several FFs chosen per token); merging "
@@ -122,10 +125,14 @@ def _projections(model_type: str, block: nn.Module, d_model: int) -> tuple[dict[
     d_ff = shapes[outs[0]][0]
     ins = [p for p, (i, o) in shapes.items() if i == d_model and o == d_ff]
     fused = [p for p, (i, o) in shapes.items() if i == d_model and o == 2 * d_ff and "att" not in p.lower()]
-    if not ins and fused:
-        raise _refuse(model_type, f"its gate and up projections are fused in one matrix ({fused[0]}: {d_model}->"
-                                  f"{2 * d_ff}); merging needs them as two Linear layers (not supported yet).",
-                      adapter_helps=False)  # fmt: skip
+    modules = {p: m for p, m, _ in linear}
+    if not ins and len(fused) == 1:  # gate and up in one matrix (Phi-3 gate_up_proj, ModernBERT Wi)
+        roles = {"in": fused[0], "out": outs[0]}
+        layout = _linear_layout(modules[fused[0]])
+        if _linear_layout(modules[outs[0]]) != layout:
+            raise _refuse(model_type, f"its FF projections {sorted(roles.values())} mix layouts.")
+        order = _fused_order(model_type, block, fused[0], outs[0], layout, d_model)
+        return roles, layout, getattr(modules[fused[0]], "bias", None) is not None, d_ff, order
     if len(ins) not in (1, 2):
         raise _refuse(model_type, f"found {len(ins)} projections d_model={d_model} -> d_ff={d_ff} in a block "
                                   f"({ins}); expected one, or two for a gated FF.")  # fmt: skip
@@ -135,12 +142,61 @@ def _projections(model_type: str, block: nn.Module, d_model: int) -> tuple[dict[
         roles.update(gate=gate, **{"in": next(p for p in ins if p != gate)})
     else:
         roles["in"] = ins[0]
-    modules = {p: m for p, m, _ in linear}
     layouts = {_linear_layout(modules[p]) for p in roles.values()}
     biases = {getattr(modules[p], "bias", None) is not None for p in roles.values()}
     if len(layouts) != 1 or len(biases) != 1:
         raise _refuse(model_type, f"its FF projections {sorted(roles.values())} mix layouts or biases.")
-    return roles, layouts.pop(), biases.pop(), d_ff
+    return roles, layouts.pop(), biases.pop(), d_ff, None
+
+
+def _fused_order(model_type: str, block: nn.Module, fused: str, out: str, layout: str, d_model: int) -> tuple[str, ...]:
+    """Which half of a fused gate/up matrix is the gate (activated) and which the up (linear) part, by a
+    probe on a copy of the FF module: scaling the up half's rows by -2 scales the FF's hidden units by -2
+    exactly; scaling the gate half does not (ReLU, GELU, SiLU, tanh alike)."""
+    import copy
+
+    parent = ".".join(p for p, q in zip(fused.split("."), out.split(".")) if p == q)
+    if not parent or parent != fused.rpartition(".")[0] or parent != out.rpartition(".")[0]:
+        raise _refuse(model_type, f"its fused gate/up matrix {fused} and output projection {out} are not in one FF "
+                                  "module; cannot tell which half is the gate.")  # fmt: skip
+    module = copy.deepcopy(block.get_submodule(parent)).eval()
+    if any(p.is_meta for p in module.parameters()):  # a config-only model: random weights on a CPU copy
+        module = module.to_empty(device="cpu")
+        with torch.no_grad():
+            for p in module.parameters():
+                p.normal_(0.0, 0.5)
+    module = module.float()
+    w = module.get_submodule(fused.rpartition(".")[2]).weight
+    b = getattr(module.get_submodule(fused.rpartition(".")[2]), "bias", None)
+    half = (w.shape[0] if layout == "linear" else w.shape[1]) // 2
+    seen = []
+    hook = module.get_submodule(out.rpartition(".")[2]).register_forward_pre_hook(lambda _m, a: seen.append(a[0]))
+    linear_halves = []
+    try:
+        x = torch.randn(1, 3, d_model, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            module(x)
+            for k in range(2):
+                rows = slice(k * half, (k + 1) * half)
+                saved = (w.detach().clone(), None if b is None else b.detach().clone())
+                (w[rows] if layout == "linear" else w[:, rows]).mul_(-2)
+                if b is not None:
+                    b[rows].mul_(-2)
+                module(x)
+                w.copy_(saved[0])
+                if b is not None:
+                    b.copy_(saved[1])
+                if torch.allclose(seen[-1], -2 * seen[0], rtol=1e-4, atol=1e-6 * float(seen[0].abs().max())):
+                    linear_halves.append(k)
+    except Exception as e:  # an FF module this probe cannot call
+        raise _refuse(model_type, f"could not run its FF module {parent} to tell which half of {fused} is the gate "
+                                  f"({type(e).__name__}).") from e  # fmt: skip
+    finally:
+        hook.remove()
+    if len(linear_halves) != 1 or not seen[0].abs().max() > 0:
+        raise _refuse(model_type, f"cannot tell which half of the fused matrix {fused} is the gate (the FF is "
+                                  f"linear in {len(linear_halves)} of its halves).")  # fmt: skip
+    return ("gate", "in") if linear_halves[0] == 1 else ("in", "gate")
 
 
 def _key(config, names: tuple[str, ...], value=None) -> str | None:
@@ -239,13 +295,18 @@ def infer_adapter(model: nn.Module) -> Adapter:
     if not isinstance(d_model, int):
         raise _refuse(model_type, "its config names no model width (hidden_size, d_model or n_embd).")
     stacks, paths, config_keys, found_roles = {}, {}, {}, {}
-    layout = bias = None
+    layout = bias = fused = None
     for path, blocks in found.items():
         name = _stack_name(path, task, len(found))
-        roles, stack_layout, stack_bias, d_ff = _projections(model_type, blocks[0], d_model)
-        if (paths and set(roles) != set(paths)) or layout not in (None, stack_layout) or bias not in (None, stack_bias):
+        roles, stack_layout, stack_bias, d_ff, stack_fused = _projections(model_type, blocks[0], d_model)
+        if (
+            (paths and set(roles) != set(paths))
+            or layout not in (None, stack_layout)
+            or bias not in (None, stack_bias)
+            or (paths and fused != stack_fused)
+        ):
             raise _refuse(model_type, "its stacks hold FFs of different structure (gated in one, layout or bias).")
-        layout, bias = stack_layout, stack_bias
+        layout, bias, fused = stack_layout, stack_bias, stack_fused
         for proj, where in roles.items():  # each stack's path, in stack order (T5: layer.1 / layer.2)
             paths.setdefault(proj, [])
             if where not in paths[proj]:
@@ -276,6 +337,7 @@ def infer_adapter(model: nn.Module) -> Adapter:
         config_keys=config_keys,
         position_offset=_position_offset(base),
         extra_tokens=_extra_tokens(base, config, task),
+        fused=fused,
     )
     for name, roles in found_roles.items():  # every stack's blocks resolve to their own projections
         block = adapter.layers(model, name)[0]

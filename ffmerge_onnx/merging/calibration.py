@@ -1,7 +1,7 @@
 """Run calibration data through a model and stream FF statistics out of forward hooks.
 
 A stream is named "<stack>.<layer>.<point>": point "pre" is the first projection's output
-before the activation (the up projection for gated MLPs), "out" is the FF sublayer's output.
+before the activation (the up projection for gated MLPs; its up block when gate and up are fused), "out" is the FF sublayer's output.
 """
 
 from __future__ import annotations
@@ -66,11 +66,14 @@ class _Recorder:
         for s in streams:
             layer = adapter.layers(model, s.stack)[s.layer]
             module = adapter.projection(layer, POINTS[s.point])
-            self.handles.append(module.register_forward_hook(self._hook(s)))
+            block = (adapter.up_block(), adapter.ff_dim(layer)) if s.point == "pre" and adapter.fused else None
+            self.handles.append(module.register_forward_hook(self._hook(s, block)))
 
-    def _hook(self, s: Stream):
+    def _hook(self, s: Stream, block: tuple[int, int] | None):
         def hook(_module, _inputs, output):
             out = output[0] if isinstance(output, tuple) else output
+            if block is not None:  # a fused gate/up projection: its up block
+                out = out[..., block[0] * block[1] : (block[0] + 1) * block[1]]
             mask = self.masks[s.stack]
             if out.dim() == 2 and out.shape[0] == mask.numel() and mask.dim() == 2:  # tokens flattened (OPT)
                 out = out.reshape(*mask.shape, out.shape[-1])

@@ -80,20 +80,20 @@ class MergeResult:
 @torch.no_grad()
 def permute_ff(adapter: Adapter, layer: nn.Module, perm: torch.Tensor | np.ndarray) -> None:
     """Reorder one layer's FF hidden units in place: unit p becomes old unit perm[p]. Exact."""
-    perm = torch.as_tensor(perm, dtype=torch.long)
-    for role, param in adapter.ff_params(layer).items():
-        axis = adapter.role(role).hidden_axis
-        if axis is not None:
-            param.copy_(param.index_select(axis, perm))
+    for name, param in adapter.ff_params(layer).items():
+        role = adapter.role(name)
+        if role.hidden_axis is not None:
+            param.copy_(param.index_select(role.hidden_axis, role.index(perm)))
 
 
 def _aligned_tensors(adapter: Adapter, layer: nn.Module, perm: np.ndarray) -> dict[str, torch.Tensor]:
-    idx = torch.as_tensor(perm, dtype=torch.long)
     out = {}
     params = adapter.ff_params(layer)
     for role in adapter.roles():
         t = params[role.name].detach()
-        out[role.name] = t.index_select(role.hidden_axis, idx) if role.hidden_axis is not None else t.clone()
+        out[role.name] = (
+            t.index_select(role.hidden_axis, role.index(perm)) if role.hidden_axis is not None else t.clone()
+        )
     return out
 
 

@@ -112,6 +112,7 @@ def layer_orders(result: MergeResult, stacks: list[str]) -> list[LayerOrder]:
                     order=np.argsort(perm).astype(np.int64),
                     inputs=[_suffix(model, adapter, w.stack, i, p) for p in inputs],
                     output=_suffix(model, adapter, w.stack, i, "out"),
+                    blocks=len(adapter.fused) if adapter.fused else 1,
                 )
             )
     return out

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import tiny_models as tm
 import torch
@@ -65,3 +67,30 @@ def test_gpt2_ff_width_defaults_to_four_times_the_model_width():
 
     config = T.GPT2Config(n_embd=32, n_inner=None)
     assert adapter_for(config).d_ff(config) == 128
+
+
+def test_a_fused_adapter_file_is_checked_and_read(tmp_path):
+    import json
+
+    from ffmerge_onnx.errors import InputError
+    from ffmerge_onnx.families.adapter import read_adapter
+
+    data = json.loads((Path(__file__).parents[2] / "ffmerge_onnx/families/llama.json").read_text())
+    data.update(name="my-phi3", model_types=["phi3"], fused=["gate", "in"])
+    data["ff"] = {"in": ["mlp.gate_up_proj"], "gate": None, "out": ["mlp.down_proj"]}
+    (tmp_path / "a.json").write_text(json.dumps(data))
+    adapter = read_adapter(tmp_path / "a.json")
+    assert adapter.fused == ("gate", "in") and [(r.name, r.blocks) for r in adapter.roles()] == [
+        ("fc_in.weight", 2),
+        ("fc_out.weight", 1),
+    ]
+    layer = adapter.layers(tm.build("phi3"), "decoder")[0]
+    assert adapter.ff_dim(layer) == 48 and adapter.up_block() == 1
+    for bad in (["gate", "up"], "gate,in", ["in"]):
+        (tmp_path / "b.json").write_text(json.dumps(dict(data, fused=bad)))
+        with pytest.raises(InputError, match="fused must be the order"):
+            read_adapter(tmp_path / "b.json")
+    data["ff"]["gate"] = ["mlp.gate_proj"]  # a fused matrix and a separate gate contradict each other
+    (tmp_path / "c.json").write_text(json.dumps(data))
+    with pytest.raises(InputError, match="fused must be the order"):
+        read_adapter(tmp_path / "c.json")

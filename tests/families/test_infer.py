@@ -26,6 +26,7 @@ def resolved(adapter, model) -> dict:
     """What an adapter means on a model: the modules and sizes it resolves to."""
     config = model.config
     out = {"task": adapter.task_of(model), "layout": adapter.layout, "bias": adapter.bias, "gated": adapter.gated,
+           "fused": adapter.fused,
            "position_offset": adapter.position_offset, "extra_tokens": adapter.extra_tokens,
            "max_positions": adapter.max_positions(config), "d_model": adapter.d_model(config)}  # fmt: skip
     for stack in adapter.stack_names():
@@ -122,6 +123,74 @@ def test_an_ambiguous_block_is_refused_with_the_way_to_write_an_adapter():
     assert "--adapter-out FILE" in str(e.value) and "--adapter FILE" in str(e.value)
 
 
+def _fused_toy(up_first: bool, act):
+    """A two-block model whose FF holds gate and up in one matrix, in either order."""
+    from types import SimpleNamespace
+
+    import torch
+    from torch import nn
+
+    class MLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.proj = nn.Linear(8, 32, bias=False), nn.Linear(16, 8, bias=False)
+
+        def forward(self, x):
+            a, b = self.fc(x).chunk(2, dim=-1)
+            up, gate = (a, b) if up_first else (b, a)
+            return self.proj(act(gate) * up)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mlp = MLP()
+
+    class Toy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = SimpleNamespace(model_type="fused-toy", hidden_size=8, num_hidden_layers=2)
+            self.layers = nn.ModuleList([Block(), Block()])
+
+    torch.manual_seed(0)
+    return Toy()
+
+
+@pytest.mark.parametrize("up_first", [False, True])
+@pytest.mark.parametrize("act", ["relu", "gelu", "silu", "tanh"])
+def test_the_probe_tells_which_half_of_a_fused_matrix_is_the_gate(up_first, act):
+    import torch.nn.functional as F
+
+    adapter = infer_adapter(_fused_toy(up_first, getattr(F, act)))
+    assert adapter.fused == (("in", "gate") if up_first else ("gate", "in"))
+    assert adapter.projections["in"] == ("mlp.fc",) and adapter.projections["gate"] is None
+    assert adapter.up_block() == (0 if up_first else 1)
+
+
+def test_a_fused_matrix_whose_halves_cannot_be_told_apart_is_refused():
+    with pytest.raises(UnsupportedArchitectureError, match="cannot tell which half"):
+        infer_adapter(_fused_toy(True, lambda t: t))  # no activation: the FF is linear in both halves
+
+
+def test_calibration_reads_the_up_half_of_a_fused_matrix():
+    import torch
+
+    from ffmerge_onnx.merging import calibration as calibrate
+
+    model = tm.build("phi3")
+    adapter = adapter_for(model)
+    cal = tm.calibration(model)
+    layer = adapter.layers(model, "decoder")[1]
+    seen = []
+    hook = adapter.projection(layer, "in").register_forward_hook(lambda _m, _a, out: seen.append(out))
+    (moments,) = calibrate.collect(model, adapter, cal, [("decoder.1.pre", "decoder.2.pre")], progress=False)
+    hook.remove()
+    d = adapter.ff_dim(layer)
+    ups = torch.cat([o[..., d:].reshape(-1, d) for o in seen]).double()  # gate first: the up half is the second
+    masks = torch.cat([b["attention_mask"].reshape(-1) for b in cal.batches]).bool()
+    mean = ups[masks].mean(0)
+    assert torch.allclose(moments.mean("decoder.1.pre"), mean, atol=1e-6)
+
+
 def _save_tiny(model_type, folder):
     model = tm.build(model_type)
     model.save_pretrained(folder)
@@ -161,11 +230,11 @@ def test_inspect_writes_the_inferred_adapter_and_merge_takes_it_back(tmp_path):
 
 
 def test_a_refused_type_and_a_bad_adapter_file_stop_before_any_work(tmp_path, capsys):
-    _save_tiny("phi3", tmp_path / "phi3")
-    assert main(["convert", str(tmp_path / "phi3"), "-o", str(tmp_path / "out")]) == EXIT_USAGE
+    _save_tiny("mixtral", tmp_path / "mixtral")
+    assert main(["convert", str(tmp_path / "mixtral"), "-o", str(tmp_path / "out")]) == EXIT_USAGE
     err = capsys.readouterr().err
-    assert "gate_up_proj" in err and "two Linear layers" in err and not (tmp_path / "out").exists()
+    assert "mixture-of-experts" in err and not (tmp_path / "out").exists()
     (tmp_path / "bad.json").write_text(json.dumps({"name": "x", "stacks": []}))
-    args = ["merge", str(tmp_path / "phi3"), "--adapter", str(tmp_path / "bad.json"), "-o", str(tmp_path / "m")]
+    args = ["merge", str(tmp_path / "mixtral"), "--adapter", str(tmp_path / "bad.json"), "-o", str(tmp_path / "m")]
     assert main(args) == EXIT_USAGE
     assert "lacks model_types" in " ".join(capsys.readouterr().err.split()) and not (tmp_path / "m").exists()

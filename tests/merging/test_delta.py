@@ -13,7 +13,8 @@ from ffmerge_onnx.errors import InputError
 from ffmerge_onnx.merging import ff_param_count
 from ffmerge_onnx.merging.lowrank import LowRankDelta
 
-FAMILIES = ["gpt2", "llama", "bert"]  # Conv1D with biases, gated without biases, Linear with biases
+# Conv1D with biases, gated, Linear with biases, gate and up fused in one matrix
+FAMILIES = ["gpt2", "llama", "bert", pytest.param("phi3", marks=pytest.mark.slow)]
 
 
 def rel_err(a, b):

@@ -11,7 +11,7 @@ from ffmerge_onnx.errors import CalibrationError, WindowError
 from ffmerge_onnx.merging import ff_param_count, permute_ff
 from ffmerge_onnx.merging.checkpoint import canonical_state
 
-ALL = list(tm.TINY)
+ALL = [*tm.TINY, "phi3", "modernbert"]  # and two with gate and up fused in one matrix
 
 
 def rel_err(a, b):

@@ -13,7 +13,7 @@ from tiny_models import plant
 from ffmerge_onnx import Window, adapter_for, merge
 from ffmerge_onnx.merging.methods.common import RIDGE, Capture
 
-FAMILIES = ["gpt2", "llama", "bert"]
+FAMILIES = ["gpt2", "llama", "bert", pytest.param("phi3", marks=pytest.mark.slow)]
 
 
 @pytest.mark.parametrize("method", ["average", "regmean", "refit", "sequential"])

@@ -18,7 +18,17 @@ from ffmerge_onnx.onnx.validate import check_outputs
 from ffmerge_onnx.pipeline import ExportOptions, export
 from ffmerge_onnx.runtime import session_settings
 
-FAMILIES = ["gpt2", "vit", "bert", "bert-cls", pytest.param("marian", marks=pytest.mark.slow), "llama"]
+SLOW = pytest.mark.slow
+# phi3: gate and up fused in one matrix
+FAMILIES = [
+    "gpt2",
+    "vit",
+    "bert",
+    "bert-cls",
+    pytest.param("marian", marks=SLOW),
+    "llama",
+    pytest.param("phi3", marks=SLOW),
+]
 
 
 def merged(model_type, windows=((1, 3),)):

@@ -29,6 +29,16 @@ class LayerOrder:
     order: np.ndarray
     inputs: list[str]  # the layer's input projection modules (in, and gate when gated)
     output: str  # the layer's output projection module
+    blocks: int = 1  # d_ff-wide blocks in an input projection's output (2: gate and up fused)
+
+    @property
+    def input_name(self) -> str:
+        """Index tensor for the input projections' outputs (the order on every block)."""
+        return self.name if self.blocks == 1 else self.name + ".blocks"
+
+    def input_order(self) -> np.ndarray:
+        d = len(self.order)
+        return np.concatenate([self.order + b * d for b in range(self.blocks)]).astype(np.int64)
 
 
 FLOATS = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
@@ -199,7 +209,7 @@ class PermuteGather(GraphPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         for layer in self.layers:
-            order = add_initializer(graph, layer.name, layer.order.astype(np.int64))
+            order = add_initializer(graph, layer.input_name, layer.input_order())
             inverse = add_initializer(graph, layer.name + ".inverse", np.argsort(layer.order).astype(np.int64))
             for module in layer.inputs:
                 ((producer, value),) = _outputs_of(graph, module)
@@ -232,7 +242,7 @@ class PermuteGather(GraphPass):
             for module in layer.inputs:
                 for _, value in _outputs_of(graph, module):
                     outside = [u for u, _ in value.uses() if not in_module(u, [module])]
-                    if not all(_starts_reorder(u, layer.name) for u in outside):
+                    if not all(_starts_reorder(u, layer.input_name) for u in outside):
                         self.fail(f"the output of {module} reaches the rest of the layer in the shared order")
             for v in _inputs_of(graph, layer.output):
                 if not v.is_graph_input() and _reordered_by(v) != layer.name + ".inverse":
