@@ -114,6 +114,7 @@ def test_torchrun_merge_writes_once_what_one_process_writes(tmp_path):
     assert not list(tmp_path.glob(".ffmerge-*"))
 
 
+@pytest.mark.slow  # two processes
 def test_other_commands_refuse_torchrun(tmp_path):
     run = torchrun(CLI, "inspect", "gpt2", n=2, timeout=120)
     assert run.returncode != 0

@@ -46,14 +46,16 @@ def shared_names(result):
     return {name for w in result.manifest.windows for name in w.shared.values()}
 
 
-# gather on every family runs in the full suite; the quick subset keeps the gated FF
+# every family runs both modes in the full suite; the quick subset keeps fold on the ungated
+# encoders and GPT-2, gather on the gated FF
 GATHER_QUICK = ("llama",)
+FOLD_SLOW = ("llama", "bert-cls")
 
 
 def _modes():
     for f in FAMILIES:
         name, marks = (f.values[0], list(f.marks)) if hasattr(f, "values") else (f, [])
-        yield pytest.param("fold", name, marks=marks)
+        yield pytest.param("fold", name, marks=marks or ([SLOW] if name in FOLD_SLOW else []))
         yield pytest.param("gather", name, marks=marks or ([] if name in GATHER_QUICK else [pytest.mark.slow]))
 
 
