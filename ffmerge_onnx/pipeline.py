@@ -24,7 +24,7 @@ from torch import nn
 
 from . import distributed
 from .errors import CalibrationError, InputError, ValidationFailed
-from .families import adapter_for, task_of
+from .families import adapter_for, modality, speech, task_of
 from .families.builtin import (
     DEFAULT_LAYERS,
     bbc_articles,
@@ -33,6 +33,7 @@ from .families.builtin import (
     write_calibration_text,
 )
 from .families.loading import load_model, load_preprocessor
+from .families.speech import write_calibration_audio
 from .fsutil import atomic_dir, guarded_output
 from .merging import Calibration, MergeResult, load_calibration, load_merged, merge, save_merged, windows_for
 from .merging.manifest import MANIFEST_NAME
@@ -189,6 +190,9 @@ def calibration_data(
         if task_of(loaded.model) == "image-classification":
             path = write_calibration_images(Path(folder), split)
             log(f"{split}: built-in Fashion-MNIST train images ({tokens} tokens)")
+        elif modality(loaded.model.config) == "audio":
+            path = write_calibration_audio(Path(folder), split, clips=_clips_for(loaded.model, tokens))
+            log(f"{split}: built-in synthetic speech-like audio ({tokens} frames)")
         else:
             if not bbc_articles():
                 raise CalibrationError("No calibration data: pass --calibration PATH.")
@@ -197,6 +201,12 @@ def calibration_data(
         return load_calibration(
             path, model=loaded.model, tokenizer=loaded.preprocessor, processor=loaded.preprocessor, budget=tokens
         )
+
+
+def _clips_for(model: nn.Module, frames: int) -> int:
+    """Built-in clips (4 s each) that hold `frames` frames of the model's conv feature encoder."""
+    per_clip = adapter_for(model).audio_frames(model.config, int(4.0 * speech.RATE))
+    return max(2, -(-frames // per_clip))
 
 
 def merge_and_recover(

@@ -5,6 +5,9 @@ from __future__ import annotations
 import torch
 import transformers as T
 
+from ffmerge_onnx.families import modality
+from ffmerge_onnx.families.adapter import Adapter
+
 VOCAB = 96
 
 TINY = {
@@ -172,6 +175,8 @@ def _config(cls_name: str, **kwargs):
     return lambda: getattr(T, cls_name)(**kwargs)
 
 
+_AUDIO = {"conv_dim": (16, 16), "conv_stride": (4, 4), "conv_kernel": (8, 8), "num_conv_pos_embeddings": 8,
+          "num_conv_pos_embedding_groups": 2}  # fmt: skip
 # model types no reviewed adapter covers: their adapter is inferred from the loaded model
 INFERRED = {
     "distilbert": (_config("DistilBertConfig", dim=32, n_layers=4, n_heads=2, hidden_dim=48, vocab_size=VOCAB,
@@ -246,6 +251,15 @@ INFERRED = {
     "modernbert": (_config("ModernBertConfig", **_COMMON, global_attn_every_n_layers=2, local_attention=16,
                            cls_token_id=0, sep_token_id=0), T.ModernBertModel),
     "glm": (_config("GlmConfig", **_DECODER, head_dim=16), T.GlmForCausalLM),
+    # audio: a waveform through a conv feature encoder (input_values)
+    "wav2vec2": (_config("Wav2Vec2Config", **_COMMON, **_AUDIO), T.Wav2Vec2Model),
+    "wav2vec2-ctc": (_config("Wav2Vec2Config", **_COMMON, **_AUDIO), T.Wav2Vec2ForCTC),
+    "hubert": (_config("HubertConfig", **_COMMON, **_AUDIO), T.HubertModel),
+    "wavlm": (_config("WavLMConfig", **_COMMON, **_AUDIO), T.WavLMModel),
+    "data2vec-audio": (_config("Data2VecAudioConfig", **_COMMON, **{**_AUDIO, "num_conv_pos_embeddings": 3},
+                               conv_pos_kernel_size=3), T.Data2VecAudioModel),
+    "unispeech": (_config("UniSpeechConfig", **_COMMON, **_AUDIO), T.UniSpeechModel),
+    "unispeech-sat": (_config("UniSpeechSatConfig", **_COMMON, **_AUDIO), T.UniSpeechSatModel),
 }  # fmt: skip
 # model types inference refuses, with the reason it must give
 REFUSED = {
@@ -254,12 +268,6 @@ REFUSED = {
                 T.MixtralForCausalLM, "mixture-of-experts"),
     "whisper": (_config("WhisperConfig", **_SEQ2SEQ, num_mel_bins=16, max_source_positions=32,
                         max_target_positions=64), T.WhisperForConditionalGeneration, "takes input_features (audio)"),
-    "wav2vec2": (_config("Wav2Vec2Config", **_COMMON, conv_dim=(16, 16), conv_stride=(4, 4), conv_kernel=(8, 8),
-                         num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=2), T.Wav2Vec2Model,
-                 "takes input_values (audio)"),
-    "hubert": (_config("HubertConfig", **_COMMON, conv_dim=(16, 16), conv_stride=(4, 4), conv_kernel=(8, 8),
-                       num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=2), T.HubertModel,
-               "takes input_values (audio)"),
     "swin": (_config("SwinConfig", image_size=16, patch_size=2, embed_dim=16, depths=[2, 2], num_heads=[2, 2],
                      window_size=2), T.SwinModel, "stages holding block lists"),
 }  # fmt: skip
@@ -298,6 +306,8 @@ def inputs(model, batch: int = 2, seq: int = 9, seed: int = 1) -> dict[str, torc
     cfg = model.config
     if hasattr(cfg, "image_size") and hasattr(cfg, "patch_size"):
         return {"pixel_values": torch.randn(batch, 3, cfg.image_size, cfg.image_size, generator=g)}
+    if modality(cfg) == "audio":  # a waveform of `seq` frames
+        return {"input_values": torch.randn(batch, Adapter.audio_samples(cfg, seq), generator=g)}
     ids = torch.randint(3, VOCAB, (batch, seq), generator=g)
     mask = torch.ones_like(ids)
     mask[-1, -2:] = 0  # some padding: calibration must exclude it
@@ -326,7 +336,7 @@ def calibration(model, n: int = 24, seq: int = 16, seed: int = 2):
 
     batches = [inputs(model, batch=4, seq=seq, seed=seed + i) for i in range(n // 4)]
     tokens = sum(
-        int(b["attention_mask"].sum()) if "attention_mask" in b else b["pixel_values"].shape[0] for b in batches
+        int(b["attention_mask"].sum()) if "attention_mask" in b else next(iter(b.values())).shape[0] for b in batches
     )
     return Calibration(batches, tokens, {"kind": "random", "tokens": tokens})
 

@@ -1,6 +1,6 @@
 """What a model looks like: architecture adapters (data), loading, and the built-in models and data."""
 
 from . import infer  # noqa: F401 - registers adapter inference with adapter_for
-from .adapter import Adapter, Role, adapter_for, registry, supported_model_types, task_of
+from .adapter import Adapter, Role, adapter_for, modality, registry, supported_model_types, task_of
 
-__all__ = ["Adapter", "Role", "adapter_for", "registry", "supported_model_types", "task_of"]
+__all__ = ["Adapter", "Role", "adapter_for", "modality", "registry", "supported_model_types", "task_of"]

@@ -165,6 +165,20 @@ class Adapter:
         """Tokens one image becomes: its patches plus the family's extra tokens."""
         return (config.image_size // config.patch_size) ** 2 + self.extra_tokens
 
+    @staticmethod
+    def audio_frames(config, samples: int) -> int:
+        """Frames a waveform of `samples` becomes (the output length of the conv feature encoder)."""
+        for kernel, stride in zip(config.conv_kernel, config.conv_stride):
+            samples = (samples - kernel) // stride + 1
+        return max(0, samples)
+
+    @staticmethod
+    def audio_samples(config, frames: int) -> int:
+        """The shortest waveform that becomes `frames` frames."""
+        for kernel, stride in reversed(list(zip(config.conv_kernel, config.conv_stride))):
+            frames = (frames - 1) * stride + kernel
+        return frames
+
     # -- resolving on a model -------------------------------------------------------
     def stack_names(self) -> list[str]:
         return list(self.stacks)
@@ -241,8 +255,19 @@ def _get(root: nn.Module, path: str):
     return obj
 
 
+def modality(config) -> str:
+    """What a model reads: "image" (ViT-style patches), "audio" (a waveform through a conv feature
+    encoder, wav2vec2-style) or "text"."""
+    if hasattr(config, "image_size") and hasattr(config, "patch_size"):
+        return "image"
+    if getattr(config, "conv_kernel", None) and getattr(config, "conv_stride", None):
+        return "audio"
+    return "text"
+
+
 def task_of(model: nn.Module) -> str:
-    """What a loaded model does: causal-lm, feature-extraction, text-classification, image-classification, seq2seq-lm."""
+    """What a loaded model does: causal-lm, feature-extraction, text-classification, image-classification,
+    audio-feature-extraction, seq2seq-lm."""
     return adapter_for(model).task_of(model)
 
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedArchitectureError
-from .adapter import INFERENCE, Adapter, _config_value
+from .adapter import INFERENCE, Adapter, _config_value, modality
 
 ADAPTER_HELP = (
     "Write the structure as a JSON adapter (`ffmerge-onnx inspect MODEL --adapter-out FILE` gives the "
@@ -100,8 +100,10 @@ def family_task(config) -> str:
     model_type = getattr(config, "model_type", "")
     if getattr(config, "is_encoder_decoder", False) or model_type in auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES:
         return "seq2seq-lm"
-    if hasattr(config, "image_size") and hasattr(config, "patch_size"):  # vision encoders (ViT-style patches)
+    if modality(config) == "image":  # vision encoders (ViT-style patches)
         return "image-classification"
+    if modality(config) == "audio":  # waveform encoders (wav2vec2-style conv feature encoder)
+        return "audio-feature-extraction"
     if model_type in auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES:
         return "feature-extraction"
     if model_type in auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
@@ -254,9 +256,9 @@ def _block_lists(model_type: str, model: nn.Module, base: nn.Module, task: str) 
         raise _refuse(model_type, "it is a mixture-of-experts model (several FFs chosen per token per layer).",
                       adapter_helps=False)  # fmt: skip
     main_input = getattr(model, "main_input_name", "input_ids")
-    if main_input not in ("input_ids", "pixel_values"):
-        raise _refuse(model_type, f"it takes {main_input} (audio); calibration, export and validation feed text and "
-                                  "images only so far.", adapter_helps=False)  # fmt: skip
+    if main_input not in ("input_ids", "pixel_values", "input_values"):
+        raise _refuse(model_type, f"it takes {main_input} (audio features); calibration, export and validation feed "
+                                  "text, images and waveforms (input_values) only so far.", adapter_helps=False)  # fmt: skip
     found = _stacks(base)
     if not found:
         raise _refuse(model_type, "found no list of two or more repeated blocks (a model that reuses one block for "

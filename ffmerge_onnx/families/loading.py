@@ -25,6 +25,7 @@ MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit on a header
 AUTO_BY_TASK = {
     "causal-lm": "AutoModelForCausalLM",
     "feature-extraction": "AutoModel",
+    "audio-feature-extraction": "AutoModel",
     "image-classification": "AutoModelForImageClassification",
     "seq2seq-lm": "AutoModelForSeq2SeqLM",
     "text-classification": "AutoModelForSequenceClassification",
@@ -189,10 +190,10 @@ def load_model(spec: str, *, trust_remote_code: bool = False) -> nn.Module:
 
 
 def load_preprocessor(spec: str):
-    """The tokenizer or image processor next to a model, or None when there is none."""
+    """The tokenizer, image processor or audio feature extractor next to a model, or None when there is none."""
     where, gguf = resolve(spec)
     kwargs = {"gguf_file": gguf} if gguf else {}
-    for loader in (transformers.AutoTokenizer, transformers.AutoImageProcessor):
+    for loader in (transformers.AutoTokenizer, transformers.AutoImageProcessor, transformers.AutoFeatureExtractor):
         try:
             found = loader.from_pretrained(where, **kwargs)
         except (OSError, ValueError, KeyError, TypeError):

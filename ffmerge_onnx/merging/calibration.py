@@ -103,6 +103,8 @@ def run_batch(model: nn.Module, batch: dict[str, torch.Tensor]) -> None:
 def tokens_per_item(model: nn.Module, batch: dict[str, torch.Tensor], stack: str) -> int:
     if "pixel_values" in batch:
         return adapter_for(model).image_tokens(model.config)
+    if "input_values" in batch:  # a waveform: frames of the conv feature encoder
+        return adapter_for(model).audio_frames(model.config, batch["input_values"].shape[1])
     key = "decoder_input_ids" if stack == "decoder" and "decoder_input_ids" in batch else "input_ids"
     return batch[key].shape[1]
 
@@ -139,7 +141,7 @@ def collect(
             for batch in track(distributed.shard(calibration.batches), label, enabled=progress):
                 recorder.features.clear()
                 for stack in by_stack:
-                    recorder.masks[stack] = token_mask(batch, stack, tokens_per_item(model, batch, stack))
+                    recorder.masks[stack] = token_mask(batch, stack, tokens_per_item(model, batch, stack), model.config)
                 run_batch(model, batch)
                 for stack, moments in by_stack.items():
                     moments.update({k: recorder.features[k] for k in moments.dims})

@@ -1,5 +1,5 @@
-"""Calibration data: text files, image folders or saved tensors, as model input batches
-holding exactly the token budget (padding excluded)."""
+"""Calibration data: text files, image folders, audio (WAV) folders or saved tensors, as model input
+batches holding exactly the token budget (padding excluded; an audio frame is a token)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,13 @@ from pathlib import Path
 import torch
 
 from ..errors import CalibrationError, InputError
-from ..families import adapter_for
+from ..families import adapter_for, modality
 
 TEXT_SUFFIXES = {".txt", ".md", ".text"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 TENSOR_SUFFIXES = {".pt", ".pth", ".safetensors", ".npy"}
+AUDIO_SUFFIXES = {".wav"}
+MAIN_INPUT = {"text": "input_ids", "image": "pixel_values", "audio": "input_values"}
 
 
 @dataclass
@@ -34,13 +36,16 @@ def to_device(batch: dict, device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def token_mask(batch: dict[str, torch.Tensor], stack: str, tokens_per_item: int) -> torch.Tensor:
-    """Boolean [batch, tokens] mask of real tokens for the given stack."""
+def token_mask(batch: dict[str, torch.Tensor], stack: str, tokens_per_item: int, config=None) -> torch.Tensor:
+    """Boolean [batch, tokens] mask of real tokens for the given stack (for a waveform: its real frames)."""
     key = "decoder_attention_mask" if stack == "decoder" and "decoder_input_ids" in batch else "attention_mask"
     mask = batch.get(key)
     if mask is None:
         first = next(iter(batch.values()))
         return torch.ones(first.shape[0], tokens_per_item, dtype=torch.bool)
+    if "input_values" in batch and config is not None:  # a mask over samples: frames of each row's real length
+        frames = torch.tensor([adapter_for(config).audio_frames(config, int(n)) for n in mask.sum(1)])
+        return torch.arange(tokens_per_item)[None, :] < frames[:, None]
     return mask.bool()
 
 
@@ -169,8 +174,69 @@ def from_images(path: Path, processor, budget: int, tokens_per_image: int, batch
     )
 
 
-def from_tensors(path: Path, budget: int | None, batch_size: int = 8, seq2seq: bool = False) -> Calibration:
-    """A .pt/.safetensors/.npy file: a dict of model inputs, or a bare input_ids / pixel_values tensor."""
+def read_wav(path: Path, rate: int):
+    """A WAV file as float32 mono samples at `rate` (averaged channels, resampled if needed)."""
+    import numpy as np
+    from scipy.io import wavfile
+    from scipy.signal import resample_poly
+
+    try:
+        file_rate, data = wavfile.read(path)
+    except Exception as e:  # scipy raises ValueError and others for what it cannot read
+        raise CalibrationError(f"Cannot read {path} as WAV ({type(e).__name__}: {str(e)[:160]}).") from e
+    if data.dtype.kind in "iu":
+        info = np.iinfo(data.dtype)
+        data = (data.astype(np.float64) - (info.max + info.min + 1) / 2) / (info.max - info.min + 1) * 2
+    data = data.astype(np.float64)
+    if data.ndim == 2:
+        data = data.mean(axis=1)
+    if file_rate != rate:
+        from math import gcd
+
+        g = gcd(int(file_rate), int(rate))
+        data = resample_poly(data, rate // g, file_rate // g)
+    return data.astype(np.float32)
+
+
+def from_audio(path: Path, processor, config, budget: int, batch_size: int = 8) -> Calibration:
+    """WAV files through the model's feature extractor, in batches of one clip length (the shortest of the
+    batch: no padding, so every frame is real) until the budget of frames is met."""
+    if processor is None or not hasattr(processor, "sampling_rate"):
+        raise CalibrationError(
+            "Audio calibration needs the model's feature extractor (preprocessor_config.json) next to the model."
+        )
+    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES) if path.is_dir() else [path]
+    adapter = adapter_for(config)
+    clips, frames = [], 0
+    for f in files:
+        if frames >= budget:
+            break
+        clip = read_wav(f, processor.sampling_rate)
+        n = adapter.audio_frames(config, len(clip))
+        if n < 1:
+            continue
+        clips.append(clip)
+        frames += n
+    if frames < budget:
+        raise CalibrationError(
+            f"{path} holds {frames} audio frames, fewer than the calibration budget of {budget}. "
+            "Add more audio or lower --calibration-tokens."
+        )
+    batches, tokens = [], 0
+    for i in range(0, len(clips), batch_size):
+        group = clips[i : i + batch_size]
+        length = min(len(c) for c in group)
+        values = processor([c[:length] for c in group], sampling_rate=processor.sampling_rate, return_tensors="pt")
+        batches.append({"input_values": values["input_values"]})
+        tokens += len(group) * adapter.audio_frames(config, length)
+    return Calibration(batches, tokens, {"kind": "audio", "source": str(path), "clips": len(clips), "tokens": tokens})
+
+
+def from_tensors(
+    path: Path, budget: int | None, batch_size: int = 8, seq2seq: bool = False, floats: str = "pixel_values"
+) -> Calibration:
+    """A .pt/.safetensors/.npy file: a dict of model inputs, or a bare tensor (integer: input_ids; floating
+    point: `floats`, the model's pixel_values or input_values)."""
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -188,7 +254,7 @@ def from_tensors(path: Path, budget: int | None, batch_size: int = 8, seq2seq: b
             "Give a .pt/.safetensors/.npy file of input tensors."
         ) from e
     if isinstance(data, torch.Tensor):
-        key = "pixel_values" if data.is_floating_point() else "input_ids"
+        key = floats if data.is_floating_point() else "input_ids"
         data = {key: data}
     if not isinstance(data, dict) or not data or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise CalibrationError(f"{path} must hold a tensor or a dict of input tensors.")
@@ -241,23 +307,31 @@ def load_calibration(
     limit = adapter.max_positions(config)
     if limit:  # chunks must fit the model's positions
         seq_len = min(seq_len, limit)
-    is_vision = hasattr(config, "image_size") and hasattr(config, "patch_size")
+    kind = modality(config)
+    reads = {"text": "text", "image": "images", "audio": "audio"}[kind]
     suffixes = {p.suffix.lower() for p in path.rglob("*")} if path.is_dir() else {path.suffix.lower()}
     if suffixes & TENSOR_SUFFIXES and not path.is_dir():
-        cal = from_tensors(path, budget, batch_size, seq2seq)
+        cal = from_tensors(
+            path, budget, batch_size, seq2seq, floats=MAIN_INPUT[kind] if kind != "text" else "pixel_values"
+        )
         first = next(iter(cal), {})
-        if is_vision and "pixel_values" not in first:
-            raise CalibrationError(f"{path} holds no pixel_values but the model is an image model.")
-        if not is_vision and "input_ids" not in first:
-            raise CalibrationError(f"{path} holds no input_ids (integer token ids) but the model takes text.")
+        if MAIN_INPUT[kind] not in first:
+            what = "integer token ids" if kind == "text" else "floating point"
+            raise CalibrationError(f"{path} holds no {MAIN_INPUT[kind]} ({what}) but the model takes {reads}.")
         _check_ids(path, cal, getattr(config, "vocab_size", None), limit)
         return cal
     if suffixes & IMAGE_SUFFIXES:
-        if not is_vision:
-            raise CalibrationError(f"{path} holds images but the model takes text.")
+        if kind != "image":
+            raise CalibrationError(f"{path} holds images but the model takes {reads}.")
         return from_images(path, processor, budget, adapter.image_tokens(config), batch_size)
-    if is_vision:
-        raise CalibrationError(f"{path} holds no images but the model is an image model.")
+    if suffixes & AUDIO_SUFFIXES:
+        if kind != "audio":
+            raise CalibrationError(f"{path} holds audio but the model takes {reads}.")
+        return from_audio(path, processor, config, budget, batch_size)
+    if kind != "text":
+        raise CalibrationError(
+            f"{path} holds no {reads} but the model is an {'image' if kind == 'image' else 'audio'} model."
+        )
     if path.is_file() and path.stat().st_size == 0:
         raise CalibrationError(f"Calibration file {path} is empty.")
     return from_text(path, tokenizer, budget, seq_len, batch_size, seq2seq)

@@ -6,7 +6,8 @@ transformers<4.58, so we take optimum's role as the *interface*: the same file l
 input/output names, so ORTModel-style loaders and servers find what they expect:
 - causal LM: model.onnx, input_ids + attention_mask -> logits; with `kv_cache`, also
   position_ids + past_key_values.N.key/value -> present.N.key/value (first step: past length 0);
-- encoders: model.onnx -> last_hidden_state (or logits for classifiers);
+- encoders: model.onnx -> last_hidden_state (or logits for classifiers); audio encoders take the
+  waveform as input_values;
 - seq2seq: encoder_model.onnx + decoder_model.onnx; with `kv_cache`, decoder_model.onnx also
   returns present.N.{decoder,encoder}.{key,value} and decoder_with_past_model.onnx takes them
   back as past_key_values.N.* (optimum's three-file layout).
@@ -147,6 +148,18 @@ class _Vision(nn.Module):
         return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
 
 
+class _Audio(nn.Module):
+    """A waveform in: last_hidden_state (encoders) or logits (CTC and classification heads)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_values):
+        out = self.model(input_values=input_values)
+        return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+
+
 def _lm_logits(model, hidden):
     logits = model.lm_head(hidden)
     bias = getattr(model, "final_logits_bias", None)
@@ -236,6 +249,11 @@ def parts_for(model: nn.Module, kv_cache: bool = False) -> list[Part]:
         px = torch.randn(2, getattr(model.config, "num_channels", 3), size, size)
         out = "logits" if hasattr(model, "classifier") else "last_hidden_state"
         return [Part("model.onnx", _Vision(model), {"pixel_values": px}, [out], {"pixel_values": {0: "batch_size"}})]
+    if task == "audio-feature-extraction":
+        samples = adapter_for(model).audio_samples(model.config, 24)
+        out = "logits" if hasattr(model, "lm_head") or hasattr(model, "classifier") else "last_hidden_state"
+        return [Part("model.onnx", _Audio(model), {"input_values": torch.randn(2, samples)}, [out],
+                     {"input_values": {0: "batch_size", 1: "audio_sequence_length"}})]  # fmt: skip
     ids, mask = _text_example(model)
     if task == "causal-lm" and kv_cache:
         return [_causal_with_past(model, ids)]

@@ -63,7 +63,10 @@ def feeds_for(model, part, batch: int, seq: int, past: int = 0, seed: int = 0) -
     for name, example in part.example.items():
         shape = list(example.shape)
         for axis, axis_name in part.dynamic.get(name, {}).items():
-            shape[axis] = sizes[axis_name]
+            if axis_name == "audio_sequence_length":  # a waveform long enough for that many frames
+                shape[axis] = adapter_for(model).audio_samples(model.config, sizes["total_sequence_length"])
+            else:
+                shape[axis] = sizes[axis_name]
         if name == "input_ids":
             feeds[name] = torch.randint(3, vocab, shape, generator=g)
         elif name.endswith("attention_mask"):
@@ -74,7 +77,7 @@ def feeds_for(model, part, batch: int, seq: int, past: int = 0, seed: int = 0) -
             ids = torch.randint(3, vocab, shape[:2], generator=g)
             with torch.no_grad():
                 feeds[name] = model.get_encoder()(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
-        else:  # pixel values; past key/values are replaced below
+        else:  # pixel values, waveforms; past key/values are replaced below
             feeds[name] = torch.randn(shape, generator=g, dtype=example.dtype)
     if part.past:
         feeds.update(_model_past(model, part, feeds, past, g))

@@ -84,7 +84,7 @@ def _lm_loss(model, batch):
 
 
 def _inputs(batch):
-    return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "pixel_values")}
+    return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "pixel_values", "input_values")}
 
 
 def _classify_loss(model, batch):
@@ -105,9 +105,9 @@ def _distill_loss(original):
         with torch.no_grad():
             target = _last_hidden(original(**inputs, **kw))
         hidden = _last_hidden(model(**inputs, **kw))
-        if "attention_mask" in batch:
+        if "attention_mask" in batch and batch["attention_mask"].shape == hidden.shape[:2]:
             mask = batch["attention_mask"].bool()
-        else:
+        else:  # images, and waveforms (their mask runs over samples)
             mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
         return torch.nn.functional.mse_loss(hidden[mask], target[mask])
 

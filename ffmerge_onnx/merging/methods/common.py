@@ -115,7 +115,7 @@ class Capture:
         try:
             with torch.no_grad():
                 for batch in calibration.batches:
-                    mask_now["m"] = token_mask(batch, stack, tokens_per_item(model, batch, stack))
+                    mask_now["m"] = token_mask(batch, stack, tokens_per_item(model, batch, stack), model.config)
                     self.masks.append(mask_now["m"])
                     run_batch(model, batch)
         finally:
