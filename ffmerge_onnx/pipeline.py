@@ -23,7 +23,7 @@ from pathlib import Path
 from torch import nn
 
 from . import distributed
-from .errors import CalibrationError, InputError, ValidationFailed
+from .errors import CalibrationError, InputError, UnsupportedArchitectureError, ValidationFailed
 from .families import adapter_for, modality, speech, task_of
 from .families.builtin import (
     DEFAULT_LAYERS,
@@ -33,7 +33,6 @@ from .families.builtin import (
     write_calibration_text,
 )
 from .families.loading import load_model, load_preprocessor
-from .families.speech import write_calibration_audio
 from .fsutil import atomic_dir, guarded_output
 from .merging import Calibration, MergeResult, load_calibration, load_merged, merge, save_merged, windows_for
 from .merging.manifest import MANIFEST_NAME
@@ -190,8 +189,8 @@ def calibration_data(
         if task_of(loaded.model) == "image-classification":
             path = write_calibration_images(Path(folder), split)
             log(f"{split}: built-in Fashion-MNIST train images ({tokens} tokens)")
-        elif modality(loaded.model.config) == "audio":
-            path = write_calibration_audio(Path(folder), split, clips=_clips_for(loaded.model, tokens))
+        elif modality(loaded.model.config) in ("audio", "spectrogram"):
+            path = _builtin_audio(loaded, Path(folder), split, tokens)
             log(f"{split}: built-in synthetic speech-like audio ({tokens} frames)")
         else:
             if not bbc_articles():
@@ -203,10 +202,20 @@ def calibration_data(
         )
 
 
-def _clips_for(model: nn.Module, frames: int) -> int:
-    """Built-in clips (4 s each) that hold `frames` frames of the model's conv feature encoder."""
-    per_clip = adapter_for(model).audio_frames(model.config, int(4.0 * speech.RATE))
-    return max(2, -(-frames // per_clip))
+def _builtin_audio(loaded: Loaded, folder: Path, split: str, frames: int) -> Path:
+    """Built-in clips holding `frames` encoder frames: 4 s each for a waveform encoder; for a speech
+    encoder-decoder, one feature-extractor window each (Whisper: 30 s) with BBC text of the same split as
+    transcripts."""
+    config = loaded.model.config
+    if modality(config) == "audio":
+        seconds, per_clip, texts = 4.0, adapter_for(loaded.model).audio_frames(config, 4 * speech.RATE), ()
+    else:
+        window = getattr(getattr(loaded.preprocessor, "feature_extractor", None), "chunk_length", 30)
+        seconds, per_clip = float(window), int(config.max_source_positions)
+        if not bbc_articles():
+            raise CalibrationError("No transcripts for the built-in audio: pass --calibration PATH.")
+        texts = speech.transcripts_from([p.read_text(errors="replace") for p in bbc_articles(split)])
+    return speech.write_calibration_audio(folder, split, seconds, max(2, -(-frames // per_clip)), texts)
 
 
 def merge_and_recover(
@@ -461,6 +470,10 @@ def convert(
             log(f"warning: {warning}")
         loaded = load(spec, trust_remote_code, log)
         goal.check_goal_inputs(task_of(loaded.model), export_options.max_loss, export_options.eval_data)
+        if export_options.kv_cache and task_of(loaded.model) == "speech-seq2seq":
+            raise UnsupportedArchitectureError(
+                "--kv-cache is not available for speech encoder-decoders (Whisper) yet; convert without it."
+            )
         result = merge_and_recover(loaded, options, recovery, log)
         report = None
         if main:  # under torchrun rank 0 exports, validates and writes; the others wait for its report

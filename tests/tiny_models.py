@@ -260,14 +260,18 @@ INFERRED = {
                                conv_pos_kernel_size=3), T.Data2VecAudioModel),
     "unispeech": (_config("UniSpeechConfig", **_COMMON, **_AUDIO), T.UniSpeechModel),
     "unispeech-sat": (_config("UniSpeechSatConfig", **_COMMON, **_AUDIO), T.UniSpeechSatModel),
+    # speech encoder-decoder: a log-mel spectrogram in, text out
+    "whisper": (_config("WhisperConfig", **_SEQ2SEQ, num_mel_bins=16, max_source_positions=32,
+                        max_target_positions=64), T.WhisperForConditionalGeneration),
 }  # fmt: skip
 # model types inference refuses, with the reason it must give
 REFUSED = {
     "albert": (_config("AlbertConfig", **_COMMON, embedding_size=16), T.AlbertModel, "no list of two or more"),
     "mixtral": (_config("MixtralConfig", **_DECODER, num_local_experts=4, num_experts_per_tok=2),
                 T.MixtralForCausalLM, "mixture-of-experts"),
-    "whisper": (_config("WhisperConfig", **_SEQ2SEQ, num_mel_bins=16, max_source_positions=32,
-                        max_target_positions=64), T.WhisperForConditionalGeneration, "takes input_features (audio)"),
+    "speech_to_text": (_config("Speech2TextConfig", **_SEQ2SEQ, input_feat_per_channel=16, conv_channels=16,
+                               max_source_positions=64, max_target_positions=64),
+                       T.Speech2TextForConditionalGeneration, "it takes input_features"),
     "swin": (_config("SwinConfig", image_size=16, patch_size=2, embed_dim=16, depths=[2, 2], num_heads=[2, 2],
                      window_size=2), T.SwinModel, "stages holding block lists"),
 }  # fmt: skip
@@ -308,6 +312,12 @@ def inputs(model, batch: int = 2, seq: int = 9, seed: int = 1) -> dict[str, torc
         return {"pixel_values": torch.randn(batch, 3, cfg.image_size, cfg.image_size, generator=g)}
     if modality(cfg) == "audio":  # a waveform of `seq` frames
         return {"input_values": torch.randn(batch, Adapter.audio_samples(cfg, seq), generator=g)}
+    if modality(cfg) == "spectrogram":  # log-mel features of the encoder's fixed length, `seq` decoder tokens
+        dec = torch.randint(3, VOCAB, (batch, seq), generator=g)
+        mask = torch.ones_like(dec)
+        mask[-1, -2:] = 0
+        features = torch.randn(batch, cfg.num_mel_bins, 2 * cfg.max_source_positions, generator=g)
+        return {"input_features": features, "decoder_input_ids": dec, "decoder_attention_mask": mask}
     ids = torch.randint(3, VOCAB, (batch, seq), generator=g)
     mask = torch.ones_like(ids)
     mask[-1, -2:] = 0  # some padding: calibration must exclude it

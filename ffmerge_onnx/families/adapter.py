@@ -173,6 +173,12 @@ class Adapter:
         return max(0, samples)
 
     @staticmethod
+    def spectrogram_frames(config, frames: int) -> int:
+        """Encoder positions a log-mel spectrogram of `frames` frames becomes (Whisper's two convs, the
+        second of stride 2)."""
+        return (frames + 1) // 2
+
+    @staticmethod
     def audio_samples(config, frames: int) -> int:
         """The shortest waveform that becomes `frames` frames."""
         for kernel, stride in reversed(list(zip(config.conv_kernel, config.conv_stride))):
@@ -257,17 +263,19 @@ def _get(root: nn.Module, path: str):
 
 def modality(config) -> str:
     """What a model reads: "image" (ViT-style patches), "audio" (a waveform through a conv feature
-    encoder, wav2vec2-style) or "text"."""
+    encoder, wav2vec2-style), "spectrogram" (log-mel features, Whisper-style) or "text"."""
     if hasattr(config, "image_size") and hasattr(config, "patch_size"):
         return "image"
     if getattr(config, "conv_kernel", None) and getattr(config, "conv_stride", None):
         return "audio"
+    if getattr(config, "num_mel_bins", None) and getattr(config, "max_source_positions", None):
+        return "spectrogram"
     return "text"
 
 
 def task_of(model: nn.Module) -> str:
     """What a loaded model does: causal-lm, feature-extraction, text-classification, image-classification,
-    audio-feature-extraction, seq2seq-lm."""
+    audio-feature-extraction, seq2seq-lm, speech-seq2seq."""
     return adapter_for(model).task_of(model)
 
 

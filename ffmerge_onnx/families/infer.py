@@ -98,6 +98,8 @@ def family_task(config) -> str:
     from transformers.models.auto import modeling_auto as auto
 
     model_type = getattr(config, "model_type", "")
+    if getattr(config, "is_encoder_decoder", False) and modality(config) == "spectrogram":  # Whisper-style
+        return "speech-seq2seq"
     if getattr(config, "is_encoder_decoder", False) or model_type in auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES:
         return "seq2seq-lm"
     if modality(config) == "image":  # vision encoders (ViT-style patches)
@@ -256,9 +258,12 @@ def _block_lists(model_type: str, model: nn.Module, base: nn.Module, task: str) 
         raise _refuse(model_type, "it is a mixture-of-experts model (several FFs chosen per token per layer).",
                       adapter_helps=False)  # fmt: skip
     main_input = getattr(model, "main_input_name", "input_ids")
-    if main_input not in ("input_ids", "pixel_values", "input_values"):
-        raise _refuse(model_type, f"it takes {main_input} (audio features); calibration, export and validation feed "
-                                  "text, images and waveforms (input_values) only so far.", adapter_helps=False)  # fmt: skip
+    if main_input not in ("input_ids", "pixel_values", "input_values", "input_features") or (
+        main_input == "input_features" and task != "speech-seq2seq"
+    ):
+        raise _refuse(model_type, f"it takes {main_input}; calibration, export and validation feed text, images, "
+                                  "waveforms (input_values) and Whisper-style encoder-decoders only so far.",
+                      adapter_helps=False)  # fmt: skip
     found = _stacks(base)
     if not found:
         raise _refuse(model_type, "found no list of two or more repeated blocks (a model that reuses one block for "
@@ -268,7 +273,7 @@ def _block_lists(model_type: str, model: nn.Module, base: nn.Module, task: str) 
         raise _refuse(model_type, f"its blocks at {nested[0]} are stages holding block lists of their own, with "
                                   "widths that change between stages (Swin-style); not supported yet.",
                       adapter_helps=False)  # fmt: skip
-    if len(found) > 2 or (len(found) == 2 and task != "seq2seq-lm"):
+    if len(found) > 2 or (len(found) == 2 and task not in ("seq2seq-lm", "speech-seq2seq")):
         raise _refuse(model_type, f"found several block lists ({', '.join(found)}); which to merge is ambiguous.")
     return found
 

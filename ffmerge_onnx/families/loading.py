@@ -28,6 +28,7 @@ AUTO_BY_TASK = {
     "audio-feature-extraction": "AutoModel",
     "image-classification": "AutoModelForImageClassification",
     "seq2seq-lm": "AutoModelForSeq2SeqLM",
+    "speech-seq2seq": "AutoModelForSpeechSeq2Seq",
     "text-classification": "AutoModelForSequenceClassification",
 }
 
@@ -189,6 +190,14 @@ def load_model(spec: str, *, trust_remote_code: bool = False) -> nn.Module:
     return model
 
 
+def _has_feature_extractor(where: str, kwargs: dict) -> bool:
+    try:
+        transformers.AutoFeatureExtractor.from_pretrained(where, **kwargs)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return True
+
+
 def load_preprocessor(spec: str):
     """The tokenizer, image processor or audio feature extractor next to a model, or None when there is none."""
     where, gguf = resolve(spec)
@@ -201,5 +210,7 @@ def load_preprocessor(spec: str):
         # transformers may build a tokenizer with an empty vocabulary when its files are missing
         if loader is transformers.AutoTokenizer and len(found) < 2:
             continue
+        if loader is transformers.AutoTokenizer and _has_feature_extractor(where, kwargs):
+            return transformers.AutoProcessor.from_pretrained(where, **kwargs)  # speech: features + text
         return found
     return None

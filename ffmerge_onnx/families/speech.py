@@ -86,9 +86,11 @@ def speech_like(seconds: float, seed: int, rate: int = RATE) -> np.ndarray:
     return (clip / max(1.0, np.abs(clip).max())).astype(np.float32)
 
 
-def write_calibration_audio(folder: Path, split: str = "calibration", seconds: float = 4.0, clips: int = 64) -> Path:
+def write_calibration_audio(
+    folder: Path, split: str = "calibration", seconds: float = 4.0, clips: int = 64, transcripts: list[str] = ()
+) -> Path:
     """The split's clips as 16 kHz 16-bit WAV files in folder/speech_<split>/ (what --calibration takes
-    for an audio model)."""
+    for an audio model), each with the next of `transcripts` (if given) as `<clip>.txt` beside it."""
     from scipy.io import wavfile
 
     out = Path(folder) / f"speech_{split}"
@@ -96,4 +98,16 @@ def write_calibration_audio(folder: Path, split: str = "calibration", seconds: f
     for i in range(clips):
         clip = speech_like(seconds, SPLIT_SEEDS[split] + i)
         wavfile.write(out / f"{i:04d}.wav", RATE, (clip * 32767).astype(np.int16))
+        if transcripts:
+            (out / f"{i:04d}.txt").write_text(transcripts[i % len(transcripts)])
     return out
+
+
+def transcripts_from(texts: list[str], words: int = 40) -> list[str]:
+    """Texts cut into pieces of `words` words: the decoder side of the built-in clips (the clips carry no
+    words, so a speech model's decoder FFs are calibrated on real text under speech-like encoder states)."""
+    pieces = []
+    for text in texts:
+        w = text.split()
+        pieces += [" ".join(w[i : i + words]) for i in range(0, len(w) - words // 2, words)]
+    return pieces

@@ -16,7 +16,7 @@ TEXT_SUFFIXES = {".txt", ".md", ".text"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 TENSOR_SUFFIXES = {".pt", ".pth", ".safetensors", ".npy"}
 AUDIO_SUFFIXES = {".wav"}
-MAIN_INPUT = {"text": "input_ids", "image": "pixel_values", "audio": "input_values"}
+MAIN_INPUT = {"text": "input_ids", "image": "pixel_values", "audio": "input_values", "spectrogram": "input_features"}
 
 
 @dataclass
@@ -198,38 +198,70 @@ def read_wav(path: Path, rate: int):
     return data.astype(np.float32)
 
 
-def from_audio(path: Path, processor, config, budget: int, batch_size: int = 8) -> Calibration:
-    """WAV files through the model's feature extractor, in batches of one clip length (the shortest of the
-    batch: no padding, so every frame is real) until the budget of frames is met."""
-    if processor is None or not hasattr(processor, "sampling_rate"):
+def from_audio(path: Path, processor, config, budget: int, batch_size: int = 8, seq_len: int = 256) -> Calibration:
+    """WAV files through the model's feature extractor until the budget of frames is met. Waveform
+    encoders: batches of one clip length (the shortest of the batch: no padding, every frame real).
+    Speech encoder-decoders (Whisper): each clip's transcript, `<clip>.txt` beside it, is the decoder's
+    input (teacher forcing)."""
+    features = getattr(processor, "feature_extractor", processor)
+    if features is None or not hasattr(features, "sampling_rate"):
         raise CalibrationError(
             "Audio calibration needs the model's feature extractor (preprocessor_config.json) next to the model."
         )
     files = sorted(p for p in path.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES) if path.is_dir() else [path]
     adapter = adapter_for(config)
+    spectrogram = modality(config) == "spectrogram"
     clips, frames = [], 0
     for f in files:
         if frames >= budget:
             break
-        clip = read_wav(f, processor.sampling_rate)
-        n = adapter.audio_frames(config, len(clip))
+        clip = read_wav(f, features.sampling_rate)
+        n = int(config.max_source_positions) if spectrogram else adapter.audio_frames(config, len(clip))
         if n < 1:
             continue
-        clips.append(clip)
+        clips.append((f, clip))
         frames += n
     if frames < budget:
         raise CalibrationError(
             f"{path} holds {frames} audio frames, fewer than the calibration budget of {budget}. "
             "Add more audio or lower --calibration-tokens."
         )
+    if spectrogram:
+        return _spectrogram_batches(path, clips, features, getattr(processor, "tokenizer", None), config, batch_size,
+                                    seq_len)  # fmt: skip
     batches, tokens = [], 0
     for i in range(0, len(clips), batch_size):
-        group = clips[i : i + batch_size]
+        group = [c for _, c in clips[i : i + batch_size]]
         length = min(len(c) for c in group)
-        values = processor([c[:length] for c in group], sampling_rate=processor.sampling_rate, return_tensors="pt")
+        values = features([c[:length] for c in group], sampling_rate=features.sampling_rate, return_tensors="pt")
         batches.append({"input_values": values["input_values"]})
         tokens += len(group) * adapter.audio_frames(config, length)
     return Calibration(batches, tokens, {"kind": "audio", "source": str(path), "clips": len(clips), "tokens": tokens})
+
+
+def _spectrogram_batches(path, clips, features, tokenizer, config, batch_size: int, seq_len: int) -> Calibration:
+    if tokenizer is None:
+        raise CalibrationError("A speech encoder-decoder's calibration needs its tokenizer for the transcripts; "
+                               "save the processor (feature extractor and tokenizer) with the model.")  # fmt: skip
+    missing = [f.name for f, _ in clips if not f.with_suffix(".txt").is_file()]
+    if missing:
+        raise CalibrationError(f"{path}: no transcript for {', '.join(missing[:3])}: the decoder reads each clip's "
+                               "text from <clip>.txt beside it.")  # fmt: skip
+    seq_len = min(seq_len, int(getattr(config, "max_target_positions", seq_len)))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batches, decoded = [], 0
+    for i in range(0, len(clips), batch_size):
+        group = clips[i : i + batch_size]
+        ids = [tokenizer(check_text(f.with_suffix(".txt")).strip())["input_ids"][:seq_len] for f, _ in group]
+        batch = features([c for _, c in group], sampling_rate=features.sampling_rate, return_tensors="pt")
+        batch = {"input_features": batch["input_features"], **_batch_chunks(ids, len(ids), pad, False)[0]}
+        batch["decoder_input_ids"] = batch.pop("input_ids")
+        batch["decoder_attention_mask"] = batch.pop("attention_mask")
+        batches.append(batch)
+        decoded += int(batch["decoder_attention_mask"].sum())
+    tokens = len(clips) * int(config.max_source_positions)
+    return Calibration(batches, tokens, {"kind": "speech", "source": str(path), "clips": len(clips), "tokens": tokens,
+                                         "decoder_tokens": decoded})  # fmt: skip
 
 
 def from_tensors(
@@ -308,7 +340,7 @@ def load_calibration(
     if limit:  # chunks must fit the model's positions
         seq_len = min(seq_len, limit)
     kind = modality(config)
-    reads = {"text": "text", "image": "images", "audio": "audio"}[kind]
+    reads = {"text": "text", "image": "images", "audio": "audio", "spectrogram": "audio"}[kind]
     suffixes = {p.suffix.lower() for p in path.rglob("*")} if path.is_dir() else {path.suffix.lower()}
     if suffixes & TENSOR_SUFFIXES and not path.is_dir():
         cal = from_tensors(
@@ -325,9 +357,9 @@ def load_calibration(
             raise CalibrationError(f"{path} holds images but the model takes {reads}.")
         return from_images(path, processor, budget, adapter.image_tokens(config), batch_size)
     if suffixes & AUDIO_SUFFIXES:
-        if kind != "audio":
+        if reads != "audio":
             raise CalibrationError(f"{path} holds audio but the model takes {reads}.")
-        return from_audio(path, processor, config, budget, batch_size)
+        return from_audio(path, processor, config, budget, batch_size, seq_len)
     if kind != "text":
         raise CalibrationError(
             f"{path} holds no {reads} but the model is an {'image' if kind == 'image' else 'audio'} model."

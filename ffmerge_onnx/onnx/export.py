@@ -8,6 +8,8 @@ input/output names, so ORTModel-style loaders and servers find what they expect:
   position_ids + past_key_values.N.key/value -> present.N.key/value (first step: past length 0);
 - encoders: model.onnx -> last_hidden_state (or logits for classifiers); audio encoders take the
   waveform as input_values;
+- speech seq2seq (Whisper): encoder_model.onnx (input_features) + decoder_model.onnx (input_ids,
+  encoder_hidden_states -> logits);
 - seq2seq: encoder_model.onnx + decoder_model.onnx; with `kv_cache`, decoder_model.onnx also
   returns present.N.{decoder,encoder}.{key,value} and decoder_with_past_model.onnx takes them
   back as past_key_values.N.* (optimum's three-file layout).
@@ -160,6 +162,31 @@ class _Audio(nn.Module):
         return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
 
 
+class _SpectrogramEncoder(nn.Module):
+    """A speech encoder-decoder's encoder: log-mel input_features in, last_hidden_state out."""
+
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_features):
+        return self.encoder(input_features=input_features).last_hidden_state
+
+
+class SpeechDecoder(nn.Module):
+    """A speech encoder-decoder's decoder (Whisper: no encoder mask; the LM head is the output embeddings)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, encoder_hidden_states):
+        out = self.model.get_decoder()(
+            input_ids=input_ids, encoder_hidden_states=encoder_hidden_states, use_cache=False
+        )
+        return self.model.get_output_embeddings()(out.last_hidden_state)
+
+
 def _lm_logits(model, hidden):
     logits = model.lm_head(hidden)
     bias = getattr(model, "final_logits_bias", None)
@@ -254,6 +281,8 @@ def parts_for(model: nn.Module, kv_cache: bool = False) -> list[Part]:
         out = "logits" if hasattr(model, "lm_head") or hasattr(model, "classifier") else "last_hidden_state"
         return [Part("model.onnx", _Audio(model), {"input_values": torch.randn(2, samples)}, [out],
                      {"input_values": {0: "batch_size", 1: "audio_sequence_length"}})]  # fmt: skip
+    if task == "speech-seq2seq":
+        return _speech_seq2seq(model, kv_cache)
     ids, mask = _text_example(model)
     if task == "causal-lm" and kv_cache:
         return [_causal_with_past(model, ids)]
@@ -366,6 +395,27 @@ def _seq2seq(model, ids, mask, kv_cache: bool) -> list[Part]:
         eager_attention=True,
     )
     return [enc_part, first, with_past]
+
+
+def _speech_seq2seq(model, kv_cache: bool) -> list[Part]:
+    """optimum's layout for Whisper: encoder_model.onnx (a fixed-length spectrogram) and decoder_model.onnx."""
+    if kv_cache:
+        raise UnsupportedArchitectureError(
+            "--kv-cache is not available for speech encoder-decoders (Whisper) yet; export without it."
+        )
+    config = model.config
+    features = torch.randn(2, config.num_mel_bins, 2 * config.max_source_positions)
+    encoder = _SpectrogramEncoder(model.get_encoder())
+    with torch.no_grad():
+        hidden = encoder(features)
+    dec_example = {"input_ids": torch.randint(3, max(4, min(config.vocab_size, 1000)), (2, 5)),
+                   "encoder_hidden_states": hidden}  # fmt: skip
+    return [
+        Part("encoder_model.onnx", encoder, {"input_features": features}, ["last_hidden_state"],
+             {"input_features": {0: "batch_size"}}),
+        Part("decoder_model.onnx", SpeechDecoder(model), dec_example, ["logits"],
+             {"input_ids": {0: "batch_size", 1: "decoder_sequence_length"}, "encoder_hidden_states": {0: "batch_size"}}),
+    ]  # fmt: skip
 
 
 def dynamic_shapes(part: Part) -> tuple:

@@ -14,7 +14,7 @@ import onnxruntime as ort
 import torch
 
 from ..errors import InputError
-from ..families import adapter_for
+from ..families import adapter_for, modality
 from ..merging import load_merged
 from ..runtime import MALLOC_RECIPE, SESSION_SETTINGS, check_loads, open_session, session_entries
 from . import compare
@@ -73,6 +73,11 @@ def feeds_for(model, part, batch: int, seq: int, past: int = 0, seed: int = 0) -
             feeds[name] = torch.ones(shape, dtype=torch.long)
         elif name == "position_ids":
             feeds[name] = torch.arange(past, past + shape[1]).expand(shape).contiguous()
+        elif name == "encoder_hidden_states" and modality(model.config) == "spectrogram":
+            config = model.config
+            spectrogram = torch.randn(shape[0], config.num_mel_bins, 2 * config.max_source_positions, generator=g)
+            with torch.no_grad():
+                feeds[name] = model.get_encoder()(input_features=spectrogram).last_hidden_state
         elif name == "encoder_hidden_states":
             ids = torch.randint(3, vocab, shape[:2], generator=g)
             with torch.no_grad():

@@ -20,6 +20,7 @@ LOWER_IS_BETTER = {"perplexity"}
 PROBE_DOCS = 400  # built-in BBC test articles the topic probe is fitted on, and as many it is tested on
 PROBE_METRIC = "BBC topic-probe accuracy"
 ON_MISS = {"nothing": "write nothing, exit 1", "best": "write the model anyway, marked as missing the goal; exit 1"}
+NO_METRIC = ("audio-feature-extraction", "speech-seq2seq")
 NEEDS_DATA = {"seq2seq-lm": "a TSV file of source<TAB>reference lines", "text-classification": "a TSV file of "
               "text<TAB>label lines"}  # fmt: skip
 
@@ -34,6 +35,11 @@ def check_goal_inputs(task: str, max_loss: float | None, data: Path | None) -> N
         return
     if not 0 <= max_loss < 1:
         raise InputError(f"--max-loss is a fraction of the original's quality in [0, 1), e.g. 0.02; got {max_loss}.")
+    if task in NO_METRIC:
+        raise InputError(
+            f"--max-loss: no quality metric for {task} models yet. Convert without --max-loss: windows "
+            "and methods are still chosen on validation data (cosine to the original's outputs)."
+        )
     if data is None and task in NEEDS_DATA:
         raise InputError(f"--max-loss on a {task} model needs --eval-data: {NEEDS_DATA[task]}.")
     if data is not None and not Path(data).exists():

@@ -30,7 +30,7 @@ class TorchRunner(Runner):
         self.model = model.eval()
 
     def __call__(self, inputs):
-        kw = {"use_cache": False} if task_of(self.model) in ("causal-lm", "seq2seq-lm") else {}
+        kw = {"use_cache": False} if task_of(self.model) in ("causal-lm", "seq2seq-lm", "speech-seq2seq") else {}
         with torch.no_grad():
             out = self.model(**inputs, **kw)
         for name in ("logits", "last_hidden_state"):

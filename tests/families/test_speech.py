@@ -122,3 +122,73 @@ def test_convert_a_waveform_encoder_on_the_built_in_audio(tmp_path):
     manifest = json.loads((out / "reference" / "ffmerge.json").read_text())
     assert manifest["calibration"]["kind"] == "audio" and manifest["calibration"]["tokens"] >= 2000
     assert Path(out / "model.onnx").is_file()
+
+
+def speech_processor():
+    """Whisper's own feature extractor sized for the tiny model (64 frames = its 32 encoder positions),
+    with a word-level tokenizer for the transcripts."""
+    from types import SimpleNamespace
+
+    from tiny_models import word_tokenizer
+
+    features = T.WhisperFeatureExtractor(feature_size=16, chunk_length=1, hop_length=250)
+    return SimpleNamespace(feature_extractor=features, tokenizer=word_tokenizer())
+
+
+def test_speech_calibration_pairs_each_clip_with_its_transcript(tmp_path):
+    from tiny_models import word_text
+
+    model = build("whisper")
+    assert modality(model.config) == "spectrogram" and adapter_for(model).task_of(model) == "speech-seq2seq"
+    texts = [word_text(5 + i, seed=i) for i in range(3)]
+    folder = speech.write_calibration_audio(tmp_path, "calibration", seconds=1.0, clips=3, transcripts=texts)
+    cal = load_calibration(folder, model=model, processor=speech_processor(), budget=65, batch_size=2)
+    lengths = [len(speech_processor().tokenizer(t)["input_ids"]) for t in texts]
+    first = cal.batches[0]
+    assert tuple(first["input_features"].shape) == (2, 16, 64)
+    assert first["decoder_attention_mask"].sum(1).tolist() == lengths[:2]  # each clip's own transcript, padded
+    assert cal.tokens == 3 * 32 and cal.description["decoder_tokens"] == sum(lengths)
+    assert tokens_per_item(model, first, "encoder") == 32
+    assert tokens_per_item(model, first, "decoder") == max(lengths[:2])
+    (folder / "0001.txt").unlink()
+    with pytest.raises(CalibrationError, match="no transcript for 0001.wav"):
+        load_calibration(folder, model=model, processor=speech_processor(), budget=64)
+    merged = merge(model, [Window(s, 1, 2) for s in ("encoder", "decoder")], calibration=calibration(model),
+                   progress=False)  # fmt: skip
+    assert [w.stack for w in merged.manifest.windows] == ["encoder", "decoder"]
+
+
+def _save_whisper(folder: Path) -> Path:
+    from tiny_models import word_tokenizer
+
+    build("whisper").save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
+    speech_processor().feature_extractor.save_pretrained(folder)
+    return folder
+
+
+def test_speech_options_without_support_are_refused_before_any_work(tmp_path):
+    from ffmerge_onnx.cli import main
+
+    model = _save_whisper(tmp_path / "wh")
+    for extra, message in (
+        (["--kv-cache"], "--kv-cache is not available"),
+        (["--max-loss", "0.1"], "no quality metric"),
+    ):
+        code = main(["convert", str(model), "--layers", "1-2", *extra, "-o", str(tmp_path / "out")])
+        assert code == 2 and not (tmp_path / "out").exists(), message
+
+
+@pytest.mark.slow  # Whisper's processor, the built-in audio with BBC transcripts, two ONNX files: ~80 s
+def test_convert_a_speech_encoder_decoder_on_the_built_in_audio(tmp_path):
+    from ffmerge_onnx.cli import main
+
+    out = tmp_path / "out"
+    code = main(["convert", str(_save_whisper(tmp_path / "wh")), "--layers", "1-2", "--calibration-tokens", "640",
+                 "--no-compare", "-o", str(out)])  # fmt: skip
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["ok"] and {c["name"]: c["status"] for c in report["checks"]}["sharing"] == "pass"
+    assert (out / "encoder_model.onnx").is_file() and (out / "decoder_model.onnx").is_file()
+    calibrated = json.loads((out / "reference" / "ffmerge.json").read_text())["calibration"]
+    assert calibrated["kind"] == "speech" and calibrated["tokens"] >= 640 and calibrated["decoder_tokens"] > 0
