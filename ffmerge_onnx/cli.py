@@ -46,7 +46,6 @@ def _help(lead: str, registry) -> str:
     return f"{lead} {described}."
 
 
-Stack = _choice("Stack", ("encoder", "decoder"))
 Anchor = _choice("Anchor", ANCHORS)
 Align = _choice("Align", ALIGNERS)
 Method = _choice("Method", METHODS)
@@ -127,8 +126,12 @@ def _use_adapter(path: Path | None) -> None:
 
 
 StackOpt = Annotated[
-    Stack | None,
-    typer.Option("--stack", help="Which stack the window is in (default: every stack of a seq2seq model)."),
+    str | None,
+    typer.Option(
+        "--stack",
+        help="Which stack the window is in: encoder or decoder of a seq2seq model, stage<i> of a Swin-style model "
+        "(`inspect` lists them; default: every stack).",
+    ),
 ]
 AnchorOpt = Annotated[Anchor, typer.Option("--anchor", help=_help("Layer the others are aligned to.", ANCHORS))]
 AlignOpt = Annotated[Align, typer.Option("--align", help=_help("Neuron alignment.", ALIGNERS))]
@@ -201,7 +204,7 @@ def _merge_and_recovery(a: dict) -> tuple:
 
     merge = MergeOptions(
         layers=a["layers"],
-        stack=a["stack"].value if a["stack"] else None,
+        stack=a["stack"],
         anchor=a["anchor"].value,
         align=a["align"].value,
         method=a["method"].value,
@@ -606,7 +609,7 @@ def search_cmd(
         reduction=reduction,
         mode=mode.value,
         top=top,
-        stack=stack.value if stack else None,
+        stack=stack,
         anchor=anchor.value,
         method=method.value,
         method_params=_method_params(method, delta_rank, delta_budget),

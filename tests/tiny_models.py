@@ -260,6 +260,9 @@ INFERRED = {
                                conv_pos_kernel_size=3), T.Data2VecAudioModel),
     "unispeech": (_config("UniSpeechConfig", **_COMMON, **_AUDIO), T.UniSpeechModel),
     "unispeech-sat": (_config("UniSpeechSatConfig", **_COMMON, **_AUDIO), T.UniSpeechSatModel),
+    # stages of different widths (merges stay within a stage)
+    "swin": (_config("SwinConfig", image_size=16, patch_size=2, embed_dim=16, depths=[4, 4], num_heads=[2, 4],
+                     window_size=2), T.SwinModel),
     # speech encoder-decoder: a log-mel spectrogram in, text out
     "whisper": (_config("WhisperConfig", **_SEQ2SEQ, num_mel_bins=16, max_source_positions=32,
                         max_target_positions=64), T.WhisperForConditionalGeneration),
@@ -272,8 +275,6 @@ REFUSED = {
     "speech_to_text": (_config("Speech2TextConfig", **_SEQ2SEQ, input_feat_per_channel=16, conv_channels=16,
                                max_source_positions=64, max_target_positions=64),
                        T.Speech2TextForConditionalGeneration, "it takes input_features"),
-    "swin": (_config("SwinConfig", image_size=16, patch_size=2, embed_dim=16, depths=[2, 2], num_heads=[2, 2],
-                     window_size=2), T.SwinModel, "stages holding block lists"),
 }  # fmt: skip
 
 

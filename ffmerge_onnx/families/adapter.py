@@ -38,13 +38,16 @@ class Role:
 
 
 def _config_value(config, spec: str | None):
-    """A config value by key spec: alternatives split by '|', each `key` or `N*key`, first not None; an
-    int spec is the value itself."""
+    """A config value by key spec: alternatives split by '|', each `key`, `N*key` or `key.i` (entry i of a
+    list, e.g. Swin's depths.2), first not None; an int spec is the value itself."""
     if isinstance(spec, int):
         return spec
     for alternative in (spec or "").split("|"):
         factor, _, key = alternative.strip().rpartition("*")
+        key, dot, index = key.partition(".")
         value = getattr(config, key, None) if key else None
+        if dot and value is not None:
+            value = value[int(index)] if int(index) < len(value) else None
         if value is not None:
             return int(factor) * value if factor else value
     return None
@@ -136,8 +139,9 @@ class Adapter:
         spec = self.config_keys.get(name)
         return spec.get(stack) if isinstance(spec, dict) else spec
 
-    def d_model(self, config) -> int:
-        return int(_config_value(config, self._key("d_model")))
+    def d_model(self, config, stack: str | None = None) -> int:
+        """Model width (of `stack`, where stages differ in width)."""
+        return int(_config_value(config, self._key("d_model", stack)))
 
     def d_ff(self, config, stack: str | None = None) -> int:
         return int(_config_value(config, self._key("d_ff", stack)))
@@ -153,7 +157,7 @@ class Adapter:
         """(key/value heads, head dim) of one attention layer of the stack."""
         heads = int(_config_value(config, self._key("heads", stack)))
         kv_heads = _config_value(config, self._key("kv_heads", stack)) or heads
-        head_dim = _config_value(config, self._key("head_dim", stack)) or self.d_model(config) // heads
+        head_dim = _config_value(config, self._key("head_dim", stack)) or self.d_model(config, stack) // heads
         return int(kv_heads), int(head_dim)
 
     def max_positions(self, config) -> int | None:

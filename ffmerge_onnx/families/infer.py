@@ -252,8 +252,11 @@ def _probe_cache(model: nn.Module) -> tuple[int, int] | None:
         return None
 
 
-def _block_lists(model_type: str, model: nn.Module, base: nn.Module, task: str) -> dict[str, nn.ModuleList]:
-    """The stacks to merge in (path -> blocks), or the refusal that says why there are none."""
+def _block_lists(
+    model_type: str, model: nn.Module, base: nn.Module, task: str
+) -> tuple[dict[str, nn.ModuleList], bool]:
+    """The stacks to merge in (path -> blocks) and whether they are stages (Swin), or the refusal that says why
+    there are none."""
     if any((_config_value(model.config, k) or 0) > 1 for k in ("num_experts", "num_local_experts", "moe_num_experts")):
         raise _refuse(model_type, "it is a mixture-of-experts model (several FFs chosen per token per layer).",
                       adapter_helps=False)  # fmt: skip
@@ -270,12 +273,47 @@ def _block_lists(model_type: str, model: nn.Module, base: nn.Module, task: str) 
                                   "every layer, such as ALBERT, already shares its FF weights).", adapter_helps=False)  # fmt: skip
     nested = [p for p, blocks in found.items() if _stacks(blocks[0])]
     if nested:
-        raise _refuse(model_type, f"its blocks at {nested[0]} are stages holding block lists of their own, with "
-                                  "widths that change between stages (Swin-style); not supported yet.",
-                      adapter_helps=False)  # fmt: skip
+        return _stages(model_type, nested[0], found[nested[0]]), True
     if len(found) > 2 or (len(found) == 2 and task not in ("seq2seq-lm", "speech-seq2seq")):
         raise _refuse(model_type, f"found several block lists ({', '.join(found)}); which to merge is ambiguous.")
+    return found, False
+
+
+def _stages(model_type: str, path: str, stages: nn.ModuleList) -> dict[str, nn.ModuleList]:
+    """Swin-style stages (a list of blocks that each hold a block list of their own, widths changing between
+    stages): every stage's inner list of two or more blocks is a stack of its own, `stage<i>`; a merge stays
+    within a stage."""
+    found = {}
+    for i, stage in enumerate(stages):
+        inner = _stacks(stage)
+        if len(inner) > 1:
+            raise _refuse(model_type, f"stage {path}.{i} holds several block lists ({', '.join(inner)}).")
+        found.update({f"{path}.{i}.{p}": blocks for p, blocks in inner.items()})
+    if not found:
+        raise _refuse(model_type, f"its stages at {path} hold no list of two or more blocks.", adapter_helps=False)
     return found
+
+
+def _stage_index(path: str) -> int | None:
+    """i of a stage's inner list at `<stages>.<i>.<blocks>`, else None."""
+    parts = path.split(".")
+    return next((int(p) for p in reversed(parts[:-1]) if p.isdigit()), None)
+
+
+def _stage_keys(config, i: int, layers: int, d_ff: int, model_type: str) -> dict:
+    """Config keys of stage i: entries of list-valued keys (Swin's depths.i, num_heads.i); the FF width itself."""
+    lists = {k: v for k, v in vars(config).items() if isinstance(v, (list, tuple)) and len(v) > i}
+    depth = next((f"{k}.{i}" for k, v in lists.items() if "depth" in k and v[i] == layers), None)
+    if depth is None:
+        raise _refuse(model_type, f"no config list holds stage {i}'s layer count {layers}.")
+    heads = next((f"{k}.{i}" for k in KEYS["heads"] if k in lists), None)
+    return {"num_layers": depth, "heads": heads, "d_ff": d_ff}
+
+
+def _width(block: nn.Module) -> int | None:
+    """A block's model width, from its first LayerNorm (stages of one model differ in width)."""
+    norm = next((m for m in block.modules() if isinstance(m, nn.LayerNorm)), None)
+    return int(norm.normalized_shape[0]) if norm is not None else None
 
 
 def _stack_keys(config, name: str, suffix: str, layers: int, d_ff: int, model_type: str) -> dict:
@@ -297,15 +335,17 @@ def infer_adapter(model: nn.Module) -> Adapter:
     model_type = getattr(config, "model_type", type(model).__name__)
     task = family_task(config)
     base = getattr(model, "base_model", model)
-    found = _block_lists(model_type, model, base, task)
+    found, staged = _block_lists(model_type, model, base, task)
     d_model = _config_value(config, "hidden_size|d_model|n_embd")
     if not isinstance(d_model, int):
         raise _refuse(model_type, "its config names no model width (hidden_size, d_model or n_embd).")
     stacks, paths, config_keys, found_roles = {}, {}, {}, {}
     layout = bias = fused = None
+    widths = {}
     for path, blocks in found.items():
-        name = _stack_name(path, task, len(found))
-        roles, stack_layout, stack_bias, d_ff, stack_fused = _projections(model_type, blocks[0], d_model)
+        name = f"stage{_stage_index(path)}" if staged else _stack_name(path, task, len(found))
+        width = widths[name] = (_width(blocks[0]) or d_model) if staged else d_model
+        roles, stack_layout, stack_bias, d_ff, stack_fused = _projections(model_type, blocks[0], width)
         if (
             (paths and set(roles) != set(paths))
             or layout not in (None, stack_layout)
@@ -321,13 +361,15 @@ def infer_adapter(model: nn.Module) -> Adapter:
         _check_blocks(model_type, name, blocks, roles, layout)
         stacks[name], found_roles[name] = (path,), roles
         suffix = f".{name}" if len(found) == 2 else ""
-        for canonical, key in _stack_keys(config, name, suffix, len(blocks), d_ff, model_type).items():
+        keys = (_stage_keys(config, _stage_index(path), len(blocks), d_ff, model_type) if staged
+                else _stack_keys(config, name, suffix, len(blocks), d_ff, model_type))  # fmt: skip
+        for canonical, key in keys.items():
             config_keys.setdefault(canonical, {})[name] = key
     for canonical in ("kv_heads", "head_dim", "activation", "max_positions"):
         key = _key(config, KEYS[canonical])
         if key is not None:
             config_keys[canonical] = {n: key for n in stacks} if canonical in ("kv_heads", "head_dim") else key
-    config_keys["d_model"] = _key(config, KEYS["d_model"], d_model)
+    config_keys["d_model"] = widths if staged else _key(config, KEYS["d_model"], d_model)
     cached = _probe_cache(model) if task == "causal-lm" else None
     if cached is not None:
         config_keys["kv_heads"], config_keys["head_dim"] = ({n: v for n in stacks} for v in cached)

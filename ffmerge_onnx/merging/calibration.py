@@ -14,7 +14,7 @@ from torch import nn
 from .. import distributed
 from ..families import Adapter, adapter_for
 from ..progress import track
-from .data import Calibration, token_mask
+from .data import Calibration, real_rows, token_mask
 from .stats import Moments
 
 DEFAULT_MAX_STAT_BYTES = 4 * 2**30
@@ -75,6 +75,9 @@ class _Recorder:
             if block is not None:  # a fused gate/up projection: its up block
                 out = out[..., block[0] * block[1] : (block[0] + 1) * block[1]]
             mask = self.masks[s.stack]
+            if mask is None:  # every position real
+                self.features[s.key] = real_rows(out, None)
+                return
             if out.dim() == 2 and out.shape[0] == mask.numel() and mask.dim() == 2:  # tokens flattened (OPT)
                 out = out.reshape(*mask.shape, out.shape[-1])
             out = out.reshape(out.shape[0], -1, out.shape[-1]) if out.dim() > 2 else out.unsqueeze(0)

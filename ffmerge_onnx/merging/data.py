@@ -36,17 +36,25 @@ def to_device(batch: dict, device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def token_mask(batch: dict[str, torch.Tensor], stack: str, tokens_per_item: int, config=None) -> torch.Tensor:
-    """Boolean [batch, tokens] mask of real tokens for the given stack (for a waveform: its real frames)."""
+def token_mask(batch: dict[str, torch.Tensor], stack: str, tokens_per_item: int, config=None) -> torch.Tensor | None:
+    """Boolean [batch, tokens] mask of real tokens for the given stack (for a waveform: its real frames);
+    None when the batch has no mask: every position is real, however many a stack sees (Swin's stages
+    see fewer than the patches)."""
     key = "decoder_attention_mask" if stack == "decoder" and "decoder_input_ids" in batch else "attention_mask"
     mask = batch.get(key)
     if mask is None:
-        first = next(iter(batch.values()))
-        return torch.ones(first.shape[0], tokens_per_item, dtype=torch.bool)
+        return None
     if "input_values" in batch and config is not None:  # a mask over samples: frames of each row's real length
         frames = torch.tensor([adapter_for(config).audio_frames(config, int(n)) for n in mask.sum(1)])
         return torch.arange(tokens_per_item)[None, :] < frames[:, None]
     return mask.bool()
+
+
+def real_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The rows of activations x ([batch, tokens, d], or flattened) at real tokens: [n, d]."""
+    if mask is None:
+        return x.reshape(-1, x.shape[-1])
+    return x.reshape(mask.shape[0], -1, x.shape[-1])[mask]
 
 
 def _chunk_ids(ids: list[int], seq_len: int, budget: int) -> list[list[int]]:

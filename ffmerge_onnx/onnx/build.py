@@ -69,8 +69,11 @@ def part_stacks(filename: str, stacks: list[str]) -> list[str]:
 
 
 def _suffix(model, adapter, stack: str, layer: int, proj: str) -> str:
+    """The projection's module path from its stack's name on (parts export sub-modules, so the full path
+    differs by part); a stack inside a list of stages keeps the stage's index (Swin: 0.blocks.2.mlp.fc1)."""
     layers = adapter.layers(model, stack)
-    tail = adapter.stack_path(model, stack).rsplit(".", 1)[-1]
+    parts = adapter.stack_path(model, stack).split(".")
+    tail = ".".join(parts[-2:]) if len(parts) > 1 and parts[-2].isdigit() else parts[-1]
     return f"{tail}.{layer}.{adapter.projection_path(layers[layer], proj)}"
 
 

@@ -28,7 +28,7 @@ def resolved(adapter, model) -> dict:
     out = {"task": adapter.task_of(model), "layout": adapter.layout, "bias": adapter.bias, "gated": adapter.gated,
            "fused": adapter.fused,
            "position_offset": adapter.position_offset, "extra_tokens": adapter.extra_tokens,
-           "max_positions": adapter.max_positions(config), "d_model": adapter.d_model(config)}  # fmt: skip
+           "max_positions": adapter.max_positions(config)}  # fmt: skip
     for stack in adapter.stack_names():
         layer = adapter.layers(model, stack)[0]
         out[stack] = {
@@ -41,6 +41,7 @@ def resolved(adapter, model) -> dict:
             },
             "roles": [(r.name, r.hidden_axis) for r in adapter.roles()],
             "ff_dim": adapter.ff_dim(layer),
+            "d_model": adapter.d_model(config, stack),
         }
     return out
 
@@ -70,7 +71,7 @@ def test_inferred_adapter_agrees_with_the_config_and_survives_json(model_type):
         layer = adapter.layers(model, stack)[0]
         assert adapter.config_layers(model.config, stack) == adapter.num_layers(model, stack) == 4
         assert adapter.d_ff(model.config, stack) == adapter.ff_dim(layer)
-        assert adapter.d_model(model.config) == adapter.model_dim(layer)
+        assert adapter.d_model(model.config, stack) == adapter.model_dim(layer)
     again = type(adapter).from_json(json.loads(json.dumps(adapter.to_json())))
     assert resolved(again, model) == resolved(adapter, model)
 
@@ -238,3 +239,21 @@ def test_a_refused_type_and_a_bad_adapter_file_stop_before_any_work(tmp_path, ca
     args = ["merge", str(tmp_path / "mixtral"), "--adapter", str(tmp_path / "bad.json"), "-o", str(tmp_path / "m")]
     assert main(args) == EXIT_USAGE
     assert "lacks model_types" in " ".join(capsys.readouterr().err.split()) and not (tmp_path / "m").exists()
+
+
+def test_swin_stages_become_stacks_of_their_own_width_and_keys():
+    from ffmerge_onnx.families.adapter import _config_value
+    from ffmerge_onnx.onnx.build import _suffix
+
+    model = tm.build("swin")
+    adapter = adapter_for(model)
+    assert adapter.stack_names() == ["stage0", "stage1"]
+    assert adapter.config_keys["num_layers"] == {"stage0": "depths.0", "stage1": "depths.1"}
+    assert [adapter.d_model(model.config, s) for s in adapter.stack_names()] == [16, 32]
+    assert [adapter.attention(model.config, s) for s in adapter.stack_names()] == [(2, 8), (4, 8)]
+    assert _config_value(model.config, "depths.1") == 4 and _config_value(model.config, "depths.5|embed_dim") == 16
+    # each stage's projections are told apart in the exported graph by the stage's index
+    assert {_suffix(model, adapter, s, 2, "in") for s in adapter.stack_names()} == {
+        "0.blocks.2.mlp.fc1",
+        "1.blocks.2.mlp.fc1",
+    }

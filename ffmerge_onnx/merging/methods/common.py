@@ -18,7 +18,7 @@ from torch import nn
 from ...errors import CalibrationError
 from ...families import Adapter
 from ..calibration import run_batch, tokens_per_item
-from ..data import Calibration, token_mask
+from ..data import Calibration, real_rows, token_mask
 
 RIDGE = 1e-6  # relative to the Gram matrix's mean diagonal
 
@@ -106,9 +106,9 @@ class Capture:
 
             def post(_m, args, out, i=i):
                 m = mask_now["m"]
-                h = rows(args[0].reshape(m.shape[0], -1, args[0].shape[-1])[m], bias)
+                h = rows(real_rows(args[0], m), bias)
                 self.h_gram[i] = self.h_gram.get(i, 0) + h.T @ h
-                self.y[i].append(out.reshape(m.shape[0], -1, out.shape[-1])[m].detach().clone())
+                self.y[i].append(real_rows(out, m).detach().clone())
 
             handles.append(adapter.projection(layer, "in").register_forward_pre_hook(pre))
             handles.append(adapter.projection(layer, "out").register_forward_hook(post))
@@ -126,7 +126,7 @@ class Capture:
 
     def input_rows(self, i: int, bias: bool) -> torch.Tensor:
         """Layer i's FF inputs on real tokens, float64, with a ones column when the FF has biases."""
-        return torch.cat([rows(x.reshape(m.shape[0], -1, x.shape[-1])[m], bias) for x, m in zip(self.x[i], self.masks)])
+        return torch.cat([rows(real_rows(x, m), bias) for x, m in zip(self.x[i], self.masks)])
 
 
 @contextmanager

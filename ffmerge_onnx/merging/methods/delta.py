@@ -26,6 +26,7 @@ import torch
 
 from ...errors import InputError
 from ..calibration import run_batch
+from ..data import real_rows
 from .average import average
 from .common import RIDGE, Capture, MergeMethod, WindowFit, drifted_inputs, linear, rows, swapped
 from .refit import refit, sequential
@@ -156,7 +157,7 @@ def _refit_inputs(fit: WindowFit, cap: Capture, drifted: dict, shared: dict, pro
             b_s = shared.get(role + ".bias")
             stats = _Stats(bias)
             for x, xd, m in zip(cap.x[i], drifted[i], cap.masks):
-                x, xd = (t.reshape(m.shape[0], -1, t.shape[-1])[m].double() for t in (x, xd))
+                x, xd = (real_rows(t, m).double() for t in (x, xd))
                 target = x @ w_l.T + (b_l.double() if b_l is not None else 0)
                 stats.add(xd, target - xd @ w_s.T - (b_s.double() if b_s is not None else 0))
             cov, cross, mx, mr = stats.moments()
@@ -226,7 +227,7 @@ def _hidden_stats(fit: WindowFit, cap: Capture, shared: dict, deltas: dict) -> d
 
             def post(_m, args, _out, i=i):
                 m = cap.masks[state["batch"]]
-                h = rows(args[0].reshape(m.shape[0], -1, args[0].shape[-1])[m], False)
+                h = rows(real_rows(args[0], m), False)
                 merged = h @ w_out.T + (b_out.double() if b_out is not None else 0)
                 stats[i].add(h, cap.y[i][state["batch"]].double() - merged)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..calibration import run_batch
+from ..data import real_rows
 from .common import RIDGE, Capture, MergeMethod, WindowFit, drifted_inputs, rows, solve, store, swapped
 
 
@@ -51,7 +52,7 @@ def _refit_out(fit: WindowFit, cap: Capture, merged_in: dict, ridge: float) -> t
             def post(_m, args, _out, i=i):
                 nonlocal gram, cross
                 m = cap.masks[state["batch"]]
-                h = rows(args[0].reshape(m.shape[0], -1, args[0].shape[-1])[m], bias)
+                h = rows(real_rows(args[0], m), bias)
                 gram = gram + h.T @ h
                 cross = cross + h.T @ cap.y[i][state["batch"]].double()
 
