@@ -177,6 +177,7 @@ def _config(cls_name: str, **kwargs):
 
 _AUDIO = {"conv_dim": (16, 16), "conv_stride": (4, 4), "conv_kernel": (8, 8), "num_conv_pos_embeddings": 8,
           "num_conv_pos_embedding_groups": 2}  # fmt: skip
+_STAGES = {"image_size": 16, "patch_size": 2, "embed_dim": 16, "depths": [4, 4], "num_heads": [2, 4], "window_size": 2}
 # model types no reviewed adapter covers: their adapter is inferred from the loaded model
 INFERRED = {
     "distilbert": (_config("DistilBertConfig", dim=32, n_layers=4, n_heads=2, hidden_dim=48, vocab_size=VOCAB,
@@ -261,8 +262,9 @@ INFERRED = {
     "unispeech": (_config("UniSpeechConfig", **_COMMON, **_AUDIO), T.UniSpeechModel),
     "unispeech-sat": (_config("UniSpeechSatConfig", **_COMMON, **_AUDIO), T.UniSpeechSatModel),
     # stages of different widths (merges stay within a stage)
-    "swin": (_config("SwinConfig", image_size=16, patch_size=2, embed_dim=16, depths=[4, 4], num_heads=[2, 4],
-                     window_size=2), T.SwinModel),
+    "swin": (_config("SwinConfig", **_STAGES), T.SwinModel),
+    "swinv2": (_config("Swinv2Config", **_STAGES), T.Swinv2Model),
+    "donut-swin": (_config("DonutSwinConfig", **_STAGES), T.DonutSwinModel),
     # speech encoder-decoder: a log-mel spectrogram in, text out
     "whisper": (_config("WhisperConfig", **_SEQ2SEQ, num_mel_bins=16, max_source_positions=32,
                         max_target_positions=64), T.WhisperForConditionalGeneration),
