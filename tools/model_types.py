@@ -27,7 +27,7 @@ from ffmerge_onnx.pipeline import ExportOptions, export
 
 def variants(task: str) -> list[tuple[str, ExportOptions]]:
     out = [("fold", ExportOptions(compare=False)), ("gather", ExportOptions(mode="gather", compare=False))]
-    if task in ("causal-lm", "seq2seq-lm"):
+    if task in ("causal-lm", "seq2seq-lm", "speech-seq2seq"):
         out.append(("fold + KV cache", ExportOptions(kv_cache=True, compare=False)))
     return out
 

@@ -140,25 +140,17 @@ class _Encoder(nn.Module):
         return getattr(self.model(input_ids=input_ids, attention_mask=attention_mask), self.output)
 
 
-class _Vision(nn.Module):
-    def __init__(self, model):
+class _OneInput(nn.Module):
+    """Images (pixel_values) or a waveform (input_values) in: logits where the model has a head (classifiers,
+    CTC), else last_hidden_state. The ONNX input's name is the Part's."""
+
+    def __init__(self, model, name: str):
         super().__init__()
         self.model = model
+        self.name = name
 
-    def forward(self, pixel_values):
-        out = self.model(pixel_values=pixel_values)
-        return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
-
-
-class _Audio(nn.Module):
-    """A waveform in: last_hidden_state (encoders) or logits (CTC and classification heads)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_values):
-        out = self.model(input_values=input_values)
+    def forward(self, values):
+        out = self.model(**{self.name: values})
         return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
 
 
@@ -275,11 +267,19 @@ def parts_for(model: nn.Module, kv_cache: bool = False) -> list[Part]:
         size = model.config.image_size
         px = torch.randn(2, getattr(model.config, "num_channels", 3), size, size)
         out = "logits" if hasattr(model, "classifier") else "last_hidden_state"
-        return [Part("model.onnx", _Vision(model), {"pixel_values": px}, [out], {"pixel_values": {0: "batch_size"}})]
+        return [
+            Part(
+                "model.onnx",
+                _OneInput(model, "pixel_values"),
+                {"pixel_values": px},
+                [out],
+                {"pixel_values": {0: "batch_size"}},
+            )
+        ]
     if task == "audio-feature-extraction":
         samples = adapter_for(model).audio_samples(model.config, 24)
         out = "logits" if hasattr(model, "lm_head") or hasattr(model, "classifier") else "last_hidden_state"
-        return [Part("model.onnx", _Audio(model), {"input_values": torch.randn(2, samples)}, [out],
+        return [Part("model.onnx", _OneInput(model, "input_values"), {"input_values": torch.randn(2, samples)}, [out],
                      {"input_values": {0: "batch_size", 1: "audio_sequence_length"}})]  # fmt: skip
     if task == "speech-seq2seq":
         return _speech_seq2seq(model, kv_cache)
