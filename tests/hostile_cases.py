@@ -436,6 +436,7 @@ def cases(root: Path) -> list[tuple[str, object, type | None]]:
             E.CalibrationError,
         ),
         ("calibration images for a text model", lambda c: m(calibration=_image_folder(c)), E.CalibrationError),
+        ("calibration WAV folder for a text model", lambda c: m(calibration=_wav_folder(c)), E.CalibrationError),
         (
             "calibration float tensors for a text model",
             lambda c: m(calibration=tensors(c, "px.pt", torch.randn(4, 3, 8, 8))),
@@ -990,6 +991,12 @@ def _image_folder(c: Path) -> Path:
     (c / "img").mkdir()
     Image.new("RGB", (8, 8)).save(c / "img" / "a.png")
     return c / "img"
+
+
+def _wav_folder(c: Path) -> Path:
+    (c / "wav").mkdir()
+    (c / "wav" / "a.wav").write_bytes(b"RIFF")  # never read: the model takes text
+    return c / "wav"
 
 
 def _evil_pt(c: Path) -> Path:
