@@ -23,7 +23,7 @@ from pathlib import Path
 from torch import nn
 
 from . import distributed
-from .errors import CalibrationError, InputError, UnsupportedArchitectureError, ValidationFailed
+from .errors import CalibrationError, InputError, ValidationFailed
 from .families import adapter_for, modality, speech, task_of
 from .families.builtin import (
     DEFAULT_LAYERS,
@@ -470,10 +470,6 @@ def convert(
             log(f"warning: {warning}")
         loaded = load(spec, trust_remote_code, log)
         goal.check_goal_inputs(task_of(loaded.model), export_options.max_loss, export_options.eval_data)
-        if export_options.kv_cache and task_of(loaded.model) == "speech-seq2seq":
-            raise UnsupportedArchitectureError(
-                "--kv-cache is not available for speech encoder-decoders (Whisper) yet; convert without it."
-            )
         result = merge_and_recover(loaded, options, recovery, log)
         report = None
         if main:  # under torchrun rank 0 exports, validates and writes; the others wait for its report

@@ -166,21 +166,59 @@ class _SpectrogramEncoder(nn.Module):
 
 
 class SpeechDecoder(nn.Module):
-    """A speech encoder-decoder's decoder (Whisper: no encoder mask; the LM head is the output embeddings)."""
+    """A speech encoder-decoder's first decoder step (Whisper: no encoder mask); with `cache`, also returns
+    every layer's self and cross key/values."""
+
+    def __init__(self, model, cache: bool = False):
+        super().__init__()
+        self.model = model
+        self.cache = cache
+
+    def forward(self, input_ids, encoder_hidden_states):
+        decoder = self.model.get_decoder()
+        if not self.cache:
+            out = decoder(input_ids=input_ids, encoder_hidden_states=encoder_hidden_states, use_cache=False)
+            return _lm_logits(self.model, out.last_hidden_state)
+        from transformers import EncoderDecoderCache
+
+        cache = EncoderDecoderCache(_new_cache(self.model.config), _new_cache(self.model.config))
+        out = decoder(input_ids=input_ids, encoder_hidden_states=encoder_hidden_states, use_cache=True,
+                      **_cache_kwargs(decoder.forward, cache))  # fmt: skip
+        return (_lm_logits(self.model, out.last_hidden_state), *_flat_both(_cache_out(out)))
+
+
+class _SpeechDecoderWithPast(nn.Module):
+    """Later decoder steps of a speech encoder-decoder: cross-attention key/values come from the past."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, encoder_hidden_states):
-        out = self.model.get_decoder()(
-            input_ids=input_ids, encoder_hidden_states=encoder_hidden_states, use_cache=False
+    def forward(self, input_ids, past):
+        from transformers import EncoderDecoderCache
+
+        config, decoder = self.model.config, self.model.get_decoder()
+        cache = EncoderDecoderCache(
+            _new_cache(config, zip(past[0::4], past[1::4])), _new_cache(config, zip(past[2::4], past[3::4]))
         )
-        return self.model.get_output_embeddings()(out.last_hidden_state)
+        # only its shape is read: cross-attention takes its key/values from the cache
+        placeholder = torch.zeros(input_ids.shape[0], past[2].shape[2], config.d_model, dtype=past[0].dtype)
+        out = decoder(input_ids=input_ids, encoder_hidden_states=placeholder, use_cache=True,
+                      **_cache_kwargs(decoder.forward, cache))  # fmt: skip
+        return (_lm_logits(self.model, out.last_hidden_state), *_flat(_cache_out(out).self_attention_cache))
+
+
+def _flat_both(cache) -> list[torch.Tensor]:
+    """An encoder-decoder cache as self key, self value, cross key, cross value per layer."""
+    flat = []
+    for s, x in zip(cache.self_attention_cache.layers, cache.cross_attention_cache.layers):
+        flat += [s.keys, s.values, x.keys, x.values]
+    return flat
 
 
 def _lm_logits(model, hidden):
-    logits = model.lm_head(hidden)
+    head = getattr(model, "lm_head", None)
+    logits = (head if head is not None else model.get_output_embeddings())(hidden)
     bias = getattr(model, "final_logits_bias", None)
     return logits + bias if bias is not None else logits
 
@@ -214,11 +252,7 @@ class Seq2SeqDecoder(nn.Module):
             use_cache=True,
             **_cache_kwargs(decoder.forward, cache),
         )
-        c = _cache_out(out)
-        flat = []
-        for s, x in zip(c.self_attention_cache.layers, c.cross_attention_cache.layers):
-            flat += [s.keys, s.values, x.keys, x.values]
-        return (_lm_logits(self.model, out.last_hidden_state), *flat)
+        return (_lm_logits(self.model, out.last_hidden_state), *_flat_both(_cache_out(out)))
 
 
 class _Seq2SeqDecoderWithPast(nn.Module):
@@ -398,11 +432,9 @@ def _seq2seq(model, ids, mask, kv_cache: bool) -> list[Part]:
 
 
 def _speech_seq2seq(model, kv_cache: bool) -> list[Part]:
-    """optimum's layout for Whisper: encoder_model.onnx (a fixed-length spectrogram) and decoder_model.onnx."""
-    if kv_cache:
-        raise UnsupportedArchitectureError(
-            "--kv-cache is not available for speech encoder-decoders (Whisper) yet; export without it."
-        )
+    """optimum's layout for Whisper: encoder_model.onnx (a fixed-length spectrogram) and decoder_model.onnx;
+    with `kv_cache`, decoder_model.onnx also returns present key/values and decoder_with_past_model.onnx
+    takes them back (the encoder's side keeps its fixed length)."""
     config = model.config
     features = torch.randn(2, config.num_mel_bins, 2 * config.max_source_positions)
     encoder = _SpectrogramEncoder(model.get_encoder())
@@ -410,12 +442,30 @@ def _speech_seq2seq(model, kv_cache: bool) -> list[Part]:
         hidden = encoder(features)
     dec_example = {"input_ids": torch.randint(3, max(4, min(config.vocab_size, 1000)), (2, 5)),
                    "encoder_hidden_states": hidden}  # fmt: skip
-    return [
-        Part("encoder_model.onnx", encoder, {"input_features": features}, ["last_hidden_state"],
-             {"input_features": {0: "batch_size"}}),
-        Part("decoder_model.onnx", SpeechDecoder(model), dec_example, ["logits"],
-             {"input_ids": {0: "batch_size", 1: "decoder_sequence_length"}, "encoder_hidden_states": {0: "batch_size"}}),
-    ]  # fmt: skip
+    dec_dynamic = {
+        "input_ids": {0: "batch_size", 1: "decoder_sequence_length"},
+        "encoder_hidden_states": {0: "batch_size"},
+    }
+    enc_part = Part("encoder_model.onnx", encoder, {"input_features": features}, ["last_hidden_state"],
+                    {"input_features": {0: "batch_size"}})  # fmt: skip
+    if not kv_cache:
+        return [enc_part, Part("decoder_model.onnx", SpeechDecoder(model), dec_example, ["logits"], dec_dynamic)]
+    layers, heads, head_dim = _cache_shape(model, "decoder")
+    sides = [("decoder", "key"), ("decoder", "value"), ("encoder", "key"), ("encoder", "value")]
+    first = Part("decoder_model.onnx", SpeechDecoder(model, cache=True), dec_example,
+                 ["logits"] + [f"present.{i}.{s}.{kv}" for i in range(layers) for s, kv in sides], dec_dynamic,
+                 eager_attention=True)  # fmt: skip
+    example, dynamic = {"input_ids": dec_example["input_ids"][:, :2]}, {"input_ids": dec_dynamic["input_ids"]}
+    for i in range(layers):
+        for s, kv in sides:
+            n = 4 if s == "decoder" else hidden.shape[1]
+            example[f"past_key_values.{i}.{s}.{kv}"] = torch.randn(2, heads, n, head_dim)
+            axes = {0: "batch_size", 2: "past_decoder_sequence_length"} if s == "decoder" else {0: "batch_size"}
+            dynamic[f"past_key_values.{i}.{s}.{kv}"] = axes
+    with_past = Part("decoder_with_past_model.onnx", _SpeechDecoderWithPast(model), example,
+                     ["logits"] + [f"present.{i}.decoder.{kv}" for i in range(layers) for kv in KV], dynamic,
+                     past=4 * layers, eager_attention=True)  # fmt: skip
+    return [enc_part, first, with_past]
 
 
 def dynamic_shapes(part: Part) -> tuple:

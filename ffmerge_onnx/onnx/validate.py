@@ -19,7 +19,7 @@ from ..merging import load_merged
 from ..runtime import MALLOC_RECIPE, SESSION_SETTINGS, check_loads, open_session, session_entries
 from . import compare
 from .build import INFO
-from .export import Seq2SeqDecoder, parts_for
+from .export import Seq2SeqDecoder, SpeechDecoder, parts_for
 from .files import check_onnx, sharing
 from .precision import get_precision
 
@@ -105,6 +105,12 @@ def _model_past(model, part, feeds, past: int, g) -> dict[str, torch.Tensor]:
             **empty,
         }
         present = part.run(first)[1:]
+    elif modality(model.config) == "spectrogram":  # speech seq2seq: the same from a random spectrogram
+        config = model.config
+        spectrogram = torch.randn(batch, config.num_mel_bins, 2 * config.max_source_positions, generator=g)
+        with torch.no_grad():
+            hidden = model.get_encoder()(input_features=spectrogram).last_hidden_state
+            present = list(SpeechDecoder(model, cache=True)(prefix, hidden))[1:]
     else:  # seq2seq: the first decoder step gives self and cross key/values
         enc_mask = feeds["encoder_attention_mask"]
         src = torch.randint(3, vocab, enc_mask.shape, generator=g)

@@ -167,16 +167,57 @@ def _save_whisper(folder: Path) -> Path:
     return folder
 
 
-def test_speech_options_without_support_are_refused_before_any_work(tmp_path):
+def test_a_quality_goal_on_a_speech_model_is_refused_before_any_work(tmp_path, capsys):
     from ffmerge_onnx.cli import main
 
     model = _save_whisper(tmp_path / "wh")
-    for extra, message in (
-        (["--kv-cache"], "--kv-cache is not available"),
-        (["--max-loss", "0.1"], "no quality metric"),
-    ):
-        code = main(["convert", str(model), "--layers", "1-2", *extra, "-o", str(tmp_path / "out")])
-        assert code == 2 and not (tmp_path / "out").exists(), message
+    code = main(["convert", str(model), "--layers", "1-2", "--max-loss", "0.1", "-o", str(tmp_path / "out")])
+    assert code == 2 and not (tmp_path / "out").exists()
+    assert "no quality metric for speech-seq2seq" in " ".join(capsys.readouterr().err.split())
+
+
+@pytest.mark.slow  # three ONNX files and a greedy decode: ~60 s
+def test_whisper_with_kv_cache_decodes_like_pytorch(tmp_path):
+    import onnxruntime as ort
+
+    from ffmerge_onnx.onnx.build import BuildOptions
+    from ffmerge_onnx.onnx.build import build as build_onnx
+    from ffmerge_onnx.onnx.files import sharing
+    from ffmerge_onnx.onnx.validate import check_outputs
+    from ffmerge_onnx.runtime import session_settings
+
+    model = build("whisper")
+    result = merge(model, [Window(s, 1, 2) for s in ("encoder", "decoder")], calibration=calibration(model),
+                   progress=False)  # fmt: skip
+    built = build_onnx(result, tmp_path, BuildOptions(kv_cache=True))
+    files = [f for f in built.files if f.endswith(".onnx")]
+    assert files == ["encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx"]
+    assert all(sharing(tmp_path / f)["duplicated_tensors"] == 0 for f in files)
+    check = check_outputs(tmp_path, model, "cpu", session_settings("fold")["session_config_entries"], kv_cache=True)
+    assert check.status == "pass", check.detail
+    assert {tuple(r["case"]) for r in check.detail["rows"]} >= {(1, 7, 0), (3, 1, 32)}
+    # greedy decoding: the ONNX files with the cache against PyTorch without it
+    g = torch.Generator().manual_seed(4)
+    features = torch.randn(1, 16, 64, generator=g)
+    tokens = torch.randint(3, 90, (1, 2), generator=g)
+    enc, first, later = (ort.InferenceSession(str(tmp_path / f)) for f in files)
+    hidden = enc.run(None, {"input_features": features.numpy()})[0]
+    out = first.run(None, {"input_ids": tokens.numpy(), "encoder_hidden_states": hidden})
+    names = [i.name for i in later.get_inputs()][1:]
+    past = dict(zip(names, out[1:]))
+    self_names = [n for n in names if ".decoder." in n]
+    got, expected = [], []
+    for _ in range(6):
+        with torch.no_grad():
+            ref = model(input_features=features, decoder_input_ids=tokens, use_cache=False).logits[0, -1]
+        expected.append(ref.numpy())
+        got.append(out[0][0, -1])
+        nxt = int(ref.argmax())
+        tokens = torch.cat([tokens, torch.tensor([[nxt]])], 1)
+        out = later.run(None, {"input_ids": np.array([[nxt]], dtype=np.int64), **past})
+        past.update(zip(self_names, out[1:]))
+    assert [int(a.argmax()) for a in got] == [int(a.argmax()) for a in expected]
+    np.testing.assert_allclose(np.stack(got), np.stack(expected), atol=1e-4, rtol=0)
 
 
 @pytest.mark.slow  # Whisper's processor, the built-in audio with BBC transcripts, two ONNX files: ~80 s
