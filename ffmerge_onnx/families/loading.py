@@ -190,12 +190,13 @@ def load_model(spec: str, *, trust_remote_code: bool = False) -> nn.Module:
     return model
 
 
-def _has_feature_extractor(where: str, kwargs: dict) -> bool:
+def _has_audio_features(where: str, kwargs: dict) -> bool:
+    """Whether an audio feature extractor (it has a sampling rate) lies beside the model."""
     try:
-        transformers.AutoFeatureExtractor.from_pretrained(where, **kwargs)
+        found = transformers.AutoFeatureExtractor.from_pretrained(where, **kwargs)
     except (OSError, ValueError, KeyError, TypeError):
         return False
-    return True
+    return hasattr(found, "sampling_rate")
 
 
 def load_preprocessor(spec: str):
@@ -210,7 +211,7 @@ def load_preprocessor(spec: str):
         # transformers may build a tokenizer with an empty vocabulary when its files are missing
         if loader is transformers.AutoTokenizer and len(found) < 2:
             continue
-        if loader is transformers.AutoTokenizer and _has_feature_extractor(where, kwargs):
+        if loader is transformers.AutoTokenizer and _has_audio_features(where, kwargs):
             return transformers.AutoProcessor.from_pretrained(where, **kwargs)  # speech: features + text
         return found
     return None

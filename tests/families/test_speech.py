@@ -233,3 +233,17 @@ def test_convert_a_speech_encoder_decoder_on_the_built_in_audio(tmp_path):
     assert (out / "encoder_model.onnx").is_file() and (out / "decoder_model.onnx").is_file()
     calibrated = json.loads((out / "reference" / "ffmerge.json").read_text())["calibration"]
     assert calibrated["kind"] == "speech" and calibrated["tokens"] >= 640 and calibrated["decoder_tokens"] > 0
+
+
+def test_a_speech_models_preprocessor_holds_features_and_tokenizer_and_a_text_models_stays_a_tokenizer(tmp_path):
+    from tiny_models import word_tokenizer
+
+    from ffmerge_onnx.families.loading import load_preprocessor
+
+    found = load_preprocessor(str(_save_whisper(tmp_path / "wh")))
+    assert hasattr(found.feature_extractor, "sampling_rate") and found.tokenizer("w5 w6")["input_ids"]
+    build("bert").save_pretrained(tmp_path / "bert")  # a tokenizer beside an image processor (CLIP-style)
+    word_tokenizer().save_pretrained(tmp_path / "bert")
+    T.ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(tmp_path / "bert")
+    found = load_preprocessor(str(tmp_path / "bert"))
+    assert found.pad_token_id == 0 and not hasattr(found, "feature_extractor")
