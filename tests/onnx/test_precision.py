@@ -33,7 +33,7 @@ def merged(model_type="llama", start=1, end=3):
     "name, mode",
     [
         pytest.param("fp16", "fold", marks=pytest.mark.slow),
-        ("int8", "fold"),
+        pytest.param("int8", "fold", marks=pytest.mark.slow),  # every precision in the full suite
         pytest.param("int8-dynamic", "fold", marks=pytest.mark.slow),
         pytest.param("int4", "fold", marks=pytest.mark.slow),
         pytest.param("int4", "gather", marks=pytest.mark.slow),  # Gemm(transA) output projections

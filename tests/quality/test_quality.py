@@ -228,6 +228,7 @@ def test_evaluate_and_search_cli(tmp_path):
     )  # neither --merge-count nor --reduction
 
 
+@pytest.mark.slow  # quick subset under 3 minutes
 def test_evaluate_image_accuracy_on_pytorch_and_onnx(tmp_path):
     """Image classifiers: accuracy over class subfolders, the same on the merged checkpoint and its export."""
     import json
