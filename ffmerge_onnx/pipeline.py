@@ -211,7 +211,7 @@ def _builtin_audio(loaded: Loaded, folder: Path, split: str, frames: int) -> Pat
         seconds, per_clip, texts = 4.0, adapter_for(loaded.model).audio_frames(config, 4 * speech.RATE), ()
     else:
         window = getattr(getattr(loaded.preprocessor, "feature_extractor", None), "chunk_length", 30)
-        seconds, per_clip = float(window), int(config.max_source_positions)
+        seconds, per_clip = float(window), adapter_for(loaded.model).spectrogram_positions(config)
         if not bbc_articles():
             raise CalibrationError("No transcripts for the built-in audio: pass --calibration PATH.")
         texts = speech.transcripts_from([p.read_text(errors="replace") for p in bbc_articles(split)])

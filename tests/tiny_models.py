@@ -311,7 +311,7 @@ def build(model_type: str, seed: int = 0, scale: float = 0.2, gentle: bool = Fal
 def inputs(model, batch: int = 2, seq: int = 9, seed: int = 1) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     cfg = model.config
-    if hasattr(cfg, "image_size") and hasattr(cfg, "patch_size"):
+    if modality(cfg) == "image":
         return {"pixel_values": torch.randn(batch, 3, cfg.image_size, cfg.image_size, generator=g)}
     if modality(cfg) == "audio":  # a waveform of `seq` frames
         return {"input_values": torch.randn(batch, Adapter.audio_samples(cfg, seq), generator=g)}

@@ -177,10 +177,9 @@ class Adapter:
         return max(0, samples)
 
     @staticmethod
-    def spectrogram_frames(config, frames: int) -> int:
-        """Encoder positions a log-mel spectrogram of `frames` frames becomes (Whisper's two convs, the
-        second of stride 2)."""
-        return (frames + 1) // 2
+    def spectrogram_positions(config) -> int:
+        """Encoder positions one clip becomes (Whisper: a fixed window; its spectrogram has twice as many frames)."""
+        return int(config.max_source_positions)
 
     @staticmethod
     def audio_samples(config, frames: int) -> int:

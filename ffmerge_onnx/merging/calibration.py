@@ -109,7 +109,7 @@ def tokens_per_item(model: nn.Module, batch: dict[str, torch.Tensor], stack: str
     if "input_values" in batch:  # a waveform: frames of the conv feature encoder
         return adapter_for(model).audio_frames(model.config, batch["input_values"].shape[1])
     if "input_features" in batch and stack == "encoder":  # a spectrogram: the encoder's positions
-        return adapter_for(model).spectrogram_frames(model.config, batch["input_features"].shape[-1])
+        return adapter_for(model).spectrogram_positions(model.config)
     key = "decoder_input_ids" if stack == "decoder" and "decoder_input_ids" in batch else "input_ids"
     return batch[key].shape[1]
 

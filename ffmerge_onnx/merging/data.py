@@ -224,7 +224,7 @@ def from_audio(path: Path, processor, config, budget: int, batch_size: int = 8, 
         if frames >= budget:
             break
         clip = read_wav(f, features.sampling_rate)
-        n = int(config.max_source_positions) if spectrogram else adapter.audio_frames(config, len(clip))
+        n = adapter.spectrogram_positions(config) if spectrogram else adapter.audio_frames(config, len(clip))
         if n < 1:
             continue
         clips.append((f, clip))
@@ -267,7 +267,7 @@ def _spectrogram_batches(path, clips, features, tokenizer, config, batch_size: i
         batch["decoder_attention_mask"] = batch.pop("attention_mask")
         batches.append(batch)
         decoded += int(batch["decoder_attention_mask"].sum())
-    tokens = len(clips) * int(config.max_source_positions)
+    tokens = len(clips) * adapter_for(config).spectrogram_positions(config)
     return Calibration(batches, tokens, {"kind": "speech", "source": str(path), "clips": len(clips), "tokens": tokens,
                                          "decoder_tokens": decoded})  # fmt: skip
 

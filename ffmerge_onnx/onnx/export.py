@@ -431,12 +431,18 @@ def _seq2seq(model, ids, mask, kv_cache: bool) -> list[Part]:
     return [enc_part, first, with_past]
 
 
+def random_spectrogram(config, batch: int, generator=None) -> torch.Tensor:
+    """Random log-mel input_features of the encoder's fixed window."""
+    frames = 2 * adapter_for(config).spectrogram_positions(config)
+    return torch.randn(batch, config.num_mel_bins, frames, generator=generator)
+
+
 def _speech_seq2seq(model, kv_cache: bool) -> list[Part]:
     """optimum's layout for Whisper: encoder_model.onnx (a fixed-length spectrogram) and decoder_model.onnx;
     with `kv_cache`, decoder_model.onnx also returns present key/values and decoder_with_past_model.onnx
     takes them back (the encoder's side keeps its fixed length)."""
     config = model.config
-    features = torch.randn(2, config.num_mel_bins, 2 * config.max_source_positions)
+    features = random_spectrogram(config, 2)
     encoder = _SpectrogramEncoder(model.get_encoder())
     with torch.no_grad():
         hidden = encoder(features)

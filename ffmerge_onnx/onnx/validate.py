@@ -19,7 +19,7 @@ from ..merging import load_merged
 from ..runtime import MALLOC_RECIPE, SESSION_SETTINGS, check_loads, open_session, session_entries
 from . import compare
 from .build import INFO
-from .export import Seq2SeqDecoder, SpeechDecoder, parts_for
+from .export import Seq2SeqDecoder, SpeechDecoder, parts_for, random_spectrogram
 from .files import check_onnx, sharing
 from .precision import get_precision
 
@@ -74,8 +74,7 @@ def feeds_for(model, part, batch: int, seq: int, past: int = 0, seed: int = 0) -
         elif name == "position_ids":
             feeds[name] = torch.arange(past, past + shape[1]).expand(shape).contiguous()
         elif name == "encoder_hidden_states" and modality(model.config) == "spectrogram":
-            config = model.config
-            spectrogram = torch.randn(shape[0], config.num_mel_bins, 2 * config.max_source_positions, generator=g)
+            spectrogram = random_spectrogram(model.config, shape[0], g)
             with torch.no_grad():
                 feeds[name] = model.get_encoder()(input_features=spectrogram).last_hidden_state
         elif name == "encoder_hidden_states":
@@ -106,8 +105,7 @@ def _model_past(model, part, feeds, past: int, g) -> dict[str, torch.Tensor]:
         }
         present = part.run(first)[1:]
     elif modality(model.config) == "spectrogram":  # speech seq2seq: the same from a random spectrogram
-        config = model.config
-        spectrogram = torch.randn(batch, config.num_mel_bins, 2 * config.max_source_positions, generator=g)
+        spectrogram = random_spectrogram(model.config, batch, g)
         with torch.no_grad():
             hidden = model.get_encoder()(input_features=spectrogram).last_hidden_state
             present = list(SpeechDecoder(model, cache=True)(prefix, hidden))[1:]
