@@ -8,7 +8,11 @@ Linear block replacement (the ReplaceMe / LLM-Streamline family): remove layers 
 put one linear map in their place, fitted by least squares on the calibration residual stream: the
 hidden state entering layer a, [h, 1], onto the hidden state leaving layer b. No training. It adds
 d^2 + d parameters; the model's code is not changed: the map runs as a forward pre-hook on the first
-layer after the gap (or as a forward hook on the last layer before it, when the gap ends the stack)."""
+layer after the gap (or as a forward hook on the last layer before it, when the gap ends the stack).
+
+Skip corrections (a probe of what a merge plus per-layer linear maps can recover, not a shipped method):
+after a merge, each layer of the window gets its own d x d map from its FF input to its FF output,
+fitted by least squares to the residual stream's drift from the original, layer by layer."""
 
 from __future__ import annotations
 
@@ -149,3 +153,70 @@ def influence_drop(model: nn.Module, stack: str, count: int, calibration: Calibr
     bi = block_influence(layer_inputs(model, calibration, stack), n)
     dropped = sorted(sorted(range(n), key=lambda i: bi[i])[:count])
     return {"model": drop_layers(copy.deepcopy(model), stack, dropped).model, "dropped": dropped, "influence": bi}
+
+
+class SkipCorrection(nn.Module):
+    """A layer's own linear map from its FF input to its FF output: out_projection(h) + x W^T + b."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+        self.bias = nn.Parameter(bias)
+        self.seen: torch.Tensor | None = None  # the FF input of the current forward
+
+    def remember(self, _m, args):
+        self.seen = args[0]
+
+    def add(self, _m, _args, output):
+        return output + nn.functional.linear(self.seen, self.weight, self.bias)
+
+
+def _ff_rows(model: nn.Module, stack: str, i: int, calibration: Calibration):
+    """Real tokens of layer i, float64: its FF input and the hidden state it leaves behind."""
+    adapter = adapter_for(model)
+    layer = adapter.layers(model, stack)[i]
+    xs, hs, mask = [], [], {}
+    handles = [
+        adapter.projection(layer, "in").register_forward_pre_hook(
+            lambda _m, args: xs.append(_tokens(args[0], mask["m"]))
+        ),
+        layer.register_forward_hook(
+            lambda _m, _a, out: hs.append(_tokens(out[0] if isinstance(out, tuple) else out, mask["m"]))
+        ),
+    ]
+    try:
+        with torch.no_grad():
+            for batch in calibration.batches:
+                first = batch.get("input_ids", batch.get("pixel_values"))
+                mask["m"] = token_mask(batch, stack, first.shape[1]) if first.dim() == 2 else None
+                run_batch(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return torch.cat(xs), torch.cat(hs)
+
+
+def skip_corrections(
+    merged: nn.Module, original: nn.Module, stack: str, layers: list[int], calibration: Calibration
+) -> list[float]:
+    """Give each layer of `layers` (in order, in place) a SkipCorrection fitted by least squares: from the FF
+    input the merged model really gives it, to the original's hidden state leaving the layer minus the
+    merged one's (the residual stream's drift, attention included). d^2 + d parameters per layer. Returns
+    each layer's unexplained fraction of the drift on the calibration tokens."""
+    adapter = adapter_for(merged)
+    target = layer_inputs(original, calibration, stack)
+    left = []
+    for i in layers:
+        x, h = _ff_rows(merged, stack, i, calibration)
+        y = torch.cat([b[i + 1] for b in target]) - h
+        x1 = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+        gram = x1.T @ x1
+        lam = RIDGE * float(gram.diagonal().mean())
+        sol = torch.linalg.solve(gram + lam * torch.eye(len(gram), dtype=gram.dtype), x1.T @ y)
+        left.append(float((y - x1 @ sol).pow(2).sum() / y.pow(2).sum().clamp_min(1e-30)))
+        layer = adapter.layers(merged, stack)[i]
+        skip = SkipCorrection(sol[:-1].T.float().contiguous(), sol[-1].float().contiguous())
+        layer.ffmerge_skip = skip  # a submodule: counted by num_parameters()
+        adapter.projection(layer, "in").register_forward_pre_hook(skip.remember)
+        adapter.projection(layer, "out").register_forward_hook(skip.add)
+    return left

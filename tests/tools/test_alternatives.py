@@ -12,9 +12,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 
-from alternatives import best_replacement, fit_map, influence_drop, layer_inputs, replace_block
+from alternatives import best_replacement, fit_map, influence_drop, layer_inputs, replace_block, skip_corrections
 
-from ffmerge_onnx import adapter_for
+from ffmerge_onnx import Window, adapter_for, merge
 from ffmerge_onnx.quality.search import fidelity
 
 
@@ -69,3 +69,25 @@ def test_block_influence_drops_the_silent_layers_wherever_they_are():
     x = tm.inputs(model)
     assert torch.allclose(tm.output(found["model"], x), tm.output(model, x), atol=1e-4)
     assert adapter_for(model).num_layers(model, "decoder") == 4  # the model itself is not changed
+
+
+def _exit_drift(merged, original, cal, end: int) -> float:
+    a, b = layer_inputs(merged, cal, "decoder"), layer_inputs(original, cal, "decoder")
+    return float(sum((x[end + 1] - y[end + 1]).pow(2).sum() for x, y in zip(a, b)))
+
+
+def test_skip_corrections_are_zero_without_drift_and_shrink_a_merges_drift():
+    model = tm.build("llama")
+    cal = tm.calibration(model, n=64)
+    same = copy.deepcopy(model)  # nothing merged: nothing to correct
+    left = skip_corrections(same, model, "decoder", [1, 2], cal)
+    assert left == [0.0, 0.0]
+    for i in (1, 2):
+        skip = adapter_for(same).layers(same, "decoder")[i].ffmerge_skip
+        assert skip.weight.abs().max() < 1e-5 and skip.bias.abs().max() < 1e-5
+    merged = merge(copy.deepcopy(model), [Window("decoder", 1, 2)], calibration=cal, progress=False).model
+    before, params = _exit_drift(merged, model, cal, 2), merged.num_parameters()
+    left = skip_corrections(merged, model, "decoder", [1, 2], cal)
+    assert merged.num_parameters() == params + 2 * (32 * 32 + 32)
+    assert all(0 < v < 1 for v in left)
+    assert _exit_drift(merged, model, cal, 2) < 0.8 * before  # least squares: never above; 0.64 measured
