@@ -3,7 +3,8 @@ recovery: linear replacement of the best block of n layers (least squares on the
 stream, tools/alternatives.py), dropping the best n adjacent layers, dropping the n layers of least block
 influence (ShortGPT), plain merges, the automatic choice of `convert --reduction F` (--auto F: windows and
 method chosen on the validation split, quality/plan.py), and the `delta` merge (shared FF plus per-layer
-low-rank corrections) at several budgets and both initialisations; with --steps, each
+low-rank corrections) at several budgets and both initialisations; with --skip, each merge also with a
+per-layer d x d skip correction fitted to its residual-stream drift (a probe, tools/alternatives.py); with --steps, each
 also after the same recovery fine-tune (everything trained, including the linear map). Same benchmarks
 as tools/compare_quality.py (test data only for scoring; positions chosen on the validation split).
 Writes alternatives.md / .json to --out.
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import copy
+import dataclasses
 import json
 import shutil
 import sys
@@ -32,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # compare_quality, alternatives (tools/, not shipped)
 
-from alternatives import best_replacement, fit_map, influence_drop, replace_block
+from alternatives import best_replacement, fit_map, influence_drop, replace_block, skip_corrections
 from compare_quality import bench_for
 
 from ffmerge_onnx import MergeResult, Window, adapter_for, drop_layers, merge
@@ -57,6 +59,7 @@ def main() -> None:
     ap.add_argument("--delta-base", default="regmean")
     ap.add_argument("--delta-projections", default="all")
     ap.add_argument("--delta-rounds", type=int, default=0, help="refits on the drifted inputs (0: none)")
+    ap.add_argument("--skip", action="store_true", help="also each merge plus per-layer skip corrections")
     ap.add_argument("--calibration-tokens", type=int, default=10_000)
     ap.add_argument("--eval-tokens", type=int, default=4_000)
     ap.add_argument("--shakespeare-tokens", type=int, default=0)
@@ -105,6 +108,15 @@ def main() -> None:
         where = ", ".join(f"{x}-{y} {m}" for (x, y), m in zip(chosen.windows, chosen.methods))
         row(name, where, merged, time.time() - started, plan=chosen.to_dict())
 
+    def merged_rows(name: str, where: str, merged: MergeResult, started: float, layers: list[int], **extra) -> None:
+        skipped = dataclasses.replace(merged, model=copy.deepcopy(merged.model)) if a.skip else None
+        row(name, where, merged, time.time() - started, **extra)
+        if skipped is not None:
+            t = time.time()
+            left = skip_corrections(skipped.model, original, stack, layers, bench.cal)
+            row(f"{name} + skip", where, skipped, time.time() - started, unexplained=left, skip_seconds=time.time() - t,
+                **extra)  # fmt: skip
+
     row("original", "-", original, 0.0)
     for reduction in [float(x) for x in a.auto.split(",") if x]:
         t = time.time()
@@ -134,10 +146,11 @@ def main() -> None:
     for w in parse_windows(a.windows, stack) if a.windows else []:
         windows = [Window(s, w.start, w.end) for s in adapter.stack_names()]
         where = f"{w.start}-{w.end}"
+        layers = list(range(w.start, w.end + 1))
         for method in [m for m in a.methods.split(",") if m]:
             t = time.time()
             merged = merge(copy.deepcopy(original), windows, calibration=bench.cal, method=method, progress=False)
-            row(method, where, merged, time.time() - t)
+            merged_rows(method, where, merged, t, layers)
         for budget in [float(b) for b in a.budgets.split(",") if b]:
             for init in a.inits.split(","):
                 t = time.time()
@@ -146,7 +159,7 @@ def main() -> None:
                 merged = merge(copy.deepcopy(original), windows, calibration=bench.cal, method="delta",
                                params=params, progress=False)  # fmt: skip
                 rank = merged.manifest.windows[0].deltas
-                row(f"delta {init}, budget {budget:g}", where, merged, time.time() - t, rank=rank)
+                merged_rows(f"delta {init}, budget {budget:g}", where, merged, t, layers, rank=rank)
     write(a, bench, rows)
 
 

@@ -3,6 +3,7 @@ batches holding exactly the token budget (padding excluded; an audio frame is a 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,14 +156,45 @@ def from_text(
     )
 
 
-def from_images(path: Path, processor, budget: int, tokens_per_image: int, batch_size: int = 16) -> Calibration:
+def class_id(name: str, label2id: dict[str, int]) -> int | None:
+    """The class a name stands for: one of the model's class names (config label2id) or a class id
+    (a folder cannot be named after every class, e.g. "T-shirt/top")."""
+    if name in label2id:
+        return label2id[name]
+    if name.isdigit() and int(name) in set(label2id.values()):
+        return int(name)
+    return None
+
+
+def image_files(path: Path) -> list[Path]:
+    """The images under path, taken in turn from each folder that holds some (class subfolders interleaved,
+    so any prefix of the list is balanced), sorted within each."""
+    groups: dict[Path, list[Path]] = {}
+    for p in sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+        groups.setdefault(p.parent, []).append(p)
+    lists = list(groups.values())
+    return [g[i] for i in range(max(map(len, lists), default=0)) for g in lists if i < len(g)]
+
+
+def image_labels(path: Path, files: list[Path], label2id: dict[str, int] | None) -> list[int] | None:
+    """Class ids when every image sits in a subfolder of path named after one of the model's classes."""
+    if not label2id:
+        return None
+    ids = [class_id(f.parent.name, label2id) if f.parent.parent == path else None for f in files]
+    return None if None in ids else ids
+
+
+def from_images(
+    path: Path, processor, budget: int, tokens_per_image: int, batch_size: int = 16, label2id=None
+) -> Calibration:
+    """Image batches; with `labels` when the images are in class subfolders (path/<class name or id>/*)."""
     from PIL import Image
 
     if processor is None:
         raise CalibrationError(
             "Image calibration needs the model's image processor (preprocessor_config.json) next to the model."
         )
-    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = image_files(path)
     needed = -(-budget // tokens_per_image)
     if len(files) < needed:
         raise CalibrationError(
@@ -170,16 +202,17 @@ def from_images(path: Path, processor, budget: int, tokens_per_image: int, batch
             f"({tokens_per_image} patches each). Add images or lower --calibration-tokens."
         )
     files = files[:needed]
+    labels = image_labels(path, files, label2id)
     mode = "L" if len(getattr(processor, "image_mean", None) or [0, 0, 0]) == 1 else "RGB"  # 1-channel models
     batches = []
     for i in range(0, len(files), batch_size):
         images = [Image.open(f).convert(mode) for f in files[i : i + batch_size]]
-        batches.append({"pixel_values": processor(images=images, return_tensors="pt")["pixel_values"]})
-    return Calibration(
-        batches,
-        needed * tokens_per_image,
-        {"kind": "images", "source": str(path), "images": needed, "tokens": needed * tokens_per_image},
-    )
+        batch = {"pixel_values": processor(images=images, return_tensors="pt")["pixel_values"]}
+        if labels is not None:
+            batch["labels"] = torch.tensor(labels[i : i + batch_size])
+        batches.append(batch)
+    info = {"kind": "images", "source": str(path), "images": needed, "tokens": needed * tokens_per_image}
+    return Calibration(batches, needed * tokens_per_image, {**info, "labelled": labels is not None})
 
 
 def read_wav(path: Path, rate: int):
@@ -363,7 +396,8 @@ def load_calibration(
     if suffixes & IMAGE_SUFFIXES:
         if kind != "image":
             raise CalibrationError(f"{path} holds images but the model takes {reads}.")
-        return from_images(path, processor, budget, adapter.image_tokens(config), batch_size)
+        labels = config.label2id if "labels" in inspect.signature(model.forward).parameters else None  # a classifier
+        return from_images(path, processor, budget, adapter.image_tokens(config), batch_size, labels)
     if suffixes & AUDIO_SUFFIXES:
         if reads != "audio":
             raise CalibrationError(f"{path} holds audio but the model takes {reads}.")

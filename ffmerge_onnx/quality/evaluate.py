@@ -13,7 +13,7 @@ from ..families import adapter_for, task_of
 from ..families.builtin import bbc_articles, fashion_mnist
 from ..families.loading import load_model, load_preprocessor
 from ..merging import load_merged
-from ..merging.data import IMAGE_SUFFIXES, nonblank_lines, read_texts
+from ..merging.data import IMAGE_SUFFIXES, class_id, nonblank_lines, read_texts
 from ..merging.manifest import MANIFEST_NAME
 from .metrics import (
     cosine_fidelity,
@@ -31,22 +31,19 @@ from .translate import read_pairs, translate
 def read_labelled(path: Path, label2id: dict[str, int]) -> tuple[list[str], list[int]]:
     """Texts and class ids from a TSV file, `text<TAB>label` per line; a label is one of the model's
     class names (config label2id) or a class id."""
-    ids = set(label2id.values())
     texts, labels = [], []
     for n, line in nonblank_lines(path, "labelled texts"):
         text, tab, label = line.rpartition("\t")
         if not tab or not text.strip():
             raise InputError(f"{path}:{n}: expected `text<TAB>label`.")
         label = label.strip()
-        if label in label2id:
-            labels.append(label2id[label])
-        elif label.isdigit() and int(label) in ids:
-            labels.append(int(label))
-        else:
+        found = class_id(label, label2id)
+        if found is None:
             raise InputError(
                 f"{path}:{n}: label {label!r} is not one of the model's classes "
-                f"{sorted(label2id)} (or ids {sorted(ids)})."
+                f"{sorted(label2id)} (or ids {sorted(set(label2id.values()))})."
             )
+        labels.append(found)
         texts.append(text)
     return texts, labels
 
@@ -116,19 +113,21 @@ def _preprocessor(folder: Path, task: str):
 
 
 def image_folder(path: Path, label2id: dict[str, int]) -> tuple[list, list[int]]:
-    """Images in class subfolders (path/<class name>/*.png), labels from the model's label2id."""
+    """Images in class subfolders (path/<class name or id>/*.png), labels from the model's label2id."""
     from PIL import Image
 
     images, labels = [], []
     for sub in sorted(p for p in Path(path).iterdir() if p.is_dir()):
-        if sub.name not in label2id:
+        label = class_id(sub.name, label2id)
+        if label is None:
             raise InputError(
-                f"{sub.name} is not one of the model's classes {sorted(label2id)}; name each subfolder after a class."
+                f"{sub.name} is not one of the model's classes {sorted(label2id)} (or ids "
+                f"{sorted(set(label2id.values()))}); name each subfolder after a class or its id."
             )
         for f in sorted(q for q in sub.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES):
             with Image.open(f) as im:
                 images.append(im.copy())
-            labels.append(label2id[sub.name])
+            labels.append(label)
     if not images:
         raise InputError(f"No images found in class subfolders of {path}.")
     return images, labels
