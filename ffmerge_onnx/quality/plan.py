@@ -4,8 +4,9 @@ Windows: the fewest FF sublayers whose removal takes away at least F of the para
 away (per stack for seq2seq models). Sets of one to MAX_WINDOWS non-overlapping windows that do it
 are ranked by their alignment score (mean matched neuron correlation of each merged layer to its
 window's anchor, one calibration pass that also aligns every candidate). The best set for each number
-of windows, then the next best, SCREEN sets in all, are screened: merged by plain averaging with those
-alignments and scored on a quarter of the validation data. The `top` best of the screen are merged with
+of windows, then the next best, SCREEN sets in all, and single windows at up to SCREEN evenly spaced
+depths (alignment favours the late layers, which are not always the cheapest to merge) are screened:
+merged by plain averaging with those alignments and scored on a quarter of the validation data. The `top` best of the screen are merged with
 a fitted method and scored on all of it. Method: each window of the best set is merged alone with every
 candidate method and scored on validation; the best per window wins, unless the uniform merge scores
 better. Only calibration and validation data are read here: held-out evaluation data never enters a
@@ -166,6 +167,13 @@ def shortlist(ranked: list[tuple], top: int) -> list[tuple]:
     return picked
 
 
+def spread(n: int, m: int, score: Callable[[Span], float], count: int) -> list[tuple]:
+    """Single windows merging away m of n layers at up to `count` evenly spaced starts, as (alignment, windows)
+    like window_sets' rows."""
+    starts = sorted({int(x + 0.5) for x in np.linspace(0, n - m - 1, min(count, n - m))})
+    return [(score((a, a + m)) / m, ((a, a + m),)) for a in starts]
+
+
 def choose(
     start: nn.Module | MergeResult,
     calibration: Calibration,
@@ -228,9 +236,11 @@ def choose(
         pairs = {p for a in range(n) for b in range(a + 1, min(n, a + m + 1)) for p in window_pairs(a, b, anchor)}
         log(f"windows: merging away {m} FF sublayer(s) per stack; ranking window sets by neuron alignment")
         found = pair_matches(model, calibration, stacks[-1], pairs, progress)
-        ranked = window_sets(n, m, lambda w: sum(found[p].score for p in window_pairs(*w, anchor)))
+        set_score = lambda w: sum(found[p].score for p in window_pairs(*w, anchor))
+        candidates = shortlist(window_sets(n, m, set_score), max(SCREEN, top))
+        candidates += [c for c in spread(n, m, set_score, SCREEN) if c[1] not in {ws for _, ws in candidates}]
         if len(stacks) == 1:  # the ranking pass aligned every candidate window already: the trials reuse it
-            for _, spans in ranked:
+            for _, spans in candidates:
                 for a, b in spans:
                     d = adapter_for(model).ff_dim(adapter_for(model).layers(model, stacks[0])[a])
                     key = (Window(stacks[0], a, b), anchor, align)
@@ -238,7 +248,7 @@ def choose(
                         i: Match(np.arange(d), 1.0) if i == c else found[(c, i)] for c, i in _anchored(a, b, anchor)
                     }
         screened = []
-        for align_score, spans in track(shortlist(ranked, max(SCREEN, top)), "screening", enabled=progress):
+        for align_score, spans in track(candidates, "screening", enabled=progress):
             value = float(quick_score(trial(list(spans), [SCREEN_METHOD] * len(spans), together=True)))
             screened.append(Trial("screen", list(spans), [SCREEN_METHOD] * len(spans), value, align_score))
         plan.trials += screened

@@ -33,6 +33,14 @@ def test_window_sets_cover_every_split_of_the_merged_away_layers():
     assert [ws for _, ws in plan.shortlist(ranked, 2)] == [((0, 1), (2, 3)), ((2, 4),)]
 
 
+def test_spread_screens_single_windows_at_every_depth():
+    rows = plan.spread(30, 3, lambda w: float(w[0]), 12)
+    starts = [ws[0][0] for _, ws in rows]
+    assert starts[0] == 0 and starts[-1] == 26 and len(starts) == 12 and starts == sorted(set(starts))
+    assert all(ws == ((a, a + 3),) and value == a / 3 for (value, ws), a in zip(rows, starts))
+    assert [ws for _, ws in plan.spread(5, 2, lambda w: 0.0, 12)] == [((0, 2),), ((1, 3),), ((2, 4),)]
+
+
 def test_layers_needed_removes_at_least_the_reduction():
     model = tm.build("gpt2")
     per_layer = ff_param_count(model, "decoder")
