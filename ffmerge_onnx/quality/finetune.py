@@ -495,9 +495,8 @@ def recover(
     model = result.model
     score, higher, name = default_score(original, validation)
     task = task_of(model)
-    if objective is None:
-        labelled = task == "image-classification" and "labels" in batches[0]
-        objective = "lm" if task == "causal-lm" else "classify" if labelled else "distill"
+    if objective is None:  # the original's outputs, labelled data or not (classify: --finetune-objective)
+        objective = "lm" if task == "causal-lm" else "distill"
     dropped = {i for layers in result.manifest.dropped.values() for i in layers}
     out = finetune(
         model,
