@@ -106,6 +106,7 @@ def _temp_leftovers() -> set[str]:
     return {p.name for p in Path(tempfile.gettempdir()).iterdir() if p.name.startswith(prefixes)}
 
 
+@pytest.mark.slow  # quick subset under 3 minutes (about 40 s each here)
 def test_bad_input_table(work, monkeypatch):
     """Every case: the typed error it should get with exit 2, no change to any input, nothing left behind."""
     rows = ["| bad input | command | exit | error | message |", "|---|---|---|---|---|"]

@@ -118,6 +118,7 @@ def test_detect_finds_permuted_copies(tmp_path):
     assert sharing(tmp_path / "s.onnx")["duplicated_tensors"] == 0
 
 
+@pytest.mark.slow  # quick subset under 3 minutes (about 40 s each here)
 def test_convert_writes_folder_and_validate_passes_then_fails_on_broken_graph(tmp_path):
     result = merged("bert")
     out = tmp_path / "out"
