@@ -25,7 +25,6 @@ from torch import nn
 from ffmerge_onnx import adapter_for, drop_layers
 from ffmerge_onnx.merging.calibration import run_batch
 from ffmerge_onnx.merging.data import Calibration, token_mask
-from ffmerge_onnx.progress import track
 
 RIDGE = 1e-6
 
@@ -62,17 +61,24 @@ def layer_inputs(model: nn.Module, calibration: Calibration, stack: str) -> list
         handles.append(layer.register_forward_pre_hook(grab(i), with_kwargs=True))
     handles.append(layers[-1].register_forward_hook(last))
     try:
-        with torch.no_grad():
-            for batch in track(calibration.batches, "residual stream", enabled=False):
-                current.clear()
-                first = batch.get("input_ids", batch.get("pixel_values"))
-                current["mask"] = token_mask(batch, stack, first.shape[1]) if first.dim() == 2 else None
-                run_batch(model, batch)
-                out.append({k: v for k, v in current.items() if k != "mask"})
+        for _ in _each_batch(model, calibration, stack, current):
+            out.append({k: v for k, v in current.items() if k != "mask"})
+            current.clear()
     finally:
         for h in handles:
             h.remove()
     return out
+
+
+def _each_batch(model: nn.Module, calibration: Calibration, stack: str, state: dict):
+    """Run the model on every calibration batch (no gradients), yielding after each; while it runs,
+    state["mask"] is the batch's real-token mask (None for images) for hooks to read."""
+    with torch.no_grad():
+        for batch in calibration.batches:
+            first = batch.get("input_ids", batch.get("pixel_values"))
+            state["mask"] = token_mask(batch, stack, first.shape[1]) if first.dim() == 2 else None
+            run_batch(model, batch)
+            yield
 
 
 def _tokens(h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -82,13 +88,17 @@ def _tokens(h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 def fit_map(inputs: list[dict[int, torch.Tensor]], start: int, end: int) -> LinearMap:
     """Least squares [h_start, 1] -> h_{end + 1} over every calibration token, ridge RIDGE x mean diagonal."""
-    x = torch.cat([b[start] for b in inputs])
-    y = torch.cat([b[end + 1] for b in inputs])
+    return _least_squares(torch.cat([b[start] for b in inputs]), torch.cat([b[end + 1] for b in inputs]))[0]
+
+
+def _least_squares(x: torch.Tensor, y: torch.Tensor, kind: type[LinearMap] = LinearMap) -> tuple[LinearMap, float]:
+    """The map [x, 1] -> y by least squares (ridge RIDGE x mean diagonal) and the fraction of y it leaves."""
     x1 = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
     gram = x1.T @ x1
     lam = RIDGE * float(gram.diagonal().mean())
-    sol = torch.linalg.solve(gram + lam * torch.eye(len(gram), dtype=gram.dtype), x1.T @ y)  # [d + 1, d]
-    return LinearMap(sol[:-1].T.float().contiguous(), sol[-1].float().contiguous())
+    sol = torch.linalg.solve(gram + lam * torch.eye(len(gram), dtype=gram.dtype), x1.T @ y)  # [d_in + 1, d_out]
+    left = float((y - x1 @ sol).pow(2).sum() / y.pow(2).sum().clamp_min(1e-30))
+    return kind(sol[:-1].T.float().contiguous(), sol[-1].float().contiguous()), left
 
 
 def replace_block(model: nn.Module, stack: str, start: int, end: int, linear: LinearMap) -> nn.Module:
@@ -155,41 +165,34 @@ def influence_drop(model: nn.Module, stack: str, count: int, calibration: Calibr
     return {"model": drop_layers(copy.deepcopy(model), stack, dropped).model, "dropped": dropped, "influence": bi}
 
 
-class SkipCorrection(nn.Module):
+class SkipCorrection(LinearMap):
     """A layer's own linear map from its FF input to its FF output: out_projection(h) + x W^T + b."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor):
-        super().__init__()
-        self.weight = nn.Parameter(weight)
-        self.bias = nn.Parameter(bias)
-        self.seen: torch.Tensor | None = None  # the FF input of the current forward
+    seen: torch.Tensor | None = None  # the FF input of the current forward
 
     def remember(self, _m, args):
         self.seen = args[0]
 
     def add(self, _m, _args, output):
-        return output + nn.functional.linear(self.seen, self.weight, self.bias)
+        return output + self(self.seen)
 
 
 def _ff_rows(model: nn.Module, stack: str, i: int, calibration: Calibration):
     """Real tokens of layer i, float64: its FF input and the hidden state it leaves behind."""
     adapter = adapter_for(model)
     layer = adapter.layers(model, stack)[i]
-    xs, hs, mask = [], [], {}
+    xs, hs, state = [], [], {}
     handles = [
         adapter.projection(layer, "in").register_forward_pre_hook(
-            lambda _m, args: xs.append(_tokens(args[0], mask["m"]))
+            lambda _m, args: xs.append(_tokens(args[0], state["mask"]))
         ),
         layer.register_forward_hook(
-            lambda _m, _a, out: hs.append(_tokens(out[0] if isinstance(out, tuple) else out, mask["m"]))
+            lambda _m, _a, out: hs.append(_tokens(out[0] if isinstance(out, tuple) else out, state["mask"]))
         ),
     ]
     try:
-        with torch.no_grad():
-            for batch in calibration.batches:
-                first = batch.get("input_ids", batch.get("pixel_values"))
-                mask["m"] = token_mask(batch, stack, first.shape[1]) if first.dim() == 2 else None
-                run_batch(model, batch)
+        for _ in _each_batch(model, calibration, stack, state):
+            pass
     finally:
         for h in handles:
             h.remove()
@@ -208,14 +211,9 @@ def skip_corrections(
     left = []
     for i in layers:
         x, h = _ff_rows(merged, stack, i, calibration)
-        y = torch.cat([b[i + 1] for b in target]) - h
-        x1 = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
-        gram = x1.T @ x1
-        lam = RIDGE * float(gram.diagonal().mean())
-        sol = torch.linalg.solve(gram + lam * torch.eye(len(gram), dtype=gram.dtype), x1.T @ y)
-        left.append(float((y - x1 @ sol).pow(2).sum() / y.pow(2).sum().clamp_min(1e-30)))
+        skip, unexplained = _least_squares(x, torch.cat([b[i + 1] for b in target]) - h, SkipCorrection)
+        left.append(unexplained)
         layer = adapter.layers(merged, stack)[i]
-        skip = SkipCorrection(sol[:-1].T.float().contiguous(), sol[-1].float().contiguous())
         layer.ffmerge_skip = skip  # a submodule: counted by num_parameters()
         adapter.projection(layer, "in").register_forward_pre_hook(skip.remember)
         adapter.projection(layer, "out").register_forward_hook(skip.add)

@@ -6,11 +6,11 @@ are ranked by their alignment score (mean matched neuron correlation of each mer
 window's anchor, one calibration pass that also aligns every candidate). The best set for each number
 of windows, then the next best, SCREEN sets in all, and single windows at up to SCREEN evenly spaced
 depths (alignment favours the late layers, which are not always the cheapest to merge) are screened:
-merged by plain averaging with those alignments and scored on a quarter of the validation data. The `top` best of the screen are merged with
-a fitted method and scored on all of it. Method: each window of the best set is merged alone with every
-candidate method and scored on validation; the best per window wins, unless the uniform merge scores
-better. Only calibration and validation data are read here: held-out evaluation data never enters a
-choice."""
+merged by plain averaging with those alignments and scored on a quarter of the validation data. The
+`top` best of the screen are merged with a fitted method and scored on all of it. Method: each window
+of the best set is merged alone with every candidate method and scored on validation; the best per
+window wins, unless the uniform merge scores better. Only calibration and validation data are read
+here: held-out evaluation data never enters a choice."""
 
 from __future__ import annotations
 
