@@ -160,6 +160,14 @@ ObjectiveOpt = Annotated[
     typer.Option("--finetune-objective", help=_help("Recovery objective (default: the task's).", OBJECTIVES)),
 ]
 TrainOpt = Annotated[Train, typer.Option("--finetune-train", help=_help("What the fine-tune trains.", TRAINABLE))]
+FtBatchOpt = Annotated[
+    int,
+    typer.Option(
+        "--finetune-batch",
+        help="Rows per recovery step (0: the data's batches: 8 texts of 256 tokens, 16 images). Smaller "
+        "batches take more steps in a --recovery-minutes budget.",
+    ),
+]
 ScheduleOpt = Annotated[
     Schedule, typer.Option("--finetune-schedule", help=_help("Learning rate after warmup.", SCHEDULES))
 ]
@@ -226,6 +234,7 @@ def _merge_and_recovery(a: dict) -> tuple:
         schedule=a["finetune_schedule"].value,
         minutes=a["recovery_minutes"],
         shard=a["shard"],
+        rows=a["finetune_batch"],
     )
     return merge, recovery
 
@@ -258,6 +267,7 @@ def merge_cmd(
     finetune_tokens: FtTokensOpt = 50_000,
     finetune_objective: ObjectiveOpt = None,
     finetune_train: TrainOpt = Train.all,
+    finetune_batch: FtBatchOpt = 0,
     finetune_schedule: ScheduleOpt = Schedule.constant,
     shard: ShardOpt = False,
     overwrite: OverwriteOpt = False,
@@ -351,6 +361,7 @@ def convert_cmd(
     finetune_tokens: FtTokensOpt = 50_000,
     finetune_objective: ObjectiveOpt = None,
     finetune_train: TrainOpt = Train.all,
+    finetune_batch: FtBatchOpt = 0,
     finetune_schedule: ScheduleOpt = Schedule.constant,
     shard: ShardOpt = False,
     no_reference: Annotated[

@@ -119,15 +119,14 @@ def shard_rows(batch: dict, rank: int | None = None, size: int | None = None) ->
     rank, size = (w.rank if rank is None else rank), (w.size if size is None else size)
     if size == 1:
         return batch
-    rows = next(v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor))
+    from .merging.data import batch_rows, take_rows
+
+    rows = batch_rows(batch)
     if rows < size:
         raise InputError(
             f"A recovery batch has {rows} rows, fewer than the {size} processes; use larger batches or fewer processes."
         )
-    lo, hi = rank * rows // size, (rank + 1) * rows // size
-    return {
-        k: v[lo:hi] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == rows else v for k, v in batch.items()
-    }
+    return take_rows(batch, rank * rows // size, (rank + 1) * rows // size)
 
 
 # -- collectives ---------------------------------------------------------------------------

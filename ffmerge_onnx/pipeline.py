@@ -97,6 +97,7 @@ class RecoveryOptions:
     schedule: str = "constant"
     minutes: float = 0.0  # time budget for training (evaluations not counted); 0: steps alone decide
     shard: bool = False  # under torchrun: FSDP2 instead of DDP
+    rows: int = 0  # rows per training step (0: the data's batches)
 
     @property
     def active(self) -> bool:
@@ -273,6 +274,7 @@ def merge_and_recover(
             schedule=recovery.schedule,
             budget_s=recovery.minutes * 60 or None,
             shard=recovery.shard,
+            rows=recovery.rows,
         )
         name = result.manifest.finetune["score"]
         log(

@@ -37,6 +37,28 @@ def to_device(batch: dict, device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+def batch_rows(batch: dict) -> int:
+    """Rows (items) in a batch: the first dimension of its first tensor."""
+    return next(v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor) and v.dim())
+
+
+def take_rows(batch: dict, lo: int, hi: int) -> dict:
+    """Rows lo:hi of a batch (every tensor with the batch's first dimension; other entries as they are)."""
+    rows = batch_rows(batch)
+    return {
+        k: v[lo:hi] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == rows else v for k, v in batch.items()
+    }
+
+
+def rebatch(batches: list[dict], rows: int) -> list[dict]:
+    """The same data in batches of at most `rows` rows each (0: as they are)."""
+    if rows < 0:
+        raise InputError(f"rows per batch must be 0 (as the data comes) or more; got {rows}.")
+    if not rows:
+        return list(batches)
+    return [take_rows(b, lo, lo + rows) for b in batches for lo in range(0, batch_rows(b), rows)]
+
+
 def token_mask(batch: dict[str, torch.Tensor], stack: str, tokens_per_item: int, config=None) -> torch.Tensor | None:
     """Boolean [batch, tokens] mask of real tokens for the given stack (for a waveform: its real frames);
     None when the batch has no mask: every position is real, however many a stack sees (Swin's stages

@@ -51,6 +51,11 @@ class MergeResult:
                 out[id(p)] = p
         return list(out.values())
 
+    def first_merged_layers(self) -> list[nn.Module]:
+        """The first layer of each merged window."""
+        adapter = self.adapter
+        return [adapter.layers(self.model, w.stack)[w.start] for w in self.manifest.windows]
+
     def delta_parameters(self) -> list[nn.Parameter]:
         """Each merged layer's own low-rank corrections (method `delta`)."""
         return delta_parameters(self.model)

@@ -24,7 +24,7 @@ from .. import distributed
 from ..errors import InputError
 from ..families import adapter_for, task_of
 from ..merging import MergeResult
-from ..merging.data import to_device
+from ..merging.data import rebatch, to_device
 from ..progress import track
 from .search import default_score
 
@@ -45,6 +45,8 @@ TRAINABLE = {
     "merged": "only what the merge made: the shared FF tensors (and the delta method's corrections)",
     "merged+norms": "the merged FF tensors, their corrections and the norms",
     "deltas": "only the delta method's per-layer corrections",
+    "from-merge": "every parameter except those that run before the first merged layer (embeddings, a head tied "
+    "to them, earlier layers): their backward pass is skipped",
 }
 SCHEDULES = {
     "constant": "warm up, then constant",
@@ -57,14 +59,20 @@ def trainable_params(
     train: str = "all",
     shared: list[nn.Parameter] | None = None,
     deltas: list[nn.Parameter] | None = None,
+    earlier: set[int] | None = None,
 ) -> list[nn.Parameter]:
     """Unique parameters to train: all; only what the merge made (the `shared` FF tensors and the
-    `deltas`), or that plus norms; or only the deltas."""
+    `deltas`), or that plus norms; only the deltas; or all but the `earlier` ones (ids: what runs
+    before the first merged layer, `earlier_parameters`)."""
     if train not in TRAINABLE:
         raise InputError(f"train must be one of {', '.join(TRAINABLE)}; got {train!r}.")
     unique = {id(p): (n, p) for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
     if train == "all":
         return [p for _, p in unique.values()]
+    if train == "from-merge":
+        if not shared:
+            raise InputError("train=from-merge needs a merged model (it trains from the first merged layer on).")
+        return [p for i, (_, p) in unique.items() if i not in (earlier or set())]
     if train == "deltas":
         if not deltas:
             raise InputError("train=deltas needs a model merged with --method delta (at a rank above 0).")
@@ -74,6 +82,41 @@ def trainable_params(
         raise InputError("train=merged needs a merged model (it trains only the shared FF tensors).")
     ids = {id(p) for p in [*shared, *(deltas or [])]}
     return [p for i, (n, p) in unique.items() if i in ids or (train == "merged+norms" and "norm" in n.lower())]
+
+
+class _Reached(Exception):
+    pass
+
+
+def earlier_parameters(model: nn.Module, firsts: list[nn.Module], batch: dict) -> set[int]:
+    """Ids of the parameters of every module that finishes its forward before the first of `firsts`
+    starts, on one forward pass of `batch` (stopped there): the embeddings and the layers before a
+    merged window, however the family names them."""
+    done: set[int] = set()
+    reached = False
+
+    def finished(module, args, out):
+        if not reached:
+            done.update(id(p) for p in module.parameters(recurse=False))
+
+    def start(module, args):
+        nonlocal reached
+        reached = True
+        raise _Reached
+
+    hooks = [m.register_forward_pre_hook(start) for m in firsts]
+    hooks += [m.register_forward_hook(finished) for m in model.modules()]
+    try:
+        with torch.no_grad():
+            model(**_inputs(to_device(batch, next(model.parameters()).device)))
+    except _Reached:
+        pass
+    finally:
+        for h in hooks:
+            h.remove()
+    if not reached:
+        raise InputError("No merged layer ran on a recovery batch: train=from-merge cannot tell what comes before.")
+    return done
 
 
 def _lm_loss(model, batch):
@@ -288,12 +331,16 @@ def finetune(
     budget_s: float | None = None,
     schedule: str = "constant",
     shard: bool = False,
+    rows: int = 0,
+    firsts: list[nn.Module] | None = None,
 ) -> FinetuneResult:
     """Train in place for `steps` steps, or until `budget_s` seconds of training (evaluation not
     counted) have passed; the model ends at its best validation state. History "seconds" is
     training time so far. The learning rate warms up linearly, then stays (`constant`) or falls
     linearly to zero at the end of the steps or of the time budget, whichever comes first (`linear`).
-    `shared`: the merged tensors (for train=merged*); `dropped`: the original's removed layers (kl+layers).
+    `shared`: the merged tensors (for train=merged*); `dropped`: the original's removed layers (kl+layers);
+    `firsts`: the first layer of each merged window (train=from-merge); `rows`: rows per step (0: the
+    batches as given).
     Under torchrun the ranks train one model on their rows of every batch: DDP, or with `shard` FSDP2
     (each rank holds a shard of the weights, gradients and optimizer moments)."""
     if steps < 1 or not batches:
@@ -301,7 +348,9 @@ def finetune(
     if schedule not in SCHEDULES:
         raise InputError(f"schedule must be one of {', '.join(SCHEDULES)}; got {schedule!r}.")
     loss_fn = loss_for(objective, model, original, dropped)
-    params = trainable_params(model, train, shared, deltas)
+    batches = rebatch(batches, rows)
+    earlier = earlier_parameters(model, firsts, batches[0]) if train == "from-merge" and firsts else None
+    params = trainable_params(model, train, shared, deltas, earlier)
     rank = distributed.world()
     sharded = rank.active and shard
     trainer, scored = model, model  # what trains (DDP or FSDP around the model) and what validation scores
@@ -489,6 +538,7 @@ def recover(
     budget_s: float | None = None,
     schedule: str = "constant",
     shard: bool = False,
+    rows: int = 0,
 ) -> FinetuneResult:
     """Fine-tune a merged (or layer-dropped) model with the objective its task allows, scored on
     validation batches, and record it in the manifest (whose fingerprint follows the new weights)."""
@@ -517,6 +567,8 @@ def recover(
         budget_s=budget_s,
         schedule=schedule,
         shard=shard,
+        rows=rows,
+        firsts=result.first_merged_layers(),
     )
     result.manifest.finetune = {
         "steps": steps,
@@ -526,6 +578,7 @@ def recover(
         "schedule": schedule,
         "processes": distributed.world().size,
         "shard": shard,
+        "rows": rows,
         "objective": objective,
         "train": train,
         "score": name,

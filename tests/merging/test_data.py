@@ -48,3 +48,13 @@ def test_image_folders_in_class_subfolders_carry_labels_with_classes_interleaved
     # a model without a classifier head (it takes no labels) reads the same folder without them
     cal = load_calibration(tmp_path / "named", model=model.vit, processor=proc, budget=4 * per_image, batch_size=2)
     assert all("labels" not in b for b in cal.batches) and len(cal.batches) == 2
+
+
+def test_rebatch_splits_rows_and_keeps_other_entries():
+    from ffmerge_onnx.merging.data import rebatch
+
+    batch = {"input_ids": torch.arange(10).view(5, 2), "attention_mask": torch.ones(5, 2), "scale": 3}
+    parts = rebatch([batch], 2)
+    assert [p["input_ids"].shape[0] for p in parts] == [2, 2, 1]
+    assert torch.equal(torch.cat([p["input_ids"] for p in parts]), batch["input_ids"])
+    assert all(p["scale"] == 3 for p in parts) and rebatch([batch], 0)[0] is batch

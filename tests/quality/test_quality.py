@@ -496,6 +496,33 @@ def test_distillation_recovery_trains_only_what_the_merge_changed(train, objecti
         assert moved == expected, n
 
 
+def test_from_merge_recovery_freezes_what_runs_before_the_first_merged_layer_in_smaller_steps():
+    """train=from-merge on a llama merged at 2-3: the embeddings and layers 0-1 stay as they were (their
+    backward pass is skipped), the rest trains; rows=1 turns 6 batches of 4 rows into 24 steps' worth."""
+    import copy
+
+    from ffmerge_onnx.quality.finetune import earlier_parameters, recover
+
+    original = tm.build("llama")
+    model = copy.deepcopy(original)
+    result = merge(model, [Window("decoder", 2, 3)], calibration=tm.calibration(model), progress=False)
+    batches = list(tm.calibration(original))
+    layers = adapter_for(model).layers(model, "decoder")
+    earlier = earlier_parameters(model, result.first_merged_layers(), batches[0])
+    names = {n for n, p in model.named_parameters() if id(p) in earlier}
+    assert names == {n for n, _ in model.named_parameters() if "embed" in n or ".layers.0." in n or ".layers.1." in n}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    out = recover(result, original, batches, batches, steps=24, lr=1e-3, eval_every=24, train="from-merge", rows=1,
+                  progress=False)  # fmt: skip
+    assert out.history[-1]["step"] == 24 and result.manifest.finetune["rows"] == 1
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]) == (n in names), n
+    assert layers[2].mlp.up_proj.weight is layers[3].mlp.up_proj.weight
+    with pytest.raises(InputError, match="needs a merged model"):
+        recover(type(result).unchanged(copy.deepcopy(original)), original, batches, batches, steps=1,
+                train="from-merge", progress=False)  # fmt: skip
+
+
 def test_layer_distillation_matches_each_layer_to_the_original_past_the_dropped_ones():
     """kl+layers on a model whose layers 1-2 do nothing: dropping them loses nothing, so the loss is
     zero when layers after the gap are matched to the original's shifted layers (and not otherwise)."""
