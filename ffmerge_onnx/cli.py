@@ -164,8 +164,9 @@ FtBatchOpt = Annotated[
     int,
     typer.Option(
         "--finetune-batch",
-        help="Rows per recovery step (0: the data's batches: 8 texts of 256 tokens, 16 images). Smaller "
-        "batches take more steps in a --recovery-minutes budget.",
+        help="Rows per recovery step (0: the data's batches: 8 texts of 256 tokens, 16 images). Small "
+        "steps recover more in a --recovery-minutes budget (SmolLM2, 5 min: 2 rows 98 steps, perplexity "
+        "25.9; 8 rows 22 steps, 31.5).",
     ),
 ]
 ScheduleOpt = Annotated[
@@ -267,7 +268,7 @@ def merge_cmd(
     finetune_tokens: FtTokensOpt = 50_000,
     finetune_objective: ObjectiveOpt = None,
     finetune_train: TrainOpt = Train.all,
-    finetune_batch: FtBatchOpt = 0,
+    finetune_batch: FtBatchOpt = 2,
     finetune_schedule: ScheduleOpt = Schedule.constant,
     shard: ShardOpt = False,
     overwrite: OverwriteOpt = False,
@@ -361,7 +362,7 @@ def convert_cmd(
     finetune_tokens: FtTokensOpt = 50_000,
     finetune_objective: ObjectiveOpt = None,
     finetune_train: TrainOpt = Train.all,
-    finetune_batch: FtBatchOpt = 0,
+    finetune_batch: FtBatchOpt = 2,
     finetune_schedule: ScheduleOpt = Schedule.constant,
     shard: ShardOpt = False,
     no_reference: Annotated[

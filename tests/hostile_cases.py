@@ -406,6 +406,11 @@ def cases(root: Path) -> list[tuple[str, object, type | None]]:
         ),
         ("--finetune-steps negative", lambda c: m("--layers", "1-2", "--finetune-steps", "-1"), E.InputError),
         (
+            "--finetune-batch negative",
+            lambda c: m("--layers", "1-2", "--finetune-steps", "2", "--finetune-batch", "-1"),
+            E.InputError,
+        ),
+        (
             "--lr zero with fine-tuning",
             lambda c: m("--layers", "1-2", "--finetune-steps", "2", "--lr", "0"),
             E.InputError,
