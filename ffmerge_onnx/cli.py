@@ -161,12 +161,12 @@ ObjectiveOpt = Annotated[
 ]
 TrainOpt = Annotated[Train, typer.Option("--finetune-train", help=_help("What the fine-tune trains.", TRAINABLE))]
 FtBatchOpt = Annotated[
-    int,
+    int | None,
     typer.Option(
         "--finetune-batch",
-        help="Rows per recovery step (0: the data's batches: 8 texts of 256 tokens, 16 images). Small "
-        "steps recover more in a --recovery-minutes budget (SmolLM2, 5 min: 2 rows 98 steps, perplexity "
-        "25.9; 8 rows 22 steps, 31.5).",
+        help="Rows per recovery step (0: the data's batches: 8 texts of 256 tokens, 16 images). Default: 2 "
+        "for causal LMs (small steps recover more in a --recovery-minutes budget: SmolLM2, 5 min, 2 rows "
+        "98 steps, perplexity 25.9; 8 rows 22 steps, 31.5), the data's batches otherwise.",
     ),
 ]
 ScheduleOpt = Annotated[
@@ -268,7 +268,7 @@ def merge_cmd(
     finetune_tokens: FtTokensOpt = 50_000,
     finetune_objective: ObjectiveOpt = None,
     finetune_train: TrainOpt = Train.all,
-    finetune_batch: FtBatchOpt = 2,
+    finetune_batch: FtBatchOpt = None,
     finetune_schedule: ScheduleOpt = Schedule.constant,
     shard: ShardOpt = False,
     overwrite: OverwriteOpt = False,
@@ -362,7 +362,7 @@ def convert_cmd(
     finetune_tokens: FtTokensOpt = 50_000,
     finetune_objective: ObjectiveOpt = None,
     finetune_train: TrainOpt = Train.all,
-    finetune_batch: FtBatchOpt = 2,
+    finetune_batch: FtBatchOpt = None,
     finetune_schedule: ScheduleOpt = Schedule.constant,
     shard: ShardOpt = False,
     no_reference: Annotated[

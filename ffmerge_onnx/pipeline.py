@@ -97,7 +97,7 @@ class RecoveryOptions:
     schedule: str = "constant"
     minutes: float = 0.0  # time budget for training (evaluations not counted); 0: steps alone decide
     shard: bool = False  # under torchrun: FSDP2 instead of DDP
-    rows: int = 2  # rows per training step (0: the data's batches); small steps recover more per minute
+    rows: int | None = None  # rows per training step (0: the data's batches; None: the task's default)
 
     @property
     def active(self) -> bool:
@@ -226,7 +226,7 @@ def merge_and_recover(
     model = loaded.model
     if options.calibration_tokens < 1:
         raise CalibrationError(f"--calibration-tokens must be 1 or more; got {options.calibration_tokens}.")
-    if min(recovery.steps, recovery.minutes, recovery.rows) < 0 or recovery.tokens < 1 or not recovery.lr > 0:
+    if min(recovery.steps, recovery.minutes, recovery.rows or 0) < 0 or recovery.tokens < 1 or not recovery.lr > 0:
         raise InputError(
             "--finetune-steps, --recovery-minutes and --finetune-batch must be 0 or more, --finetune-tokens and "
             "--finetune-lr above 0."

@@ -442,6 +442,7 @@ def test_merge_cli_with_recovery_finetune_records_it_and_reloads(tmp_path):
     )
     record = json.loads((tmp_path / "m" / "ffmerge.json").read_text())["finetune"]
     assert record["steps"] == 4 and record["objective"] == "kl" and record["train"] == "merged"
+    assert record["rows"] == 2  # a causal LM's default: small steps
     assert record["score"] == "perplexity"
     reloaded = load_merged(tmp_path / "m").model  # the fingerprint follows the fine-tuned weights
     layers = adapter_for(reloaded).layers(reloaded, "decoder")
