@@ -113,14 +113,25 @@ def shard(items: list) -> list:
     return items[w.rank :: w.size] if w.active else list(items)
 
 
+def batch_rows(batch: dict) -> int:
+    """Rows (items) in a batch: the first dimension of its first tensor."""
+    return next(v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor) and v.dim())
+
+
+def take_rows(batch: dict, lo: int, hi: int) -> dict:
+    """Rows lo:hi of a batch (every tensor with the batch's first dimension; other entries as they are)."""
+    rows = batch_rows(batch)
+    return {
+        k: v[lo:hi] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == rows else v for k, v in batch.items()
+    }
+
+
 def shard_rows(batch: dict, rank: int | None = None, size: int | None = None) -> dict:
     """This rank's rows of one global batch (every tensor with the batch's first dimension)."""
     w = world()
     rank, size = (w.rank if rank is None else rank), (w.size if size is None else size)
     if size == 1:
         return batch
-    from .merging.data import batch_rows, take_rows
-
     rows = batch_rows(batch)
     if rows < size:
         raise InputError(

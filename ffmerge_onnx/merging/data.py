@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ..distributed import batch_rows, take_rows
 from ..errors import CalibrationError, InputError
 from ..families import adapter_for, modality
 
@@ -35,19 +36,6 @@ class Calibration:
 def to_device(batch: dict, device) -> dict:
     """The batch's tensors moved to `device` (other entries as they are)."""
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-def batch_rows(batch: dict) -> int:
-    """Rows (items) in a batch: the first dimension of its first tensor."""
-    return next(v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor) and v.dim())
-
-
-def take_rows(batch: dict, lo: int, hi: int) -> dict:
-    """Rows lo:hi of a batch (every tensor with the batch's first dimension; other entries as they are)."""
-    rows = batch_rows(batch)
-    return {
-        k: v[lo:hi] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == rows else v for k, v in batch.items()
-    }
 
 
 def rebatch(batches: list[dict], rows: int) -> list[dict]:
