@@ -4,6 +4,7 @@ batches holding exactly the token budget (padding excluded; an audio frame is a 
 from __future__ import annotations
 
 import inspect
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,12 +40,18 @@ def to_device(batch: dict, device) -> dict:
 
 
 def rebatch(batches: list[dict], rows: int) -> list[dict]:
-    """The same data in batches of at most `rows` rows each (0: as they are)."""
+    """The same data in batches of `rows` rows each, a batch's remainder joining its last piece (0: as
+    they are)."""
     if rows < 0:
         raise InputError(f"rows per batch must be 0 (as the data comes) or more; got {rows}.")
     if not rows:
         return list(batches)
-    return [take_rows(b, lo, lo + rows) for b in batches for lo in range(0, batch_rows(b), rows)]
+    out = []
+    for b in batches:
+        n = batch_rows(b)
+        cuts = list(range(0, n, rows))[: max(1, n // rows)] + [n]  # a short remainder joins the last piece
+        out += [take_rows(b, lo, hi) for lo, hi in itertools.pairwise(cuts)]
+    return out
 
 
 def token_mask(batch: dict[str, torch.Tensor], stack: str, tokens_per_item: int, config=None) -> torch.Tensor | None:

@@ -48,7 +48,7 @@ TRAINABLE = {
     "from-merge": "every parameter except those that run before the first merged layer (embeddings, a head tied "
     "to them, earlier layers): their backward pass is skipped",
 }
-# rows per recovery step and process when none is given: a task's default, else the data's batches. A causal LM's
+# rows per recovery step when none is given: a task's default, else the data's batches. A causal LM's
 # rows are long (256 tokens): SmolLM2 in 5 minutes, 2 rows 98 steps, test perplexity 25.92; 8 rows 22
 # steps, 31.55. The ViT takes thousands of steps of 16 images either way and lost 0.71 % with 2 rows
 # against 0.39 % with 16.
@@ -547,12 +547,12 @@ def recover(
 ) -> FinetuneResult:
     """Fine-tune a merged (or layer-dropped) model with the objective its task allows, scored on
     validation batches, and record it in the manifest (whose fingerprint follows the new weights).
-    `rows`: rows per step (0: the batches as given; None: the task's default, DEFAULT_ROWS, per process)."""
+    `rows`: rows per step (0: the batches as given; None: the task's default, DEFAULT_ROWS, or one a process if there are more)."""
     model = result.model
     score, higher, name = default_score(original, validation)
     task = task_of(model)
-    if rows is None:
-        rows = DEFAULT_ROWS.get(task, 0) * distributed.world().size
+    if rows is None:  # the same global batch on any number of processes, at least a row each
+        rows = DEFAULT_ROWS[task] and max(DEFAULT_ROWS[task], distributed.world().size) if task in DEFAULT_ROWS else 0
     if objective is None:  # the original's outputs, labelled data or not (classify: --finetune-objective)
         objective = "lm" if task == "causal-lm" else "distill"
     dropped = {i for layers in result.manifest.dropped.values() for i in layers}

@@ -55,6 +55,7 @@ def test_rebatch_splits_rows_and_keeps_other_entries():
 
     batch = {"input_ids": torch.arange(10).view(5, 2), "attention_mask": torch.ones(5, 2), "scale": 3}
     parts = rebatch([batch], 2)
-    assert [p["input_ids"].shape[0] for p in parts] == [2, 2, 1]
+    assert [p["input_ids"].shape[0] for p in parts] == [2, 3]
+    assert [p["input_ids"].shape[0] for p in rebatch([batch], 8)] == [5]
     assert torch.equal(torch.cat([p["input_ids"] for p in parts]), batch["input_ids"])
     assert all(p["scale"] == 3 for p in parts) and rebatch([batch], 0)[0] is batch
