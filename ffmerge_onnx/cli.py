@@ -165,8 +165,9 @@ FtBatchOpt = Annotated[
     typer.Option(
         "--finetune-batch",
         help="Rows per recovery step (0: the data's batches: 8 texts of 256 tokens, 16 images). Default: 2 "
-        "for causal LMs (one a process if more) (small steps recover more in a --recovery-minutes budget: SmolLM2, 5 min, 2 rows "
-        "98 steps, perplexity 25.9; 8 rows 22 steps, 31.5), the data's batches otherwise.",
+        "for causal LMs, or one per process if there are more; the data's batches otherwise. Small steps "
+        "recover more in a --recovery-minutes budget (SmolLM2, 5 min: 2 rows 98 steps, perplexity 25.9; "
+        "8 rows 22 steps, 31.5).",
     ),
 ]
 ScheduleOpt = Annotated[

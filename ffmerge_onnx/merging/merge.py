@@ -44,10 +44,9 @@ class MergeResult:
 
     def shared_parameters(self) -> list[nn.Parameter]:
         """The Parameter objects every merged window's layers share (once each)."""
-        adapter = self.adapter
         out = {}
-        for w in self.manifest.windows:
-            for p in adapter.ff_params(adapter.layers(self.model, w.stack)[w.start]).values():
+        for layer in self.first_merged_layers():
+            for p in self.adapter.ff_params(layer).values():
                 out[id(p)] = p
         return list(out.values())
 

@@ -552,7 +552,7 @@ def recover(
     score, higher, name = default_score(original, validation)
     task = task_of(model)
     if rows is None:  # the same global batch on any number of processes, at least a row each
-        rows = DEFAULT_ROWS[task] and max(DEFAULT_ROWS[task], distributed.world().size) if task in DEFAULT_ROWS else 0
+        rows = max(DEFAULT_ROWS[task], distributed.world().size) if task in DEFAULT_ROWS else 0
     if objective is None:  # the original's outputs, labelled data or not (classify: --finetune-objective)
         objective = "lm" if task == "causal-lm" else "distill"
     dropped = {i for layers in result.manifest.dropped.values() for i in layers}
