@@ -1,5 +1,7 @@
 """Run a command and report, per stage of its log, the wall time and the peak resident memory of the
-process itself and of its whole process tree (onnxruntime measuring processes included).
+process itself and of its whole process tree (onnxruntime measuring processes included). The process's
+anonymous memory (RssAnon: heap, not file pages the kernel can drop and read again, such as memory-mapped
+weights) is reported beside its RSS.
 
 A stage starts at every line the command prints (progress bars are not lines). RSS is sampled from
 /proc every 0.1 s; the command's own VmHWM (its true peak) is printed at the end.
@@ -51,18 +53,18 @@ def main() -> int:
     cmd = a.command[1:] if a.command[:1] == ["--"] else a.command
     start = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
-    stages = [{"stage": "start", "t0": 0.0, "rss": 0, "tree": 0}]
+    stages = [{"stage": "start", "t0": 0.0, "rss": 0, "anon": 0, "tree": 0}]
     lock, done = threading.Lock(), threading.Event()
     hwm = [0]
 
     def sample():
         while not done.is_set():
-            rss = _status(proc.pid, "VmRSS")
+            rss, anon = _status(proc.pid, "VmRSS"), _status(proc.pid, "RssAnon")
             tree = sum(_status(p, "VmRSS") for p in _tree(proc.pid))
             hwm[0] = max(hwm[0], _status(proc.pid, "VmHWM"))
             with lock:
                 s = stages[-1]
-                s["rss"], s["tree"] = max(s["rss"], rss), max(s["tree"], tree)
+                s["rss"], s["anon"], s["tree"] = max(s["rss"], rss), max(s["anon"], anon), max(s["tree"], tree)
             time.sleep(a.interval)
 
     thread = threading.Thread(target=sample, daemon=True)
@@ -72,7 +74,7 @@ def main() -> int:
         text = line.strip()
         if text:
             with lock:
-                stages.append({"stage": text[:90], "t0": time.time() - start, "rss": 0, "tree": 0})
+                stages.append({"stage": text[:90], "t0": time.time() - start, "rss": 0, "anon": 0, "tree": 0})
     code = proc.wait()
     done.set()
     thread.join()
@@ -80,12 +82,15 @@ def main() -> int:
     for s, nxt in zip(stages, [*stages[1:], {"t0": end}]):
         s["seconds"] = nxt["t0"] - s["t0"]
     print(
-        "\n| stage (from the log line that starts it) | seconds | peak RSS GB | peak tree RSS GB |\n|---|---|---|---|"
+        "\n| stage (from the log line that starts it) | seconds | peak RSS GB | peak anonymous GB | peak tree RSS GB |"
     )
+    print("|---|---|---|---|---|")
     for s in stages:
         if s["seconds"] >= 0.5 or s["rss"]:
-            print(f"| {s['stage']} | {s['seconds']:.1f} | {s['rss'] / 1e9:.2f} | {s['tree'] / 1e9:.2f} |")
-    print(f"\nexit {code}; {end:.0f} s; the command's VmHWM {hwm[0] / 1e9:.2f} GB")
+            print(f"| {s['stage']} | {s['seconds']:.1f} | {s['rss'] / 1e9:.2f} | {s['anon'] / 1e9:.2f} | "
+                  f"{s['tree'] / 1e9:.2f} |")  # fmt: skip
+    anon = max(s["anon"] for s in stages)
+    print(f"\nexit {code}; {end:.0f} s; the command's VmHWM {hwm[0] / 1e9:.2f} GB, peak anonymous {anon / 1e9:.2f} GB")
     if a.json:
         a.json.write_text(json.dumps({"command": cmd, "exit": code, "seconds": end, "vmhwm": hwm[0],
                                       "stages": stages}, indent=2))  # fmt: skip

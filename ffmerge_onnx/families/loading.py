@@ -6,6 +6,7 @@ remote code only when the user asks for it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pickle
 import re
@@ -91,6 +92,32 @@ def checkpoint_shapes(folder: Path) -> dict[str, tuple[int, ...]] | None:
                 "Is it truncated? Re-download or re-save the model."
             ) from e
     return shapes
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Modules built inside get their Parameters on the meta device (no memory, no initialisation);
+    buffers are built as usual, so computed ones (rotary frequencies) hold their values."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def empty_model(config) -> nn.Module:
+    """The model a config describes, its Parameters on the meta device: fill it with
+    `load_state_dict(state, assign=True)` and it holds the state's tensors themselves (memory-mapped
+    safetensors stay file pages, never copied into the heap)."""
+    with _parameters_on_meta():
+        return model_class(config)._from_config(config)
 
 
 def _layer_count(shapes: dict[str, tuple], path: str) -> int:

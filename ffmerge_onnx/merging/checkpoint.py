@@ -2,7 +2,8 @@
 
 safetensors refuses tensors that share memory. We write one canonical key per distinct
 tensor and record every other key as an alias in the manifest; loading fills the aliases
-and re-ties them to the very same Parameter objects.
+and re-ties them to the very same Parameter objects. The weights are the file's memory-mapped pages
+(copy-on-write): loading reads nothing into the heap, and a tensor changed later is copied then.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch import nn
 from ..errors import CorruptModelError, InputError, ManifestError
 from ..families import adapter_for
 from ..families.adapter import bind, read_adapter, registry
-from ..families.loading import check_config, model_class
+from ..families.loading import check_config, empty_model
 from ..fsutil import atomic_dir, check_target
 from .manifest import Manifest, fingerprint, load_permutations
 from .merge import MergeResult, restore_deltas
@@ -94,10 +95,10 @@ def load_merged(folder, *, device: str = "cpu") -> MergeResult:
                 f"{folder}: config.json is a {config.model_type!r} model, its manifest a {manifest.model_type!r} one."
             )
         check_config(config, folder, recorded)
-        model = model_class(config)._from_config(config)
+        model = empty_model(config)
         if recorded is not None:
             bind(model, recorded)
-        state = load_file(str(weights), device=device)
+        state = load_file(str(weights), device=device)  # memory-mapped on the CPU
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
         raise CorruptModelError(
             f"Cannot read the merged checkpoint in {folder} ({type(e).__name__}: {str(e)[:200]}); re-run the merge."
@@ -108,7 +109,7 @@ def load_merged(folder, *, device: str = "cpu") -> MergeResult:
             raise ManifestError(f"Manifest alias {alias} -> {canonical}, but {canonical} is not in {WEIGHTS_NAME}.")
         state[alias] = state[canonical]
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
         raise ManifestError(f"The weights in {folder} do not fit its config: {str(e)[:300]}") from e
     _retie(model, manifest.aliases)

@@ -7,6 +7,7 @@ import json
 import shutil
 import struct
 import time
+from pathlib import Path
 
 import pytest
 import tiny_models as tm
@@ -162,3 +163,35 @@ def test_merging_a_merged_result_keeps_the_earlier_window(tmp_path):
     h = loaded.model.transformer.h
     assert h[0].mlp.c_fc.weight is h[1].mlp.c_fc.weight and h[2].mlp.c_fc.weight is h[3].mlp.c_fc.weight
     assert h[1].mlp.c_fc.weight is not h[2].mlp.c_fc.weight
+
+
+def _mapped_files(tensor: torch.Tensor) -> set[str]:
+    """The files whose memory mapping holds the tensor's bytes (none: the heap)."""
+    start = tensor.untyped_storage().data_ptr()
+    found = set()
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        low, high = (int(x, 16) for x in fields[0].split("-"))
+        if low <= start < high and len(fields) == 6:
+            found.add(fields[5])
+    return found
+
+
+def test_a_merged_checkpoint_loads_memory_mapped_tied_and_copy_on_write(tmp_path):
+    tm.build("llama").save_pretrained(tmp_path / "plain")  # rotary frequencies: a buffer computed, not stored
+    result = merge(load_model(str(tmp_path / "plain")), [Window("decoder", 1, 2)], align="none", progress=False)
+    save_merged(result, tmp_path / "merged")
+    weights = tmp_path / "merged" / "model.safetensors"
+    before = weights.read_bytes()
+    model = load_merged(tmp_path / "merged").model
+    mlp = [model.model.layers[i].mlp.up_proj for i in (1, 2)]
+    assert mlp[0].weight is mlp[1].weight  # the tie is the same Parameter
+    for name, p in model.named_parameters():
+        assert _mapped_files(p) == {str(weights)}, name  # the file's pages, not a heap copy
+        assert p.requires_grad
+    ids = torch.tensor([[5, 9, 2, 7]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, result.model(ids).logits)
+        mlp[1].weight.mul_(2.0)  # a changed weight is copied on write: the file stays as it was
+    assert mlp[0].weight is mlp[1].weight
+    assert weights.read_bytes() == before
