@@ -213,7 +213,8 @@ def save(ir_model, path: Path, external: bool) -> list[str]:
     if external or size > EXTERNAL_DATA_THRESHOLD:
         data = path.name + ".data"
         # tensors under 1 KB (shape constants) stay inline: onnxruntime's shape inference reads them
-        ir.save(ir_model, path, external_data=data, size_threshold_bytes=1024)
+        # at most 256 MiB of weights in flight: a folded (lazy) weight is computed, written and dropped
+        ir.save(ir_model, path, external_data=data, size_threshold_bytes=1024, max_in_flight_bytes=2**28)
         return [path.name, data]
     ir.save(ir_model, path)
     return [path.name]

@@ -50,7 +50,22 @@ def array(value: ir.Value) -> np.ndarray:
 
 def digest(a: np.ndarray) -> str:
     a = np.ascontiguousarray(a)
-    return hashlib.sha1(a.tobytes() + str(a.dtype).encode() + str(a.shape).encode()).hexdigest()
+    h = hashlib.sha1(memoryview(a.reshape(-1).view(np.uint8)))
+    h.update(str(a.dtype).encode() + str(a.shape).encode())
+    return h.hexdigest()
+
+
+DIGEST = "ffmerge.digest"
+
+
+def value_digest(value: ir.Value) -> str:
+    """The digest of an initializer's content, computed once per tensor (kept in the tensor's meta store:
+    a folded weight is computed again on every read)."""
+    tensor = value.const_value
+    found = tensor.meta.get(DIGEST)
+    if found is None:
+        found = tensor.meta[DIGEST] = digest(tensor.numpy())
+    return found
 
 
 def digest_groups(graph: ir.Graph) -> dict[str, list[ir.Value]]:
@@ -58,7 +73,7 @@ def digest_groups(graph: ir.Graph) -> dict[str, list[ir.Value]]:
     groups: dict[str, list[ir.Value]] = {}
     for v in graph.initializers.values():
         if v.const_value is not None:
-            groups.setdefault(digest(array(v)), []).append(v)
+            groups.setdefault(value_digest(v), []).append(v)
     return groups
 
 
@@ -88,9 +103,12 @@ def transposed_initializers(graph: ir.Graph) -> list[str]:
     return out
 
 
-def add_initializer(graph: ir.Graph, name: str, data: np.ndarray) -> ir.Value:
-    value = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(data), name=name))
-    value.shape = ir.Shape(data.shape)
+def add_initializer(graph: ir.Graph, name: str, data: np.ndarray | ir.TensorProtocol) -> ir.Value:
+    """A new initializer holding an array, or a tensor as it is (an ir.LazyTensor stays lazy)."""
+    tensor = ir.tensor(np.ascontiguousarray(data), name=name) if isinstance(data, np.ndarray) else data
+    tensor.name = name
+    value = ir.Value(name=name, const_value=tensor)
+    value.shape = ir.Shape(tensor.shape)
     value.dtype = value.const_value.dtype
     graph.register_initializer(value)
     return value

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from .base import GraphPass, add_initializer, array, digest, remove_if_unused, transposed_initializers
+from .base import GraphPass, add_initializer, array, digest, remove_if_unused, transposed_initializers, value_digest
 
 
 def _row_keys(a: np.ndarray, axis: int) -> list[bytes]:
@@ -49,7 +49,7 @@ class DetectShared(GraphPass):
         ]
         groups: dict[str, list[ir.Value]] = {}
         for v in values:
-            groups.setdefault(digest(array(v)), []).append(v)
+            groups.setdefault(value_digest(v), []).append(v)
         kept = []
         for members in groups.values():
             keep = members[0]
@@ -98,7 +98,7 @@ class DetectShared(GraphPass):
         seen = set()
         for v in model.graph.initializers.values():
             if v.const_value is not None and v.const_value.size >= self.min_elements:
-                d = digest(array(v))
+                d = value_digest(v)
                 if d in seen:
                     self.fail(f"{v.name} is still duplicated")
                 seen.add(d)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from .base import GraphPass, array, digest, digest_groups, in_module, remove_if_unused, transposed_initializers
+from .base import GraphPass, digest, digest_groups, in_module, remove_if_unused, transposed_initializers, value_digest
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ class ShareMerged(GraphPass):
             if not found:
                 self.fail(f"merged tensor {t.name} {t.value.shape} is not in the exported graph")
             for name in found:
-                same = by_digest[digest(array(model.graph.initializers[name]))]
+                same = by_digest[value_digest(model.graph.initializers[name])]
                 read_in_window = [
                     v for v in same if v.name != name and any(in_module(n, t.module_suffixes) for n, _ in v.uses())
                 ]

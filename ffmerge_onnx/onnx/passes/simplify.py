@@ -13,7 +13,7 @@ import onnx
 import onnx_ir as ir
 
 from ...errors import GraphError
-from .base import GraphPass, array, digest, digest_groups
+from .base import GraphPass, digest_groups, value_digest
 
 SIMPLIFIERS = {
     "onnxslim": "onnxslim (default): constant folding, dead-code and pattern elimination",
@@ -62,7 +62,7 @@ class SharingSafeSimplify(GraphPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         names = self._protected_names(graph)
-        self.protected = {n: digest(array(graph.initializers[n])) for n in names}
+        self.protected = {n: value_digest(graph.initializers[n]) for n in names}
         self.before = self._digest_counts(graph)
         self.io_shapes = _ir_io_shapes(graph)
         kept = {n: v for n, v in graph.initializers.items() if n in names}  # file order, as before

@@ -6,19 +6,29 @@ weight through k Transpose nodes would become k copies. Here:
 - a weight also read directly (a tied embedding that lm_head reads transposed) keeps one copy in
   the file and its Transpose: onnxruntime folds it when the session starts and prepacks the result
   once. (Rewriting MatMul(x, W^T) as Reshape -> Gemm(transB=1) -> Reshape, as earlier versions did,
-  costs an extra logits-sized buffer at run time: +98 MiB for GPT-2 at batch 4 x 128.)"""
+  costs an extra logits-sized buffer at run time: +98 MiB for GPT-2 at batch 4 x 128.)
+A folded weight is lazy: its transpose is computed when it is read (hashed, saved) and dropped after,
+so the pass adds no copy of the model's weights to memory."""
 
 from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
 
-from .base import GraphPass, add_initializer, array, remove_if_unused, transposed_initializers
+from .base import GraphPass, add_initializer, remove_if_unused, transposed_initializers
 
 
 def _perm(node: ir.Node, rank: int) -> tuple[int, ...]:
     attr = node.attributes.get("perm")
     return tuple(attr.as_ints()) if attr is not None else tuple(reversed(range(rank)))
+
+
+def _lazy_transpose(tensor: ir.TensorProtocol, perm: tuple[int, ...]) -> ir.LazyTensor:
+    def compute() -> ir.Tensor:
+        return ir.tensor(np.ascontiguousarray(np.transpose(tensor.numpy(), perm)))
+
+    shape = ir.Shape([tensor.shape[i] for i in perm])
+    return ir.LazyTensor(compute, dtype=tensor.dtype, shape=shape)
 
 
 class FoldWeightTransposes(GraphPass):
@@ -40,7 +50,7 @@ class FoldWeightTransposes(GraphPass):
                 perm = _perm(node, len(value.shape))
                 if perm not in folded:
                     suffix = ".T" if perm == (1, 0) else ".T" + "".join(map(str, perm))
-                    folded[perm] = add_initializer(graph, name + suffix, np.transpose(array(value), perm))
+                    folded[perm] = add_initializer(graph, name + suffix, _lazy_transpose(value.const_value, perm))
                     self.count("initializers_added")
                 node.outputs[0].replace_all_uses_with(folded[perm])
                 graph.remove(node, safe=True)
