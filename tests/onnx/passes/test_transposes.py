@@ -26,6 +26,9 @@ def test_a_weight_read_by_two_layers_through_transposes_is_folded_once():
     assert p.counts == {"initializers_added": 2, "transposes_folded": 4}
     assert {"l0_w_in.T", "l0_w_out.T"} <= set(result.model.graph.initializers)
     assert "l0_w_in" not in result.model.graph.initializers  # read only transposed: no untransposed copy left
+    folded = result.model.graph.initializers["l0_w_in.T"].const_value
+    assert isinstance(folded, ir.LazyTensor) and not folded.cache  # computed when read, never held
+    np.testing.assert_array_equal(folded.numpy(), ff["w_in"].T)
     np.testing.assert_array_equal(tg.run(result.model, x), before)
 
 
