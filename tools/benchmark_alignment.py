@@ -31,7 +31,7 @@ def main() -> None:
     t0 = time.perf_counter()
     moments.update({"a": x, "b": y})
     t1 = time.perf_counter()
-    corr = moments.correlation("a", "b")
+    corr = moments.correlation("a", "b", release=True)  # as merge() reads it
     t2 = time.perf_counter()
     found = match(corr)
     t3 = time.perf_counter()

@@ -6,6 +6,7 @@ before the activation (the up projection for gated MLPs; its up block when gate 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -63,11 +64,13 @@ class _Recorder:
         self.features: dict[str, torch.Tensor] = {}
         self.masks: dict[str, torch.Tensor] = {}
         self.handles = []
+        self.modules: list[nn.Module] = []  # the forward may stop once all of these have run
         for s in streams:
             layer = adapter.layers(model, s.stack)[s.layer]
             module = adapter.projection(layer, POINTS[s.point])
             block = (adapter.up_block(), adapter.ff_dim(layer)) if s.point == "pre" and adapter.fused else None
             self.handles.append(module.register_forward_hook(self._hook(s, block)))
+            self.modules.append(module)
 
     def _hook(self, s: Stream, block: tuple[int, int] | None):
         def hook(_module, _inputs, output):
@@ -92,15 +95,44 @@ class _Recorder:
             h.remove()
 
 
-def run_batch(model: nn.Module, batch: dict[str, torch.Tensor]) -> None:
+class _Stop(Exception):
+    """Raised from a forward hook once the modules a caller reads have all run."""
+
+
+@contextmanager
+def _stopping_after(modules: list[nn.Module]):
+    """The forward ends (with _Stop) as soon as every module in `modules` has run: the layers after the
+    last one a caller reads, and the head, are never computed. Hooks added here run after the caller's."""
+    pending = {id(m) for m in modules}
+    seen: set[int] = set()
+
+    def hook(module, _inputs, _output):
+        seen.add(id(module))
+        if seen >= pending:
+            raise _Stop
+
+    handles = [m.register_forward_hook(hook) for m in {id(m): m for m in modules}.values()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def run_batch(model: nn.Module, batch: dict[str, torch.Tensor], stop_after: list[nn.Module] | None = None) -> None:
+    """One forward pass for its hooks' sake; with `stop_after`, it ends once those modules have run."""
     kwargs = dict(batch)
     if getattr(model.config, "is_decoder", False) or hasattr(model, "generate"):
         kwargs.setdefault("use_cache", False)
-    try:
-        model(**kwargs)
-    except TypeError:
-        kwargs.pop("use_cache", None)
-        model(**kwargs)
+    with _stopping_after(stop_after or []):
+        try:
+            try:
+                model(**kwargs)
+            except TypeError:
+                kwargs.pop("use_cache", None)
+                model(**kwargs)
+        except _Stop:
+            pass
 
 
 def tokens_per_item(model: nn.Module, batch: dict[str, torch.Tensor], stack: str) -> int:
@@ -147,7 +179,7 @@ def collect(
                 recorder.features.clear()
                 for stack in by_stack:
                     recorder.masks[stack] = token_mask(batch, stack, tokens_per_item(model, batch, stack), model.config)
-                run_batch(model, batch)
+                run_batch(model, batch, stop_after=recorder.modules)
                 for stack, moments in by_stack.items():
                     moments.update({k: recorder.features[k] for k in moments.dims})
         finally:

@@ -5,6 +5,7 @@ what later steps (recovery, saving, ONNX export, validation) take."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -90,15 +91,30 @@ def permute_ff(adapter: Adapter, layer: nn.Module, perm: torch.Tensor | np.ndarr
             param.copy_(param.index_select(role.hidden_axis, role.index(perm)))
 
 
-def _aligned_tensors(adapter: Adapter, layer: nn.Module, perm: np.ndarray) -> dict[str, torch.Tensor]:
-    out = {}
-    params = adapter.ff_params(layer)
-    for role in adapter.roles():
-        t = params[role.name].detach()
-        out[role.name] = (
-            t.index_select(role.hidden_axis, role.index(perm)) if role.hidden_axis is not None else t.clone()
-        )
-    return out
+class AlignedLayers(Sequence):
+    """A window's FF tensors in the anchor's neuron order, one layer's copy made each time it is read (a
+    method that streams over the layers holds one layer at a time)."""
+
+    def __init__(self, adapter: Adapter, layers: list[nn.Module], perms: list[np.ndarray]):
+        self.adapter, self.perms = adapter, perms
+        self.params = [adapter.ff_params(layer) for layer in layers]  # the tensors now, whatever is swapped in later
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        out = {}
+        params = self.params[i]
+        for role in self.adapter.roles():
+            t = params[role.name].detach()
+            out[role.name] = (
+                t.index_select(role.hidden_axis, role.index(self.perms[i]))
+                if role.hidden_axis is not None
+                else t.clone()
+            )
+        return out
 
 
 @torch.no_grad()
@@ -167,7 +183,7 @@ def _matches(model, adapter, windows, anchor, moments, progress) -> dict:
             matches.setdefault(w, {})[i] = Match(np.arange(d, dtype=np.int64), 1.0)
             continue
         ka, ki = f"{w.stack}.{a}.pre", f"{w.stack}.{i}.pre"
-        corr = calibrate.find(moments, ka, ki).correlation(ka, ki)
+        corr = calibrate.find(moments, ka, ki).correlation(ka, ki, release=True)  # each pair is read once
         matches.setdefault(w, {})[i] = match(corr)
     return matches
 
@@ -217,7 +233,7 @@ def merge(
             adapter=adapter,
             stack=w.stack,
             layers=w.layers,
-            aligned=[_aligned_tensors(adapter, layers[i], matches[w][i].perm) for i in w.layers],
+            aligned=AlignedLayers(adapter, [layers[i] for i in w.layers], [matches[w][i].perm for i in w.layers]),
             perms=[torch.as_tensor(matches[w][i].perm, dtype=torch.long) for i in w.layers],
             calibration=calibration,
         )

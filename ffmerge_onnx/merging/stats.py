@@ -41,7 +41,7 @@ class Moments:
             self.sum[k] += x.sum(0)
             self.sumsq[k] += (x * x).sum(0)
         for a, b in self.pairs:
-            self.cross[(a, b)] += x64[a].T @ x64[b]
+            self.cross[(a, b)].addmm_(x64[a].T, x64[b])  # in place: no d_a x d_b temporary
 
     def __add__(self, other: Moments) -> Moments:
         if self.dims != other.dims or self.pairs != other.pairs:
@@ -65,10 +65,15 @@ class Moments:
     def covariance(self, a: str, b: str) -> torch.Tensor:
         return self.cross[(a, b)] / self.n - torch.outer(self.mean(a), self.mean(b))
 
-    def correlation(self, a: str, b: str, eps: float = CORR_EPS) -> np.ndarray:
-        """Pearson correlation [d_a, d_b]; denominators clipped at eps."""
-        denom = torch.outer(self.var(a).sqrt(), self.var(b).sqrt()).clamp_min(eps)
-        return (self.covariance(a, b) / denom).numpy()
+    def correlation(self, a: str, b: str, eps: float = CORR_EPS, release: bool = False) -> np.ndarray:
+        """Pearson correlation [d_a, d_b]; denominators clipped at eps. `release`: computed in the pair's
+        cross-sum buffer, which the Moments then no longer hold (one d_a x d_b temporary instead of five)."""
+        out = self.cross.pop((a, b)) if release else self.cross[(a, b)].clone()
+        if release:
+            self.pairs.remove((a, b))
+        out.div_(self.n).addr_(self.mean(a), self.mean(b), alpha=-1.0)  # the covariance
+        out.div_(torch.outer(self.var(a).sqrt(), self.var(b).sqrt()).clamp_min_(eps))
+        return out.numpy()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Flat tensors, e.g. for safetensors, to sum across processes."""

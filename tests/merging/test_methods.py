@@ -110,3 +110,34 @@ def _call_ff(adapter, layer, x):
     if mlp is not None:
         return mlp(x)
     raise NotImplementedError
+
+
+def test_aligned_layers_are_read_lazily_from_the_weights_as_they_were_and_averaged_in_float64():
+    from torch import nn
+
+    from ffmerge_onnx.merging.merge import AlignedLayers
+    from ffmerge_onnx.merging.methods.common import WindowFit
+
+    model = tm.build("llama")
+    adapter = adapter_for(model)
+    layers = adapter.layers(model, "decoder")
+    gen = torch.Generator().manual_seed(0)
+    perms = [torch.randperm(adapter.ff_dim(layers[i]), generator=gen).numpy() for i in (1, 2, 3)]
+    aligned = AlignedLayers(adapter, [layers[i] for i in (1, 2, 3)], perms)
+    before = [aligned[j] for j in range(3)]
+    for role in adapter.roles():  # a method swapping other tensors in (as `swapped` does) changes nothing read
+        module = adapter.projection(layers[2], role.projection)
+        setattr(module, role.attr, nn.Parameter(torch.zeros_like(getattr(module, role.attr))))
+    for j, want in enumerate(before):
+        got = aligned[j]
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+        assert all(got[k].data_ptr() != want[k].data_ptr() for k in want)  # a fresh copy each read
+    role = next(r for r in adapter.roles() if r.hidden_axis is not None)
+    original = adapter.ff_params(layers[1])[role.name].detach()
+    assert torch.equal(before[0][role.name], original.index_select(role.hidden_axis, role.index(perms[0])))
+    fit = WindowFit(model, adapter, "decoder", [1, 2, 3], aligned, [torch.as_tensor(p) for p in perms], None)
+    mean = fit.average()
+    for name in before[0]:
+        want = torch.stack([b[name].double() for b in before]).mean(0).float()
+        assert mean[name].dtype == before[0][name].dtype
+        torch.testing.assert_close(mean[name], want, rtol=2e-7, atol=1e-9)  # float64 sums, rounded once

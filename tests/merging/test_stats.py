@@ -45,3 +45,18 @@ def test_constant_feature_does_not_divide_by_zero():
     m.update({"a": torch.tensor([[1.0, 0.0], [1.0, 1.0]]), "b": torch.tensor([[0.0, 2.0], [1.0, 2.0]])})
     c = m.correlation("a", "b")
     assert np.isfinite(c).all() and c[0, 0] == 0.0
+
+
+def test_released_correlation_is_computed_in_the_cross_sum_buffer_with_the_same_values():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(80, 6, generator=g)
+    y = x[:, [2, 0, 1, 5, 3, 4]] + 0.3 * torch.randn(80, 6, generator=g)
+    m = Moments({"a": 6, "b": 6}, [("a", "b")])
+    m.update({"a": x, "b": y})
+    kept = m.correlation("a", "b")
+    buffer = m.cross[("a", "b")]
+    released = m.correlation("a", "b", release=True)
+    assert released.ctypes.data == buffer.data_ptr()  # no new d_a x d_b matrix
+    assert ("a", "b") not in m.cross and m.pairs == []
+    np.testing.assert_allclose(released, kept, rtol=1e-14, atol=1e-15)
+    np.testing.assert_allclose(released, _direct(x, y), rtol=1e-10, atol=1e-12)

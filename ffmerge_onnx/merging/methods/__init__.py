@@ -38,7 +38,7 @@ def combine(fit: WindowFit, method: str, params: dict | None = None) -> Combined
         raise CalibrationError(f"Merge method {method} fits on calibration data: pass --calibration PATH.")
     out = m.combine(fit, **method_params(method, params))
     out = out if isinstance(out, Combined) else Combined(out)
-    dtypes = {k: v.dtype for k, v in fit.aligned[0].items()}
+    dtypes = fit.dtypes()
     out.shared = {k: v.to(dtypes[k]) for k, v in out.shared.items()}
     dtype = next(iter(dtypes.values()))
     for per_layer in out.deltas.values():

@@ -8,7 +8,7 @@ Gram matrices of (d_ff + 1)^2 and (d_model + 1)^2 entries."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
@@ -31,12 +31,21 @@ class WindowFit:
     adapter: Adapter
     stack: str
     layers: list[int]
-    aligned: list[dict[str, torch.Tensor]]  # per layer: role name -> tensor, anchor order, PyTorch layout
+    aligned: Sequence[dict[str, torch.Tensor]]  # per layer: role name -> tensor, anchor order, PyTorch layout
     perms: list[torch.Tensor]  # per layer: its permutation into the anchor's order
     calibration: Calibration | None
 
     def average(self) -> dict[str, torch.Tensor]:
-        return {name: torch.stack([t[name] for t in self.aligned]).mean(0) for name in self.aligned[0]}
+        """The aligned tensors' mean, summed one layer at a time in float64 (one layer's copy held at once)."""
+        total: dict[str, torch.Tensor] = {}
+        for tensors in self.aligned:
+            for name, t in tensors.items():
+                total[name] = total[name].add_(t) if name in total else t.double()
+        return {name: (t / len(self.aligned)).to(self.dtypes()[name]) for name, t in total.items()}
+
+    def dtypes(self) -> dict[str, torch.dtype]:
+        first = self.adapter.layers(self.model, self.stack)[self.layers[0]]
+        return {name: p.dtype for name, p in self.adapter.ff_params(first).items()}
 
     def capture(self) -> Capture:
         if self.calibration is None:
@@ -98,6 +107,7 @@ class Capture:
         self.batches = calibration.batches
         mask_now = {}
         handles = []
+        last = [adapter.projection(adapter.layers(model, stack)[i], "out") for i in layers]
         for i in layers:
             layer = adapter.layers(model, stack)[i]
 
@@ -117,7 +127,7 @@ class Capture:
                 for batch in calibration.batches:
                     mask_now["m"] = token_mask(batch, stack, tokens_per_item(model, batch, stack), model.config)
                     self.masks.append(mask_now["m"])
-                    run_batch(model, batch)
+                    run_batch(model, batch, stop_after=last)
         finally:
             for h in handles:
                 h.remove()
@@ -154,6 +164,7 @@ def drifted_inputs(fit: WindowFit, batches: list[dict], values: dict[int, dict])
     model, adapter, stack = fit.model, fit.adapter, fit.stack
     x: dict[int, list[torch.Tensor]] = {i: [] for i in fit.layers}
     handles = []
+    last = [adapter.projection(adapter.layers(model, stack)[i], "in") for i in fit.layers]
     with ExitStack() as context:
         for i in fit.layers:
             context.enter_context(swapped(model, adapter, stack, [i], values[i], ("in", "gate", "out")))
@@ -165,7 +176,7 @@ def drifted_inputs(fit: WindowFit, batches: list[dict], values: dict[int, dict])
         try:
             with torch.no_grad():
                 for batch in batches:
-                    run_batch(model, batch)
+                    run_batch(model, batch, stop_after=last)
         finally:
             for h in handles:
                 h.remove()

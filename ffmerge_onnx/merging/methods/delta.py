@@ -235,10 +235,11 @@ def _hidden_stats(fit: WindowFit, cap: Capture, shared: dict, deltas: dict) -> d
                 handles.append(adapter.projection(layer, p).register_forward_pre_hook(pre))
             handles.append(adapter.projection(layer, "out").register_forward_hook(post))
         try:
+            last = [adapter.projection(adapter.layers(model, stack)[i], "out") for i in fit.layers]
             with torch.no_grad():
                 for b, batch in enumerate(cap.batches):
                     state["batch"] = b
-                    run_batch(model, batch)
+                    run_batch(model, batch, stop_after=last)
         finally:
             for h in handles:
                 h.remove()

@@ -60,9 +60,10 @@ def _refit_out(fit: WindowFit, cap: Capture, merged_in: dict, ridge: float) -> t
                 handles.append(adapter.projection(layer, p).register_forward_pre_hook(pre))
             handles.append(adapter.projection(layer, "out").register_forward_hook(post))
         with swapped(model, adapter, stack, layers, merged_in, in_projections), torch.no_grad():
+            last = [adapter.projection(adapter.layers(model, stack)[i], "out") for i in layers]
             for b, batch in enumerate(cap.batches):
                 state["batch"] = b
-                run_batch(model, batch)
+                run_batch(model, batch, stop_after=last)
     finally:
         for h in handles:
             h.remove()
