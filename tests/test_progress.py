@@ -2,6 +2,8 @@ from ffmerge_onnx import progress
 
 
 def test_off_a_terminal_a_long_loop_says_what_it_did_on_stderr_and_a_short_one_stays_quiet(capsys, monkeypatch):
+    for name in ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE"):  # rich reads these as "a terminal"
+        monkeypatch.delenv(name, raising=False)
     assert list(progress.track(range(3), "aligning")) == [0, 1, 2]
     assert capsys.readouterr().err == ""  # under LOG_AFTER_S
     monkeypatch.setattr(progress, "LOG_AFTER_S", 0.0)
