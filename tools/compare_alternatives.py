@@ -50,7 +50,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="all-MiniLM-L6-v2")
     ap.add_argument("--blocks", default="1", help="comma-separated n: replace / drop the best n adjacent layers")
-    ap.add_argument("--windows", default="1-3", help="merge windows A-B (comma-separated)")
+    ap.add_argument(
+        "--windows",
+        default="1-3",
+        help="merge windows A-B, one row each (comma-separated); A-B+C-D: several windows merged in one row",
+    )
     ap.add_argument("--methods", default="regmean", help="plain merge methods to include")
     ap.add_argument("--auto", default="", help="comma-separated F: the plan `convert --reduction F` picks")
     ap.add_argument("--plan", type=Path, default=None, help="a convert report.json: its recorded plan, applied")
@@ -143,10 +147,11 @@ def main() -> None:
         row(f"drop {n} by block influence (ShortGPT)", ",".join(map(str, found["dropped"])), found["model"],
             time.time() - t, influence=found["influence"])  # fmt: skip
         del found
-    for w in parse_windows(a.windows, stack) if a.windows else []:
-        windows = [Window(s, w.start, w.end) for s in adapter.stack_names()]
-        where = f"{w.start}-{w.end}"
-        layers = list(range(w.start, w.end + 1))
+    for spec in [x for x in a.windows.split(",") if x]:  # one row per spec; "A-B+C-D": several windows in one row
+        parsed = parse_windows(spec.replace("+", ","), stack)
+        windows = [Window(s, w.start, w.end) for w in parsed for s in adapter.stack_names()]
+        where = spec
+        layers = [i for w in parsed for i in range(w.start, w.end + 1)]
         for method in [m for m in a.methods.split(",") if m]:
             t = time.time()
             merged = merge(copy.deepcopy(original), windows, calibration=bench.cal, method=method, progress=False)
