@@ -68,9 +68,11 @@ class Moments:
     def correlation(self, a: str, b: str, eps: float = CORR_EPS, release: bool = False) -> np.ndarray:
         """Pearson correlation [d_a, d_b]; denominators clipped at eps. `release`: computed in the pair's
         cross-sum buffer, which the Moments then no longer hold (one d_a x d_b temporary instead of five)."""
-        out = self.cross.pop((a, b)) if release else self.cross[(a, b)].clone()
         if release:
             self.pairs.remove((a, b))
+            out = self.cross.pop((a, b))
+        else:
+            out = self.cross[(a, b)].clone()
         out.div_(self.n).addr_(self.mean(a), self.mean(b), alpha=-1.0)  # the covariance
         out.div_(torch.outer(self.var(a).sqrt(), self.var(b).sqrt()).clamp_min_(eps))
         return out.numpy()

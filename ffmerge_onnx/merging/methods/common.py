@@ -41,7 +41,8 @@ class WindowFit:
         for tensors in self.aligned:
             for name, t in tensors.items():
                 total[name] = total[name].add_(t) if name in total else t.double()
-        return {name: (t / len(self.aligned)).to(self.dtypes()[name]) for name, t in total.items()}
+        dtypes = self.dtypes()
+        return {name: (t / len(self.aligned)).to(dtypes[name]) for name, t in total.items()}
 
     def dtypes(self) -> dict[str, torch.dtype]:
         first = self.adapter.layers(self.model, self.stack)[self.layers[0]]
@@ -66,6 +67,11 @@ class MergeMethod:
     combine: Callable[..., object]
     needs_calibration: bool = True
     params: Mapping[str, object] = field(default_factory=dict)
+
+
+def window_modules(model, adapter: Adapter, stack: str, layers: list[int], projection: str) -> list[nn.Module]:
+    """The `projection` module ("in", "gate", "out") of each of the stack's `layers`."""
+    return [adapter.projection(adapter.layers(model, stack)[i], projection) for i in layers]
 
 
 def linear(t: torch.Tensor, adapter: Adapter) -> torch.Tensor:
@@ -107,7 +113,7 @@ class Capture:
         self.batches = calibration.batches
         mask_now = {}
         handles = []
-        last = [adapter.projection(adapter.layers(model, stack)[i], "out") for i in layers]
+        last = window_modules(model, adapter, stack, layers, "out")
         for i in layers:
             layer = adapter.layers(model, stack)[i]
 
@@ -164,7 +170,7 @@ def drifted_inputs(fit: WindowFit, batches: list[dict], values: dict[int, dict])
     model, adapter, stack = fit.model, fit.adapter, fit.stack
     x: dict[int, list[torch.Tensor]] = {i: [] for i in fit.layers}
     handles = []
-    last = [adapter.projection(adapter.layers(model, stack)[i], "in") for i in fit.layers]
+    last = window_modules(model, adapter, stack, fit.layers, "in")
     with ExitStack() as context:
         for i in fit.layers:
             context.enter_context(swapped(model, adapter, stack, [i], values[i], ("in", "gate", "out")))

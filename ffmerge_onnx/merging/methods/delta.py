@@ -28,7 +28,7 @@ from ...errors import InputError
 from ..calibration import run_batch
 from ..data import real_rows
 from .average import average
-from .common import RIDGE, Capture, MergeMethod, WindowFit, drifted_inputs, linear, rows, swapped
+from .common import RIDGE, Capture, MergeMethod, WindowFit, drifted_inputs, linear, rows, swapped, window_modules
 from .refit import refit, sequential
 from .regmean import regmean
 
@@ -60,10 +60,11 @@ def rank_for_budget(fit: WindowFit, projections: tuple[str, ...], budget: float)
     if not 0 <= budget < 1:
         raise InputError(f"--delta-budget must be in [0, 1); got {budget}.")
     k = len(fit.layers)
-    ff = sum(t.numel() for t in fit.aligned[0].values())
+    first = fit.aligned[0]  # one aligned copy, read once
+    ff = sum(t.numel() for t in first.values())
     per_rank = bias_cost = 0
     for p in projections:
-        w = linear(fit.aligned[0][_role(p) + ".weight"], fit.adapter)
+        w = linear(first[_role(p) + ".weight"], fit.adapter)
         per_rank += w.shape[0] + w.shape[1]
         bias_cost += w.shape[0] if fit.adapter.bias else 0
     return max(0, int((budget * (k - 1) * ff / k - bias_cost) // per_rank))
@@ -110,9 +111,10 @@ def _solve(cov: torch.Tensor, rhs: torch.Tensor, ridge: float) -> torch.Tensor:
 
 def _weights(fit: WindowFit, layer_pos: int, shared: dict, projection: str):
     role = _role(projection)
-    w_l = linear(fit.aligned[layer_pos][role + ".weight"], fit.adapter).double()
+    aligned = fit.aligned[layer_pos]
+    w_l = linear(aligned[role + ".weight"], fit.adapter).double()
     w_s = linear(shared[role + ".weight"], fit.adapter).double()
-    b_l = fit.aligned[layer_pos].get(role + ".bias")
+    b_l = aligned.get(role + ".bias")
     b_s = shared.get(role + ".bias")
     db = (b_l.double() - b_s.double()) if b_l is not None else None
     return w_l - w_s, db
@@ -149,10 +151,11 @@ def _refit_inputs(fit: WindowFit, cap: Capture, drifted: dict, shared: dict, pro
     adapter, bias = fit.adapter, fit.adapter.bias
     out: dict[int, dict[str, Delta]] = {}
     for pos, i in enumerate(fit.layers):
+        aligned = fit.aligned[pos]
         for p in [p for p in projections if p != "out"]:
             role = _role(p)
-            w_l = linear(fit.aligned[pos][role + ".weight"], adapter).double()
-            b_l = fit.aligned[pos].get(role + ".bias")
+            w_l = linear(aligned[role + ".weight"], adapter).double()
+            b_l = aligned.get(role + ".bias")
             w_s = linear(shared[role + ".weight"], adapter).double()
             b_s = shared.get(role + ".bias")
             stats = _Stats(bias)
@@ -235,7 +238,7 @@ def _hidden_stats(fit: WindowFit, cap: Capture, shared: dict, deltas: dict) -> d
                 handles.append(adapter.projection(layer, p).register_forward_pre_hook(pre))
             handles.append(adapter.projection(layer, "out").register_forward_hook(post))
         try:
-            last = [adapter.projection(adapter.layers(model, stack)[i], "out") for i in fit.layers]
+            last = window_modules(model, adapter, stack, fit.layers, "out")
             with torch.no_grad():
                 for b, batch in enumerate(cap.batches):
                     state["batch"] = b

@@ -15,7 +15,7 @@ import torch
 
 from ..calibration import run_batch
 from ..data import real_rows
-from .common import RIDGE, Capture, MergeMethod, WindowFit, drifted_inputs, rows, solve, store, swapped
+from .common import RIDGE, Capture, MergeMethod, WindowFit, drifted_inputs, rows, solve, store, swapped, window_modules
 
 
 def refit(fit: WindowFit, ridge: float = RIDGE) -> dict[str, torch.Tensor]:
@@ -60,7 +60,7 @@ def _refit_out(fit: WindowFit, cap: Capture, merged_in: dict, ridge: float) -> t
                 handles.append(adapter.projection(layer, p).register_forward_pre_hook(pre))
             handles.append(adapter.projection(layer, "out").register_forward_hook(post))
         with swapped(model, adapter, stack, layers, merged_in, in_projections), torch.no_grad():
-            last = [adapter.projection(adapter.layers(model, stack)[i], "out") for i in layers]
+            last = window_modules(model, adapter, stack, layers, "out")
             for b, batch in enumerate(cap.batches):
                 state["batch"] = b
                 run_batch(model, batch, stop_after=last)
