@@ -30,7 +30,7 @@ class WindowRecord:
     shared: dict[str, str]  # role -> stable name, e.g. "ffmerge.decoder.w3_5.fc_in.weight"
     method: str = "average"  # how the aligned FF tensors were combined (methods.METHODS)
     params: dict = field(default_factory=dict)  # the method's parameters
-    deltas: dict[str, int] = field(default_factory=dict)  # projection -> rank of each layer's correction
+    deltas: dict[str, int | list[int]] = field(default_factory=dict)  # projection -> rank (or one per layer)
 
     @property
     def layers(self) -> list[int]:
@@ -95,6 +95,14 @@ class Manifest:
             for name, kind in maps.items():
                 if not all(isinstance(k, str) and isinstance(v, kind) for k, v in getattr(owner, name).items()):
                     raise ManifestError(f"The manifest's {name} must map names to {kind}; re-run the merge.")
+        for w in self.windows:
+            for projection, ranks in w.deltas.items():
+                per_layer = ranks if isinstance(ranks, list) else [ranks] * len(w.layers)
+                if len(per_layer) != len(w.layers) or not all(isinstance(r, int) and r >= 0 for r in per_layer):
+                    raise ManifestError(
+                        f"The manifest's {projection} correction ranks must be one rank or one per window layer "
+                        f"({len(w.layers)}); got {ranks!r}. Re-run the merge."
+                    )
         if len(self.fingerprint) != FINGERPRINT_CHARS:
             raise ManifestError(
                 "The manifest has no full fingerprint of its weights, so nothing ties it to them; re-run the merge."
@@ -181,4 +189,4 @@ _WINDOW_TYPES = {
     "method": str, "params": dict, "deltas": dict,
 }  # fmt: skip
 _MAP_VALUES = {"stacks": int, "aliases": str}
-_WINDOW_MAP_VALUES = {"scores": (int, float), "shared": str, "deltas": int}
+_WINDOW_MAP_VALUES = {"scores": (int, float), "shared": str, "deltas": (int, list)}

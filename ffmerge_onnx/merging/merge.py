@@ -118,27 +118,30 @@ class AlignedLayers(Sequence):
 
 
 @torch.no_grad()
-def add_deltas(adapter: Adapter, layers: nn.ModuleList, deltas: dict[int, dict[str, Delta]]) -> dict[str, int]:
-    """Give each layer its own low-rank corrections beside the tied projections; returns projection -> rank."""
-    ranks: dict[str, int] = {}
-    for i, per_projection in deltas.items():
-        for projection, d in per_projection.items():
+def add_deltas(
+    adapter: Adapter, layers: nn.ModuleList, deltas: dict[int, dict[str, Delta]]
+) -> dict[str, int | list[int]]:
+    """Give each layer its own low-rank corrections beside the tied projections; returns projection -> rank
+    (one rank, or one per layer in window order where they differ)."""
+    ranks: dict[str, list[int]] = {}
+    for i in sorted(deltas):
+        for projection, d in deltas[i].items():
             module = wrap(adapter, layers[i], projection, d.up.shape[1])
             module.delta_up.copy_(d.up)
             module.delta_down.copy_(d.down)
             if module.delta_bias is not None and d.bias is not None:
                 module.delta_bias.copy_(d.bias)
-            ranks[projection] = d.up.shape[1]
-    return ranks
+            ranks.setdefault(projection, []).append(d.up.shape[1])
+    return {p: r[0] if len(set(r)) == 1 else r for p, r in ranks.items()}
 
 
 def restore_deltas(model: nn.Module, adapter: Adapter, windows) -> None:
     """Rebuild the correction modules a manifest records (zeros; the checkpoint fills them)."""
     for w in windows:
         layers = adapter.layers(model, w.stack)
-        for i in w.layers:
+        for pos, i in enumerate(w.layers):
             for projection, rank in w.deltas.items():
-                wrap(adapter, layers[i], projection, rank)
+                wrap(adapter, layers[i], projection, rank[pos] if isinstance(rank, list) else rank)
 
 
 def tie(adapter: Adapter, layers: list[nn.Module], shared: dict[str, nn.Parameter]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 
 import pytest
 import tiny_models as tm
@@ -25,15 +26,18 @@ def window(model):
     return [Window(adapter_for(model).stack_names()[-1], 1, 3)]
 
 
-@pytest.mark.parametrize("init,rounds", [("fit", 0), ("fit", 1), ("svd", 0)])
+@pytest.mark.parametrize(
+    "init,rounds,joint",
+    [("fit", 0, {}), ("fit", 1, {}), ("svd", 0, {}), ("fit", 0, {"shared_rounds": 2, "ranks": "pooled"})],
+)
 @pytest.mark.parametrize("model_type", FAMILIES)
-def test_a_full_rank_delta_reproduces_every_original_layer(model_type, init, rounds):
+def test_a_full_rank_delta_reproduces_every_original_layer(model_type, init, rounds, joint):
     original = tm.build(model_type, gentle=True)
     x = tm.inputs(original)
     want = tm.output(original, x)
     model = copy.deepcopy(original)
     result = merge(model, window(model), calibration=tm.calibration(model, n=64), method="delta",
-                   params={"rank": 48, "init": init, "rounds": rounds}, progress=False)  # fmt: skip
+                   params={"rank": 48, "init": init, "rounds": rounds, **joint}, progress=False)  # fmt: skip
     adapter = adapter_for(model)
     plain = tm.output(merge(copy.deepcopy(original), window(model), calibration=tm.calibration(model, n=64),
                             method="regmean", progress=False).model, x)  # fmt: skip
@@ -72,10 +76,18 @@ def test_parameters_removed_count_the_corrections_and_the_budget_holds():
     assert 3 * (rank + 1) * 3 * (32 + 48) > 0.3 * 2 * ff
 
 
-def test_save_and_load_keep_the_corrections_and_the_ties(tmp_path):
+@pytest.mark.parametrize("ranks", ["equal", "pooled"])
+def test_save_and_load_keep_the_corrections_and_the_ties(tmp_path, ranks):
     model = tm.build("gpt2", gentle=True)
     result = merge(model, window(model), calibration=tm.calibration(model, n=64), method="delta",
-                   params={"rank": 4}, progress=False)  # fmt: skip
+                   params={"rank": 4, "ranks": ranks, "shared_rounds": 1}, progress=False)  # fmt: skip
+    recorded = result.manifest.windows[0].deltas
+    if ranks == "pooled":  # one rank per layer, summing to what equal ranks would spend
+        per_layer = [r if isinstance(r, list) else [r] * 3 for r in recorded.values()]
+        assert all(len(r) == 3 and sum(r) == 12 and min(r) >= 1 for r in per_layer), recorded
+        assert any(len(set(r)) > 1 for r in per_layer), recorded
+    else:
+        assert recorded == {"in": 4, "out": 4}
     save_merged(result, tmp_path / "m")
     loaded = load_merged(tmp_path / "m")
     x = tm.inputs(model)
@@ -91,7 +103,8 @@ def test_bad_parameters_are_refused():
     model = tm.build("gpt2")
     cal = tm.calibration(model)
     for params, message in (({"budget": 1.5}, "delta-budget"), ({"base": "zip"}, "base must be one of"),
-                            ({"init": "x"}, "init must be one of"), ({"colour": 1}, "takes rank")):  # fmt: skip
+                            ({"init": "x"}, "init must be one of"), ({"colour": 1}, "takes rank"),
+                            ({"ranks": "some"}, "ranks must be one of"), ({"shared_rounds": -1}, "0 or more")):  # fmt: skip
         with pytest.raises(InputError, match=message):
             merge(copy.deepcopy(model), window(model), calibration=cal, method="delta", params=params, progress=False)
 
@@ -111,3 +124,47 @@ def test_recovery_can_train_only_the_corrections():
              deltas=result.delta_parameters(), progress=False)  # fmt: skip
     moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert moved and all(".delta_" in n for n in moved)
+
+
+def _objective(targets, covs, w, qs):
+    return sum(float(((e := (t - w) - q @ (q.T @ (t - w))) @ c * e).sum()) for t, q, c in zip(targets, qs, covs))
+
+
+@pytest.mark.parametrize("pooled", [False, True])
+def test_the_joint_shared_fit_lowers_the_corrections_error_every_round(pooled):
+    from ffmerge_onnx.merging.methods.delta import _joint, _subspaces
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(24, 16, generator=g, dtype=torch.float64)
+    targets = [base + 0.5 * torch.randn(24, 16, generator=g, dtype=torch.float64) for _ in range(4)]
+    covs = []
+    for scale in (1.0, 3.0, 0.3, 1.5):  # layers see inputs of different sizes and shapes
+        x = (
+            scale
+            * torch.randn(200, 16, generator=g, dtype=torch.float64)
+            @ torch.randn(16, 16, generator=g, dtype=torch.float64)
+        )
+        covs.append(x.T @ x / len(x))
+    w = sum(t @ c for t, c in zip(targets, covs)) @ torch.linalg.inv(sum(covs))  # the Gram-weighted mean
+    errors = [_objective(targets, covs, w, _subspaces([t - w for t in targets], covs, 3, pooled))]
+    for _ in range(4):
+        w = _joint(targets, covs, w, 3, 1, ridge=0.0, pooled=pooled)
+        errors.append(_objective(targets, covs, w, _subspaces([t - w for t in targets], covs, 3, pooled)))
+    assert all(b <= a * (1 + 1e-9) for a, b in itertools.pairwise(errors))
+    assert errors[-1] < 0.9 * errors[0]
+
+
+def test_pooled_ranks_spend_the_same_total_rank_where_it_removes_the_most_error():
+    from ffmerge_onnx.merging.methods.delta import _subspaces
+
+    g = torch.Generator().manual_seed(1)
+    covs = [torch.eye(16, dtype=torch.float64)] * 3
+    diffs = [s * torch.randn(24, 16, generator=g, dtype=torch.float64) for s in (0.1, 1.0, 1.5)]
+    w = torch.zeros(24, 16, dtype=torch.float64)
+    equal, pooled = (_subspaces(diffs, covs, 4, p) for p in (False, True))
+    assert [q.shape[1] for q in equal] == [4, 4, 4]
+    ranks = [q.shape[1] for q in pooled]
+    assert sum(ranks) == 12 and ranks[0] == 1 and ranks[2] > ranks[1] > 1
+    for q in pooled:
+        assert torch.allclose(q.T @ q, torch.eye(q.shape[1], dtype=torch.float64), atol=1e-10)
+    assert _objective(diffs, covs, w, pooled) < _objective(diffs, covs, w, equal)

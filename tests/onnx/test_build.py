@@ -313,8 +313,10 @@ def test_convert_measures_against_the_original_model(tmp_path):
 
 
 @pytest.mark.slow  # quick subset under 3 minutes
-@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
-def test_delta_export_stores_the_shared_ff_once_beside_each_layers_corrections(model_type, tmp_path):
+@pytest.mark.parametrize(
+    "model_type,params", [("gpt2", {}), ("llama", {"ranks": "pooled", "shared_rounds": 1})]
+)  # pooled: each layer its own rank
+def test_delta_export_stores_the_shared_ff_once_beside_each_layers_corrections(model_type, params, tmp_path):
     """The sharing postcondition holds with the corrections beside the shared tensors; the file holds the
     unique parameters (shared FF + corrections) within 1 %; outputs match PyTorch; gather is refused."""
     from ffmerge_onnx.errors import InputError
@@ -323,7 +325,8 @@ def test_delta_export_stores_the_shared_ff_once_beside_each_layers_corrections(m
     model = tm.build(model_type)
     adapter = adapter_for(model)
     result = merge(model, [Window(adapter.stack_names()[-1], 1, 3)], calibration=tm.calibration(model), method="delta",
-                   params={"rank": 4}, progress=False)  # fmt: skip
+                   params={"rank": 4, **params}, progress=False)  # fmt: skip
+    assert not params or any(isinstance(r, list) for r in result.manifest.windows[0].deltas.values())
     built = build(result, tmp_path, BuildOptions())
     assert built.passes["model.onnx"]["ShareMerged"]  # it ran, and its ensures held
     stats = sharing(tmp_path / "model.onnx")

@@ -14,6 +14,13 @@ Initialisation (`init`):
   and its original FF output.
 - `svd`: truncated SVD of W_l - W_shared in the aligned basis (weights only; biases exact).
 
+`shared_rounds` (fit only): the shared weights are refitted jointly with the corrections instead of
+kept from the base method. Each projection's error left after the corrections, summed over the window,
+is lowered by alternating: each layer's correction subspace given the shared weight, then the shared
+weight given those subspaces (`_joint`). `ranks`: `equal` gives every layer rank r; `pooled` gives
+the window's k r directions to whichever layers they remove the most error from (each keeps at least
+one), so layers that differ more from the shared FF get more.
+
 Rank: `rank` >= 0, or (`rank` -1) from `budget`, the fraction of the merged-away FF parameters kept
 as corrections. Rank 0 is the base method; full rank reproduces every layer (up to the ridge)."""
 
@@ -34,6 +41,7 @@ from .regmean import regmean
 
 BASES = {"average": average, "regmean": regmean, "refit": refit, "sequential": sequential}
 INITS = ("fit", "svd")
+RANKS = ("equal", "pooled")
 PROJECTION_SETS = {"all": ("in", "gate", "out"), "out": ("out",), "in": ("in", "gate")}
 
 
@@ -76,10 +84,34 @@ def _role(projection: str) -> str:
 
 def _top(b: torch.Tensor, cov: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(up, down) of the best rank-r approximation of b [d_out, d_in] in the metric of cov [d_in, d_in]."""
-    fitted = b @ cov @ b.T
-    _, vecs = torch.linalg.eigh((fitted + fitted.T) / 2)
-    q = vecs[:, -rank:]
+    q = _subspaces([b], [cov], rank, pooled=False)[0]
     return q, q.T @ b
+
+
+def _subspaces(diffs: list[torch.Tensor], covs: list[torch.Tensor], rank: int, pooled: bool) -> list[torch.Tensor]:
+    """Per layer, the orthonormal basis Q [d_out, r_l] of its best correction of diffs[l] in the metric of
+    covs[l]: rank r each, or (`pooled`) the k r directions that remove the most error over the window."""
+    eig = [_spectrum(b, c) for b, c in zip(diffs, covs)]
+    cap = min(diffs[0].shape)
+    if not pooled:
+        ranks = [min(rank, cap)] * len(diffs)
+    else:  # every layer keeps its first direction (no empty MatMuls); the rest go to the largest gains
+        gains = torch.cat([vals[-cap:-1].flip(0) for vals, _ in eig]) if cap > 1 else torch.zeros(0)
+        owner = torch.arange(len(diffs)).repeat_interleave(cap - 1)
+        chosen = owner[torch.argsort(gains, descending=True)[: (min(rank, cap) - 1) * len(diffs)]]
+        ranks = [1 + int((chosen == i).sum()) for i in range(len(diffs))]
+    return [torch.linalg.qr(vecs[:, vecs.shape[1] - r :])[0] for (_, vecs), r in zip(eig, ranks)]
+
+
+def _spectrum(b: torch.Tensor, cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (ascending) and output-space eigenvectors of b cov b^T, through the smaller side of b."""
+    if b.shape[0] <= b.shape[1]:
+        fitted = b @ cov @ b.T
+        return torch.linalg.eigh((fitted + fitted.T) / 2)
+    s, v = torch.linalg.eigh(cov)
+    m = b @ (v * s.clamp_min(0).sqrt())  # b cov b^T = m m^T
+    vals, w = torch.linalg.eigh(m.T @ m)
+    return vals, m @ w / vals.clamp_min(1e-300).sqrt()
 
 
 class _Stats:
@@ -131,6 +163,47 @@ def _svd(fit: WindowFit, shared: dict, projections, rank: int) -> dict[int, dict
     return out
 
 
+def _cg(op, rhs: torch.Tensor, x: torch.Tensor, precondition, steps: int = 100, tol: float = 1e-10) -> torch.Tensor:
+    """Preconditioned conjugate gradients for op(x) = rhs, op self-adjoint positive definite (Frobenius)."""
+    r = rhs - op(x)
+    z = precondition(r)
+    p, rz = z, (r * z).sum()
+    stop = tol * float((rhs * precondition(rhs)).sum())
+    for _ in range(steps):
+        if float(rz) <= stop:
+            break
+        ap = op(p)
+        a = rz / (p * ap).sum()
+        x, r = x + a * p, r - a * ap
+        z = precondition(r)
+        rz, old = (r * z).sum(), rz
+        p = z + (rz / old) * p
+    return x
+
+
+def _joint(
+    targets: list[torch.Tensor], covs: list[torch.Tensor], w: torch.Tensor, rank: int, rounds: int, ridge: float,
+    pooled: bool = False,
+):  # fmt: skip
+    """The shared W [d_out, d_in] minimising sum_l |(1 - P_l)(T_l - W)|^2 in the metric of C_l, where P_l is
+    layer l's best rank-r projector for what the shared W leaves (the subspace its correction spans).
+    Alternates: the projectors given W (optimal), then W given the projectors (conjugate gradients,
+    preconditioned by the Gram-weighted mean's inverse). Each step lowers the objective."""
+    total = sum(covs)
+    lam = ridge * float(total.diagonal().mean().clamp_min(1e-12))
+    eye = torch.eye(len(total), dtype=total.dtype)
+    inverse = torch.linalg.inv(total + lam * eye)
+    for _ in range(int(rounds)):
+        qs = _subspaces([t - w for t in targets], covs, rank, pooled)
+
+        def op(v, qs=qs):
+            return sum((v - q @ (q.T @ v)) @ c for q, c in zip(qs, covs)) + lam * v
+
+        rhs = sum((t - q @ (q.T @ t)) @ c for t, q, c in zip(targets, qs, covs))
+        w = _cg(op, rhs, w, lambda r: r @ inverse)
+    return w
+
+
 def _corrected(fit: WindowFit, shared: dict, deltas: dict[int, dict[str, Delta]], i: int, projections) -> dict:
     """Layer i's full weights (role name -> tensor, PyTorch layout): shared plus its corrections."""
     adapter = fit.adapter
@@ -171,21 +244,34 @@ def _refit_inputs(fit: WindowFit, cap: Capture, drifted: dict, shared: dict, pro
 
 
 def _fit(
-    fit: WindowFit, shared: dict, projections, rank: int, ridge: float, rounds: int
-) -> dict[int, dict[str, Delta]]:
-    bias = fit.adapter.bias
+    fit: WindowFit, shared: dict, projections, rank: int, ridge: float, rounds: int, shared_rounds: int = 0,
+    pooled: bool = False,
+) -> dict[int, dict[str, Delta]]:  # fmt: skip
+    adapter, bias = fit.adapter, fit.adapter.bias
     cap = fit.capture()
     out: dict[int, dict[str, Delta]] = {}
-    for pos, i in enumerate(fit.layers):  # input projections: the layer's own pre-activations
+    means, covs = [], []
+    for i in fit.layers:  # input projections: the layer's own pre-activations
         x = cap.input_rows(i, bias=False)
         mx = x.mean(0)
-        cov = (x - mx).T @ (x - mx) / len(x) if bias else x.T @ x / len(x)
-        for p in [p for p in projections if p != "out"]:
-            dw, db = _weights(fit, pos, shared, p)
-            up, down = _top(dw, cov, min(rank, *dw.shape))
+        means.append(mx)
+        covs.append((x - mx).T @ (x - mx) / len(x) if bias else x.T @ x / len(x))
+        del x
+    for p in [p for p in projections if p != "out"]:
+        if shared_rounds:
+            name = _role(p) + ".weight"
+            targets = [linear(a[name], adapter).double() for a in fit.aligned]
+            w = _joint(targets, covs, linear(shared[name], adapter).double(), rank, shared_rounds, ridge, pooled)
+            shared[name] = linear(w, adapter).to(shared[name].dtype).contiguous()
+            del targets
+        diffs = [_weights(fit, pos, shared, p) for pos in range(len(fit.layers))]
+        qs = _subspaces([dw for dw, _ in diffs], covs, rank, pooled)
+        for (dw, db), q, mx, i in zip(diffs, qs, means, fit.layers):
+            up, down = q, q.T @ dw
             out.setdefault(i, {})[p] = Delta(up, down, (db + (dw - up @ down) @ mx) if bias else None)
+        del diffs
     if "out" in projections:
-        _fit_outputs(fit, cap, shared, out, rank, ridge)
+        _fit_outputs(fit, cap, shared, out, rank, ridge, shared_rounds, pooled)
     for _ in range(int(rounds)):  # drift: refit on the inputs the corrected window really gives each layer
         values = {i: _corrected(fit, shared, out, i, ("in", "gate", "out")) for i in fit.layers}
         drifted = drifted_inputs(fit, cap.batches, values)
@@ -199,14 +285,29 @@ def _fit(
     return out
 
 
-def _fit_outputs(fit: WindowFit, cap: Capture, shared: dict, deltas: dict, rank: int, ridge: float) -> None:
+def _fit_outputs(
+    fit: WindowFit, cap: Capture, shared: dict, deltas: dict, rank: int, ridge: float, shared_rounds: int = 0,
+    pooled: bool = False,
+) -> None:  # fmt: skip
     """Output-projection corrections: what the shared output projection leaves of each layer's original FF
-    output, regressed on the hidden units its corrected input projections give on cap.x."""
+    output, regressed on the hidden units its corrected input projections give on cap.x. With
+    `shared_rounds`, the shared output projection is refitted jointly with them (`_joint`)."""
+    adapter = fit.adapter
+    fitted = {}
     for i, stats in _hidden_stats(fit, cap, shared, deltas).items():
         cov, cross, mx, mr = stats.moments()
         b = _solve(cov, cross, ridge).T  # [d_out, d_ff]: least squares of the residual on the hidden units
-        up, down = _top(b, cov, min(rank, *b.shape))
-        deltas.setdefault(i, {})["out"] = Delta(up, down, (mr - up @ (down @ mx)) if fit.adapter.bias else None)
+        fitted[i] = (b, cov, mx, mr)
+    if shared_rounds:
+        old = linear(shared["fc_out.weight"], adapter).double()
+        targets = [b + old for b, *_ in fitted.values()]  # each layer's own least-squares output projection
+        new = _joint(targets, [c for _, c, *_ in fitted.values()], old, rank, shared_rounds, ridge, pooled)
+        shared["fc_out.weight"] = linear(new, adapter).to(shared["fc_out.weight"].dtype).contiguous()
+        fitted = {i: (t - new, c, mx, mr + (old - new) @ mx) for t, (i, (_, c, mx, mr)) in zip(targets, fitted.items())}
+    qs = _subspaces([b for b, *_ in fitted.values()], [c for _, c, *_ in fitted.values()], rank, pooled)
+    for q, (i, (b, cov, mx, mr)) in zip(qs, fitted.items()):
+        up, down = q, q.T @ b
+        deltas.setdefault(i, {})["out"] = Delta(up, down, (mr - up @ (down @ mx)) if adapter.bias else None)
 
 
 def _hidden_stats(fit: WindowFit, cap: Capture, shared: dict, deltas: dict) -> dict[int, _Stats]:
@@ -258,6 +359,8 @@ def delta(
     projections: str = "all",
     rounds: int = 0,
     ridge: float = RIDGE,
+    shared_rounds: int = 0,
+    ranks: str = "equal",
 ) -> Combined:
     if base not in BASES:
         raise InputError(f"delta base must be one of {', '.join(BASES)}; got {base!r}.")
@@ -265,12 +368,20 @@ def delta(
         raise InputError(f"delta init must be one of {', '.join(INITS)}; got {init!r}.")
     if projections not in PROJECTION_SETS:
         raise InputError(f"delta projections must be one of {', '.join(PROJECTION_SETS)}; got {projections!r}.")
+    if ranks not in RANKS:
+        raise InputError(f"delta ranks must be one of {', '.join(RANKS)}; got {ranks!r}.")
+    if int(shared_rounds) < 0:
+        raise InputError(f"delta shared_rounds must be 0 or more; got {shared_rounds}.")
     shared = BASES[base](fit)
     present = tuple(p for p in PROJECTION_SETS[projections] if fit.adapter.projections.get(p))
     r = int(rank) if int(rank) >= 0 else rank_for_budget(fit, present, float(budget))
     if r == 0:
         return Combined(shared)
-    deltas = _svd(fit, shared, present, r) if init == "svd" else _fit(fit, shared, present, r, ridge, rounds)
+    deltas = (
+        _svd(fit, shared, present, r)
+        if init == "svd"
+        else _fit(fit, shared, present, r, ridge, rounds, shared_rounds, ranks == "pooled")
+    )
     return Combined(shared, deltas)
 
 
@@ -286,5 +397,7 @@ DELTA = MergeMethod(
         "projections": "all",
         "rounds": 0,
         "ridge": RIDGE,
+        "shared_rounds": 0,
+        "ranks": "equal",
     },
 )
