@@ -612,6 +612,11 @@ def cases(root: Path) -> list[tuple[str, object, type | None]]:
         ),
         ("manifest windows not a list", manifest_edit(lambda x: x.update(windows={"a": 1})), E.ManifestError),
         (
+            "manifest window with one correction rank for a 2-layer window",
+            manifest_edit(lambda x: x["windows"][0].update(deltas={"in": [1]})),
+            E.ManifestError,
+        ),
+        (
             "manifest window without its fields",
             manifest_edit(lambda x: x.update(windows=[{"stack": "decoder"}])),
             E.ManifestError,
