@@ -15,9 +15,9 @@ Initialisation (`init`):
 - `svd`: truncated SVD of W_l - W_shared in the aligned basis (weights only; biases exact).
 
 `shared_rounds` (fit only; default 10, 0 keeps the base method's shared weights): the shared weights
-are refitted jointly with the corrections. Each projection's error left after the corrections, summed over the window,
-is lowered by alternating: each layer's correction subspace given the shared weight, then the shared
-weight given those subspaces (`_joint`). `ranks`: `equal` gives every layer rank r; `pooled` gives
+are refitted jointly with the corrections. Each projection's error left after the corrections, summed
+over the window, is lowered by alternating: each layer's correction subspace given the shared weight,
+then the shared weight given those subspaces (`_joint`). `ranks`: `equal` gives every layer rank r; `pooled` gives
 the window's k r directions to whichever layers they remove the most error from (each keeps at least
 one), so layers that differ more from the shared FF get more (the default; the parameter count is the
 same). On SmolLM2-135M (window 15-19, budget 0.35) the two took BBC test perplexity from 29.27 to
