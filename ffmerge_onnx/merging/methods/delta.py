@@ -17,10 +17,10 @@ Initialisation (`init`):
 `shared_rounds` (fit only; default 10, 0 keeps the base method's shared weights): the shared weights
 are refitted jointly with the corrections. Each projection's error left after the corrections, summed
 over the window, is lowered by alternating: each layer's correction subspace given the shared weight,
-then the shared weight given those subspaces (`_joint`). `ranks`: `equal` gives every layer rank r; `pooled` gives
-the window's k r directions to whichever layers they remove the most error from (each keeps at least
-one), so layers that differ more from the shared FF get more (the default; the parameter count is the
-same). On SmolLM2-135M (window 15-19, budget 0.35) the two took BBC test perplexity from 29.27 to
+then the shared weight given those subspaces (`_joint`). `ranks`: `equal` gives every layer rank r;
+`pooled` gives the window's k r directions to whichever layers they remove the most error from (each
+keeps at least one), so layers that differ more from the shared FF get more (the default; the
+parameter count is the same). On SmolLM2-135M (window 15-19, budget 0.35) the two took BBC test perplexity from 29.27 to
 27.44; docs/results.md has the measurements.
 
 Rank: `rank` >= 0, or (`rank` -1) from `budget`, the fraction of the merged-away FF parameters kept
@@ -37,7 +37,7 @@ from ...errors import InputError
 from ..calibration import run_batch
 from ..data import real_rows
 from .average import average
-from .common import RIDGE, Capture, MergeMethod, WindowFit, drifted_inputs, linear, rows, swapped, window_modules
+from .common import RIDGE, Capture, MergeMethod, WindowFit, drifted_inputs, linear, rows, solve, swapped, window_modules
 from .refit import refit, sequential
 from .regmean import regmean
 
@@ -138,11 +138,6 @@ class _Stats:
         return xx, xr, mx, mr
 
 
-def _solve(cov: torch.Tensor, rhs: torch.Tensor, ridge: float) -> torch.Tensor:
-    lam = ridge * float(cov.diagonal().mean().clamp_min(1e-12))
-    return torch.linalg.solve(cov + lam * torch.eye(len(cov), dtype=cov.dtype), rhs)
-
-
 def _weights(fit: WindowFit, layer_pos: int, shared: dict, projection: str):
     role = _role(projection)
     aligned = fit.aligned[layer_pos]
@@ -239,7 +234,7 @@ def _refit_inputs(fit: WindowFit, cap: Capture, drifted: dict, shared: dict, pro
                 target = x @ w_l.T + (b_l.double() if b_l is not None else 0)
                 stats.add(xd, target - xd @ w_s.T - (b_s.double() if b_s is not None else 0))
             cov, cross, mx, mr = stats.moments()
-            b = _solve(cov, cross, ridge).T
+            b = solve(cov, cross, ridge).T
             up, down = _top(b, cov, min(rank, *b.shape))
             out.setdefault(i, {})[p] = Delta(up, down, (mr - up @ (down @ mx)) if bias else None)
     return out
@@ -298,14 +293,14 @@ def _fit_outputs(
     fitted = {}
     for i, stats in _hidden_stats(fit, cap, shared, deltas).items():
         cov, cross, mx, mr = stats.moments()
-        b = _solve(cov, cross, ridge).T  # [d_out, d_ff]: least squares of the residual on the hidden units
+        b = solve(cov, cross, ridge).T  # [d_out, d_ff]: least squares of the residual on the hidden units
         fitted[i] = (b, cov, mx, mr)
     if shared_rounds:
         old = linear(shared["fc_out.weight"], adapter).double()
         targets = [b + old for b, *_ in fitted.values()]  # each layer's own least-squares output projection
         new = _joint(targets, [c for _, c, *_ in fitted.values()], old, rank, shared_rounds, ridge, pooled)
         shared["fc_out.weight"] = linear(new, adapter).to(shared["fc_out.weight"].dtype).contiguous()
-        fitted = {i: (t - new, c, mx, mr + (old - new) @ mx) for t, (i, (_, c, mx, mr)) in zip(targets, fitted.items())}
+        fitted = {i: (b + old - new, c, mx, mr + (old - new) @ mx) for i, (b, c, mx, mr) in fitted.items()}
     qs = _subspaces([b for b, *_ in fitted.values()], [c for _, c, *_ in fitted.values()], rank, pooled)
     for q, (i, (b, cov, mx, mr)) in zip(qs, fitted.items()):
         up, down = q, q.T @ b
