@@ -65,6 +65,11 @@ def main() -> None:
     ap.add_argument("--delta-rounds", type=int, default=0, help="refits on the drifted inputs (0: none)")
     ap.add_argument("--delta-shared-rounds", type=int, default=10, help="joint refits of the shared FF (0: none)")
     ap.add_argument("--delta-ranks", default="pooled", help="equal: rank r per layer; pooled: k r over the window")
+    ap.add_argument(
+        "--delta-weighting",
+        default="output",
+        help="none, or output: input-projection errors weighted by how much each hidden unit moves the FF output",
+    )
     ap.add_argument("--skip", action="store_true", help="also each merge plus per-layer skip corrections")
     ap.add_argument("--calibration-tokens", type=int, default=10_000)
     ap.add_argument("--eval-tokens", type=int, default=4_000)
@@ -162,7 +167,8 @@ def main() -> None:
             for init in a.inits.split(","):
                 t = time.time()
                 params = {"budget": budget, "init": init, "base": a.delta_base, "projections": a.delta_projections,
-                          "rounds": a.delta_rounds, "shared_rounds": a.delta_shared_rounds, "ranks": a.delta_ranks}  # fmt: skip
+                          "rounds": a.delta_rounds, "shared_rounds": a.delta_shared_rounds, "ranks": a.delta_ranks,
+                          "weighting": a.delta_weighting}  # fmt: skip
                 merged = merge(copy.deepcopy(original), windows, calibration=bench.cal, method="delta",
                                params=params, progress=False)  # fmt: skip
                 rank = merged.manifest.windows[0].deltas

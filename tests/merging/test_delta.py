@@ -28,7 +28,13 @@ def window(model):
 
 @pytest.mark.parametrize(
     "init,rounds,joint",
-    [("fit", 0, {}), ("fit", 1, {}), ("svd", 0, {}), ("fit", 0, {"shared_rounds": 2, "ranks": "pooled"})],
+    [
+        ("fit", 0, {}),
+        ("fit", 1, {}),
+        ("svd", 0, {}),
+        ("fit", 0, {"shared_rounds": 2, "ranks": "pooled"}),
+        ("fit", 0, {"shared_rounds": 2, "ranks": "pooled", "weighting": "none"}),
+    ],
 )
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_a_full_rank_delta_reproduces_every_original_layer(model_type, init, rounds, joint):
@@ -105,7 +111,8 @@ def test_bad_parameters_are_refused():
     cal = tm.calibration(model)
     for params, message in (({"budget": 1.5}, "delta-budget"), ({"base": "zip"}, "base must be one of"),
                             ({"init": "x"}, "init must be one of"), ({"colour": 1}, "takes rank"),
-                            ({"ranks": "some"}, "ranks must be one of"), ({"shared_rounds": -1}, "0 or more")):  # fmt: skip
+                            ({"ranks": "some"}, "ranks must be one of"), ({"shared_rounds": -1}, "0 or more"),
+                            ({"weighting": "loud"}, "weighting must be one of")):  # fmt: skip
         with pytest.raises(InputError, match=message):
             merge(copy.deepcopy(model), window(model), calibration=cal, method="delta", params=params, progress=False)
 
@@ -127,12 +134,16 @@ def test_recovery_can_train_only_the_corrections():
     assert moved and all(".delta_" in n for n in moved)
 
 
-def _objective(targets, covs, w, qs):
-    return sum(float(((e := (t - w) - q @ (q.T @ (t - w))) @ c * e).sum()) for t, q, c in zip(targets, qs, covs))
+def _objective(targets, covs, w, qs, scales=None):
+    scales = scales or [torch.ones(len(w), dtype=w.dtype)] * len(targets)
+    return sum(
+        float(((e := (d := s[:, None] * (t - w)) - q @ (q.T @ d)) @ c * e).sum())
+        for t, q, c, s in zip(targets, qs, covs, scales)
+    )
 
 
-@pytest.mark.parametrize("pooled", [False, True])
-def test_the_joint_shared_fit_lowers_the_corrections_error_every_round(pooled):
+@pytest.mark.parametrize("pooled,scaled", [(False, False), (True, False), (True, True)])
+def test_the_joint_shared_fit_lowers_the_corrections_error_every_round(pooled, scaled):
     from ffmerge_onnx.merging.methods.delta import _joint, _subspaces
 
     g = torch.Generator().manual_seed(0)
@@ -147,10 +158,16 @@ def test_the_joint_shared_fit_lowers_the_corrections_error_every_round(pooled):
         )
         covs.append(x.T @ x / len(x))
     w = sum(t @ c for t, c in zip(targets, covs)) @ torch.linalg.inv(sum(covs))  # the Gram-weighted mean
-    errors = [_objective(targets, covs, w, _subspaces([t - w for t in targets], covs, 3, pooled))]
+    # output rows that count unequally, differently in each layer
+    scales = [torch.rand(24, generator=g, dtype=torch.float64) * 2 + 0.1 for _ in targets] if scaled else None
+
+    def error(w):
+        return _objective(targets, covs, w, _subspaces([t - w for t in targets], covs, 3, pooled, scales), scales)
+
+    errors = [error(w)]
     for _ in range(4):
-        w = _joint(targets, covs, w, 3, 1, ridge=0.0, pooled=pooled)
-        errors.append(_objective(targets, covs, w, _subspaces([t - w for t in targets], covs, 3, pooled)))
+        w = _joint(targets, covs, w, 3, 1, ridge=0.0, pooled=pooled, scales=scales)
+        errors.append(error(w))
     assert all(b <= a * (1 + 1e-9) for a, b in itertools.pairwise(errors))
     assert errors[-1] < 0.9 * errors[0]
 
@@ -169,3 +186,30 @@ def test_pooled_ranks_spend_the_same_total_rank_where_it_removes_the_most_error(
     for q in pooled:
         assert torch.allclose(q.T @ q, torch.eye(q.shape[1], dtype=torch.float64), atol=1e-10)
     assert _objective(diffs, covs, w, pooled) < _objective(diffs, covs, w, equal)
+
+
+def test_output_weighting_is_each_units_first_order_effect_on_the_ff_output():
+    from ffmerge_onnx.merging.merge import AlignedLayers
+    from ffmerge_onnx.merging.methods.common import WindowFit
+    from ffmerge_onnx.merging.methods.delta import _importance
+
+    model = tm.build("llama")
+    adapter = adapter_for(model)
+    layers = adapter.layers(model, "decoder")
+    gen = torch.Generator().manual_seed(0)
+    perms = [torch.randperm(adapter.ff_dim(layers[i]), generator=gen).numpy() for i in (1, 2, 3)]
+    aligned = AlignedLayers(adapter, [layers[i] for i in (1, 2, 3)], perms)
+    fit = WindowFit(model, adapter, "decoder", [1, 2, 3], aligned, [torch.as_tensor(p) for p in perms],
+                    tm.calibration(model, n=16))  # fmt: skip
+    cap = fit.capture()
+    got = _importance(fit, cap, ["in", "gate"])
+    for pos, i in enumerate((1, 2, 3)):  # h = silu(gate) * up, in the aligned order
+        a = aligned[pos]
+        x = cap.input_rows(i, bias=False)
+        gate, up = x @ a["gate.weight"].double().T, x @ a["fc_in.weight"].double().T
+        sig = torch.sigmoid(gate)
+        norms = (a["fc_out.weight"].double() ** 2).sum(0)
+        want = {"in": (torch.nn.functional.silu(gate) ** 2).mean(0) * norms,
+                "gate": ((sig * (1 + gate * (1 - sig)) * up) ** 2).mean(0) * norms}  # fmt: skip
+        for p, w in want.items():
+            torch.testing.assert_close(got[p][pos] ** 2, w.clamp_min(1e-6 * float(w.max())), rtol=1e-4, atol=0)
