@@ -354,6 +354,20 @@ def calibration(model, n: int = 24, seq: int = 16, seed: int = 2):
     return Calibration(batches, tokens, {"kind": "random", "tokens": tokens})
 
 
+def shuffled_window(model, stack: str, layers=(1, 2, 3), calibration=None, seed: int = 0):
+    """A WindowFit over `layers`, each read through a random permutation of its hidden units."""
+    from ffmerge_onnx.families import adapter_for
+    from ffmerge_onnx.merging.merge import AlignedLayers
+    from ffmerge_onnx.merging.methods.common import WindowFit
+
+    adapter = adapter_for(model)
+    blocks = adapter.layers(model, stack)
+    gen = torch.Generator().manual_seed(seed)
+    perms = [torch.randperm(adapter.ff_dim(blocks[i]), generator=gen).numpy() for i in layers]
+    aligned = AlignedLayers(adapter, [blocks[i] for i in layers], perms)
+    return WindowFit(model, adapter, stack, list(layers), aligned, [torch.as_tensor(p) for p in perms], calibration)
+
+
 def plant(model, stack, src, dst, noise, seed=0):
     """Make layer dst's FF a permuted copy of layer src's (+ noise); return the planted perm."""
     from ffmerge_onnx import adapter_for

@@ -189,18 +189,11 @@ def test_pooled_ranks_spend_the_same_total_rank_where_it_removes_the_most_error(
 
 
 def test_output_weighting_is_each_units_first_order_effect_on_the_ff_output():
-    from ffmerge_onnx.merging.merge import AlignedLayers
-    from ffmerge_onnx.merging.methods.common import WindowFit
     from ffmerge_onnx.merging.methods.delta import _importance
 
     model = tm.build("llama")
-    adapter = adapter_for(model)
-    layers = adapter.layers(model, "decoder")
-    gen = torch.Generator().manual_seed(0)
-    perms = [torch.randperm(adapter.ff_dim(layers[i]), generator=gen).numpy() for i in (1, 2, 3)]
-    aligned = AlignedLayers(adapter, [layers[i] for i in (1, 2, 3)], perms)
-    fit = WindowFit(model, adapter, "decoder", [1, 2, 3], aligned, [torch.as_tensor(p) for p in perms],
-                    tm.calibration(model, n=16))  # fmt: skip
+    fit = tm.shuffled_window(model, "decoder", calibration=tm.calibration(model, n=16))
+    aligned = fit.aligned
     cap = fit.capture()
     got = _importance(fit, cap, ["in", "gate"])
     for pos, i in enumerate((1, 2, 3)):  # h = silu(gate) * up, in the aligned order

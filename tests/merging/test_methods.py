@@ -115,15 +115,11 @@ def _call_ff(adapter, layer, x):
 def test_aligned_layers_are_read_lazily_from_the_weights_as_they_were_and_averaged_in_float64():
     from torch import nn
 
-    from ffmerge_onnx.merging.merge import AlignedLayers
-    from ffmerge_onnx.merging.methods.common import WindowFit
-
     model = tm.build("llama")
     adapter = adapter_for(model)
     layers = adapter.layers(model, "decoder")
-    gen = torch.Generator().manual_seed(0)
-    perms = [torch.randperm(adapter.ff_dim(layers[i]), generator=gen).numpy() for i in (1, 2, 3)]
-    aligned = AlignedLayers(adapter, [layers[i] for i in (1, 2, 3)], perms)
+    fit = tm.shuffled_window(model, "decoder")
+    aligned, perms = fit.aligned, fit.perms
     before = [aligned[j] for j in range(3)]
     for role in adapter.roles():  # a method swapping other tensors in (as `swapped` does) changes nothing read
         module = adapter.projection(layers[2], role.projection)
@@ -135,7 +131,6 @@ def test_aligned_layers_are_read_lazily_from_the_weights_as_they_were_and_averag
     role = next(r for r in adapter.roles() if r.hidden_axis is not None)
     original = adapter.ff_params(layers[1])[role.name].detach()
     assert torch.equal(before[0][role.name], original.index_select(role.hidden_axis, role.index(perms[0])))
-    fit = WindowFit(model, adapter, "decoder", [1, 2, 3], aligned, [torch.as_tensor(p) for p in perms], None)
     mean = fit.average()
     for name in before[0]:
         want = torch.stack([b[name].double() for b in before]).mean(0).float()

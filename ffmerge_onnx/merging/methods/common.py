@@ -74,6 +74,20 @@ def window_modules(model, adapter: Adapter, stack: str, layers: list[int], proje
     return [adapter.projection(adapter.layers(model, stack)[i], projection) for i in layers]
 
 
+def replay(fit: WindowFit, batches, state: dict, handles: list, grad: bool = False) -> None:
+    """Runs the calibration batches up to the window's last output projection, with state["batch"] set
+    for the hooks in `handles`, which are removed afterwards whatever happens."""
+    try:
+        last = window_modules(fit.model, fit.adapter, fit.stack, fit.layers, "out")
+        with torch.enable_grad() if grad else torch.no_grad():
+            for b, batch in enumerate(batches):
+                state["batch"] = b
+                run_batch(fit.model, batch, stop_after=last)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def linear(t: torch.Tensor, adapter: Adapter) -> torch.Tensor:
     """[out, in] layout from GPT-2's Conv1D [in, out], and back (a transpose is its own inverse)."""
     return t if adapter.layout == "linear" or t.dim() == 1 else t.T

@@ -39,10 +39,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ...errors import InputError
-from ..calibration import run_batch
 from ..data import real_rows
 from .average import average
-from .common import RIDGE, Capture, MergeMethod, WindowFit, drifted_inputs, linear, rows, solve, swapped, window_modules
+from .common import RIDGE, Capture, MergeMethod, WindowFit, drifted_inputs, linear, replay, rows, solve, swapped
 from .refit import refit, sequential
 from .regmean import regmean
 
@@ -367,15 +366,7 @@ def _importance(fit: WindowFit, cap: Capture, projections: list[str]) -> dict[st
                     sums[p][i] = sums[p][i] + (real_rows(g, cap.masks[state["batch"]]).double() ** 2).sum(0)
 
             handles.append(adapter.projection(layer, "out").register_forward_pre_hook(slopes))
-        try:
-            last = window_modules(model, adapter, stack, fit.layers, "out")
-            with torch.enable_grad():
-                for b, batch in enumerate(cap.batches):
-                    state["batch"] = b
-                    run_batch(model, batch, stop_after=last)
-        finally:
-            for h in handles:
-                h.remove()
+        replay(fit, cap.batches, state, handles, grad=True)
     n = sum(int(m.sum()) if m is not None else len(real_rows(x, None)) for x, m in zip(cap.x[fit.layers[0]], cap.masks))
     out = {}
     for p in projections:
@@ -416,15 +407,7 @@ def _hidden_stats(fit: WindowFit, cap: Capture, shared: dict, deltas: dict) -> d
             for p in in_projections:
                 handles.append(adapter.projection(layer, p).register_forward_pre_hook(pre))
             handles.append(adapter.projection(layer, "out").register_forward_hook(post))
-        try:
-            last = window_modules(model, adapter, stack, fit.layers, "out")
-            with torch.no_grad():
-                for b, batch in enumerate(cap.batches):
-                    state["batch"] = b
-                    run_batch(model, batch, stop_after=last)
-        finally:
-            for h in handles:
-                h.remove()
+        replay(fit, cap.batches, state, handles)
     return stats
 
 

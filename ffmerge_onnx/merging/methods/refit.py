@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from ..calibration import run_batch
 from ..data import real_rows
-from .common import RIDGE, Capture, MergeMethod, WindowFit, drifted_inputs, rows, solve, store, swapped, window_modules
+from .common import RIDGE, Capture, MergeMethod, WindowFit, drifted_inputs, replay, rows, solve, store, swapped
 
 
 def refit(fit: WindowFit, ridge: float = RIDGE) -> dict[str, torch.Tensor]:
@@ -59,13 +58,10 @@ def _refit_out(fit: WindowFit, cap: Capture, merged_in: dict, ridge: float) -> t
             for p in in_projections:
                 handles.append(adapter.projection(layer, p).register_forward_pre_hook(pre))
             handles.append(adapter.projection(layer, "out").register_forward_hook(post))
-        with swapped(model, adapter, stack, layers, merged_in, in_projections), torch.no_grad():
-            last = window_modules(model, adapter, stack, layers, "out")
-            for b, batch in enumerate(cap.batches):
-                state["batch"] = b
-                run_batch(model, batch, stop_after=last)
+        with swapped(model, adapter, stack, layers, merged_in, in_projections):
+            replay(fit, cap.batches, state, handles)
     finally:
-        for h in handles:
+        for h in handles:  # if hooking or swapping failed before replay
             h.remove()
     return solve(gram, cross, ridge).T  # [d_model, d_ff (+1)]
 
