@@ -22,6 +22,8 @@ from pathlib import Path
 from .errors import CorruptModelError, InputError
 
 SESSION_SETTINGS = "ort_session_settings.json"
+EXPORT_INFO = "onnx_export.json"  # written by convert: files, mode, precision
+GPU_ONLY = {"bf16": "onnxruntime's CPU provider has no bf16 MatMul or Gemm kernels"}
 PREPACKING_OFF = {"session.disable_prepacking": "1"}
 MALLOC_RECIPE = {"MALLOC_TRIM_THRESHOLD_": "131072"}  # glibc returns freed heap above 128 KiB to the OS
 MIN_ORT = (1, 23)
@@ -72,6 +74,14 @@ def session_entries(path: Path) -> dict[str, str]:
         return {str(k): str(v) for k, v in entries.items()}
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise InputError(f"{path} is not valid ({type(e).__name__}); re-run `ffmerge-onnx convert`.") from e
+
+
+def _precision(info: Path) -> str:
+    """The precision an onnx_export.json records (fp32 when there is none)."""
+    try:
+        return str(json.loads(info.read_text()).get("precision", "fp32"))
+    except (OSError, ValueError, AttributeError):
+        return "fp32"
 
 
 def parse_providers(text: str) -> tuple[str, ...]:
@@ -178,6 +188,12 @@ def session(model, providers: tuple[str, ...] | str = ("cpu",), *, trim: bool = 
     if warning:
         warnings.warn(warning, stacklevel=2)
     names = parse_providers(providers) if isinstance(providers, str) else tuple(providers)
+    precision = _precision(path.parent / EXPORT_INFO)
+    if names[0] == "cpu" and precision in GPU_ONLY:
+        raise InputError(
+            f"{model} is {precision}, which runs on the CUDA provider only ({GPU_ONLY[precision]}): open it with "
+            "providers=('cuda',), or convert for CPUs with --precision fp32, int8 or int4."
+        )
     sess = open_session(path, names[0], session_entries(path.parent / SESSION_SETTINGS), threads)
     if trim:
         trim_heap()

@@ -7,6 +7,9 @@ embedding cosine to the fp32 merged ONNX model over BBC test articles for encode
 writes the JSON.
 
     .venv/bin/python tools/benchmark_precision.py --model all-MiniLM-L6-v2 --layers 2-3 --precisions fp32,fp16,int8
+
+bf16 rows give sizes and quality only: onnxruntime's CPU provider has no bf16 products, so their outputs
+are scored through bf16.emulate and their memory and latency need the CUDA provider.
     .venv/bin/python tools/benchmark_precision.py --model SmolLM2-135M-Instruct --layers 11-21 --method sequential \\
         --precisions fp32,int4
 """
@@ -27,6 +30,11 @@ from ffmerge_onnx.families.builtin import bbc_articles
 from ffmerge_onnx.families.loading import load_model, load_preprocessor
 from ffmerge_onnx.pipeline import ExportOptions, Loaded, calibration_data, export
 from ffmerge_onnx.quality.evaluate import evaluate
+
+
+def _f(x) -> str:
+    """A ratio, or "-" where none was measured (bf16: the CPU provider cannot run it)."""
+    return "-" if x is None else f"{x:.3f}"
 
 
 def main() -> None:
@@ -94,8 +102,8 @@ def main() -> None:
         q = r["quality"]
         print(f"| {name} | {r['merged_file_bytes'] / 2**20:.2f} | {r['unmerged_file_bytes'] / 2**20:.2f} | "
               f"{r['merged_file_bytes'] / fp32_file if fp32_file else float('nan'):.3f} | "
-              f"{r['weight_saving_over_away']:.3f} | {r['recipe_saving_over_away'] or float('nan'):.3f} | "
-              f"{r['peak_ratio']:.3f} | {r['latency_ratio']:.3f} | {q['metric']} {q['value']:.4f} | "
+              f"{_f(r['weight_saving_over_away'])} | {_f(r['recipe_saving_over_away'])} | "
+              f"{_f(r['peak_ratio'])} | {_f(r['latency_ratio'])} | {q['metric']} {q['value']:.4f} | "
               f"{'pass' if r['ok'] else 'FAIL'} |")  # fmt: skip
     print(f"\nwrote {out}")
 

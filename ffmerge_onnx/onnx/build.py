@@ -21,7 +21,7 @@ from ..errors import FFMergeError, InputError
 from ..families import task_of
 from ..fsutil import guarded_output, place
 from ..merging import MergeResult
-from ..runtime import write_settings
+from ..runtime import EXPORT_INFO, write_settings
 from .export import Part, export_part, parts_for
 from .files import load_ir, save
 from .passes import (
@@ -39,7 +39,7 @@ from .passes.simplify import SIMPLIFIERS
 from .precision import EIGHT_BIT_WINDOW, PrecisionOptions, ToPrecision
 
 SIMPLIFIER_CHOICES = {**SIMPLIFIERS, "none": "no simplifier"}
-INFO = "onnx_export.json"
+INFO = EXPORT_INFO
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from .build import BuildOptions, build, part_stacks, targets, untied_copy
 from .export import Part, export_part, parts_for
 from .files import save
 from .memprobe import measure
-from .precision import PrecisionOptions, ToPrecision, derived
+from .precision import RELATIVE, PrecisionOptions, ToPrecision, derived, get_precision
 
 MIN_MEASURABLE_BYTES = 4 * 2**20  # below this, page granularity and allocator noise swamp RSS
 BASELINE = "unmerged_defaults"
@@ -86,6 +86,9 @@ def shapes(model, part: Part) -> dict[str, tuple[int, int, int]]:
     if "position_ids" in part.example:  # a causal LM's one file serves both
         return {"prefill": (4, seq, 0), "decode": decode}
     return {"decode": decode}  # seq2seq decoder_with_past
+
+
+RUNTIME_FIGURES = ("peak", "steady", "steady_trimmed", "steady_recipe", "latency_ms")
 
 
 def _figures(path: Path, feeds: Path, entries: dict[str, str], runs: int) -> dict:
@@ -175,6 +178,9 @@ def measure_variants(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             paper_files = paper_practice(result, tmp / "paper", kv_cache, precision)
+        timed = get_precision(precision.name).cpu  # bf16: files only, the CPU provider cannot run it
+        if not timed:
+            log(f"{precision.name}: sizes only (onnxruntime's CPU provider has no {precision.name} products)")
         variants = {
             "merged": (folder, info["files"], entries),
             BASELINE: (tmp / "unmerged", base_files, {}),
@@ -187,9 +193,11 @@ def measure_variants(
                 np.savez(tmp / "feeds.npz", **{k: v.numpy() for k, v in feeds.items()})
                 row = {}
                 for name, (where, files, variant_entries) in variants.items():
-                    log(f"measuring {part.filename} {shape}: {name}")
+                    if timed:
+                        log(f"measuring {part.filename} {shape}: {name}")
                     n = runs if shape == "prefill" else max(runs, 50)
-                    row[name] = _figures(where / part.filename, tmp / "feeds.npz", variant_entries, n)
+                    row[name] = (_figures(where / part.filename, tmp / "feeds.npz", variant_entries, n) if timed
+                                 else dict.fromkeys(RUNTIME_FIGURES))  # fmt: skip
                     row[name]["file_bytes"] = _size(where, files, part.filename)
                     row[name].update(initializer_bytes(where / part.filename))
                 parts.setdefault(part.filename, {})[shape] = row
@@ -208,7 +216,10 @@ def savings(figures: dict, away: int) -> dict:
     m, u, p = figures["merged"], figures[BASELINE], figures["paper_practice"]
 
     def over_away(key):
-        return (u[key] - m[key]) / away if away else None
+        return (u[key] - m[key]) / away if away and m[key] is not None else None
+
+    def ratio(a, b):
+        return a / b if a is not None and b else None
 
     return {
         "file_saving_over_away": over_away("file_bytes"),
@@ -216,9 +227,9 @@ def savings(figures: dict, away: int) -> dict:
         "steady_saving_over_away": over_away("steady"),
         "trimmed_saving_over_away": over_away("steady_trimmed"),
         "recipe_saving_over_away": over_away("steady_recipe"),
-        "peak_ratio": m["peak"] / u["peak"] if u["peak"] > 0 else None,
-        "latency_ratio": m["latency_ms"] / u["latency_ms"],
-        "latency_ratio_vs_paper": m["latency_ms"] / p["latency_ms"],
+        "peak_ratio": ratio(m["peak"], u["peak"]),
+        "latency_ratio": ratio(m["latency_ms"], u["latency_ms"]),
+        "latency_ratio_vs_paper": ratio(m["latency_ms"], p["latency_ms"]),
     }
 
 
@@ -236,16 +247,22 @@ def side_by_side(measured: dict) -> dict:
 def checks(table: dict) -> list[tuple[str, str, dict]]:
     """(name, status, detail) of the size, memory and latency checks against the baseline."""
     rows = table["rows"]
-    share = 0.99 if table.get("precision", "fp32") in ("fp32", "fp16") else 0.95  # quantized: scales, rounding
+    precision = get_precision(table.get("precision", "fp32"))
+    share = 0.99 if precision.name in RELATIVE else 0.95  # quantized: scales, rounding
     size_ok, mem_ok, measurable = True, True, False
     for r in rows.values():
         away, f = r["merged_away_bytes"], r["figures"]
         if away:
             size_ok &= f[BASELINE]["weight_bytes"] - f["merged"]["weight_bytes"] >= share * away  # no allowance
-            if away >= MIN_MEASURABLE_BYTES and table["original"]:  # the memory a server with the recipe holds
+            if precision.cpu and away >= MIN_MEASURABLE_BYTES and table["original"]:  # a server with the recipe
                 mem_ok &= r["recipe_saving_over_away"] >= 0.90
         measurable |= away >= MIN_MEASURABLE_BYTES
-    if not measurable:
+    if not precision.cpu:
+        mem_reason = (
+            f"{precision.name}: onnxruntime's CPU provider has no {precision.name} products; memory and latency "
+            "need the CUDA provider"
+        )
+    elif not measurable:
         mem_reason = f"merged-away bytes under {MIN_MEASURABLE_BYTES:,}: too small for RSS"
     elif not table["original"]:
         mem_reason = (
@@ -286,8 +303,9 @@ def checks(table: dict) -> list[tuple[str, str, dict]]:
         ),
         (
             "latency_vs_unmerged",
-            "pass",
+            "pass" if precision.cpu else "skipped",
             {"note": "reported, not gated (timing noise); tools/benchmark_sharing.py holds the targets",
+             **({} if precision.cpu else {"reason": mem_reason}),
              "rows": pick("latency_ratio", "latency_ratio_vs_paper")},
         ),
     ]  # fmt: skip

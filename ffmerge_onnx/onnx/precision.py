@@ -4,6 +4,9 @@ or one quantized weight with its scales).
 
     fp32  as exported
     fp16  onnxruntime.transformers.float16 (LayerNorm, RMSNorm and Softmax kept in fp32, fp32 inputs and outputs)
+    bf16  bf16.py: weights and matrix products in bf16, the rest fp32 (torch autocast's split); CUDA provider
+          only, checked on CPU through an emulation (onnxruntime has no bf16 converter; its CPU provider no
+          bf16 MatMul)
     int8  8-bit blockwise MatMul weights (MatMulNBits, weight-only; --block-size, --accuracy-level, default 4:
           int8 compute) and int8 embedding tables (quantize_dynamic on Gather, per channel)
     int8-dynamic  onnxruntime.quantization.quantize_dynamic on MatMul and Gather weights (QInt8, per channel,
@@ -50,6 +53,7 @@ from .files import EXTERNAL_DATA_THRESHOLD, save, sharing
 from .passes.base import PostconditionError
 
 FP32_ATOL, FP32_RTOL = 1e-4, 1e-5
+RELATIVE = {"fp32": FP32_RTOL, "fp16": 1e-2, "bf16": 3e-2}  # max abs gates: atol + this x max|ref|
 # int4: a tensor merged from this many layers or more stays in 8 bits. Its rounding error is the same in each
 # of the k layers, so it adds up (k e) where separate layers' errors partly cancel (sqrt(k) e); 8 bits cost
 # 0.375 bytes per merged parameter more than HQQ's 4 (0.75 with scales and zero points), which leaves
@@ -83,6 +87,12 @@ def _fp16(src: Path, dst: Path, options: PrecisionOptions, external: bool) -> li
     model = ir.from_proto(converted)
     model.graph.sort()  # the converter can leave the Casts it adds out of order
     return save(model, dst, external)
+
+
+def _bf16(src: Path, dst: Path, options: PrecisionOptions, external: bool) -> list[str]:
+    from .bf16 import to_bf16
+
+    return save(to_bf16(_matmul_weights(src)), dst, external)
 
 
 def _matmul_weights(src: Path):
@@ -238,6 +248,7 @@ class Precision:
     gate: str  # what validate checks against the fp32 reference
     perplexity_rise: float = 0.0  # causal LMs: BBC test perplexity at most (1 + this) x the fp32 reference's
     text_cosine: float = 1.0  # encoders: mean pooled-embedding cosine to the fp32 reference on BBC test articles
+    cpu: bool = True  # onnxruntime's CPU provider runs it (bf16: checked through bf16.emulate, not timed)
 
     def accept(self, ref: np.ndarray, got: np.ndarray) -> dict:
         """The output check for this precision: {"ok", "max_abs", "tolerance" or "cosine", ...}."""
@@ -245,8 +256,8 @@ class Precision:
         diff = float(np.abs(ref - got).max()) if ref.size else 0.0
         scale = float(np.abs(ref).max()) if ref.size else 0.0
         row = {"max_abs": diff, "max_rel": diff / max(scale, 1e-12)}
-        if self.name in ("fp32", "fp16"):
-            tol = FP32_ATOL + (FP32_RTOL if self.name == "fp32" else 1e-2) * scale
+        if self.name in RELATIVE:
+            tol = FP32_ATOL + RELATIVE[self.name] * scale
             return {**row, "tolerance": tol, "ok": bool(np.isfinite(got).all() and diff <= tol)}
         x = ref.reshape(-1, ref.shape[-1]) if ref.ndim else ref.reshape(1, 1)
         y = got.reshape(-1, got.shape[-1]) if got.ndim else got.reshape(1, 1)
@@ -263,6 +274,9 @@ PRECISIONS: dict[str, Precision] = {
         Precision("fp32", "as exported", None, "max abs <= 1e-4 + 1e-5 max|ref|"),
         Precision("fp16", "fp16 weights and compute (GPUs); norms and softmax stay fp32", _fp16,
                   "max abs <= 1e-2 max|ref|", 0.01, 0.999),
+        Precision("bf16", "bf16 weights and matrix products (GPUs; autocast's split: norms, softmax and adds "
+                  "stay fp32); the CPU provider has no bf16 products, so CPU checks run an emulation", _bf16,
+                  "max abs <= 3e-2 max|ref|", 0.02, 0.998, cpu=False),
         Precision("int8", "8-bit blockwise MatMul weights (MatMulNBits), int8 embedding tables (CPUs)", _int8,
                   "mean row cosine >= 0.50", 0.03, 0.99),
         Precision("int8-dynamic", "int8 weights per channel and activations per tensor (quantize_dynamic; "

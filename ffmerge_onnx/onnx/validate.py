@@ -18,6 +18,7 @@ from ..families import adapter_for, modality
 from ..merging import load_merged
 from ..runtime import MALLOC_RECIPE, SESSION_SETTINGS, check_loads, open_session, session_entries
 from . import compare
+from .bf16 import EMULATED, runnable
 from .build import INFO
 from .export import Seq2SeqDecoder, SpeechDecoder, parts_for, random_spectrogram
 from .files import check_onnx, sharing
@@ -124,8 +125,11 @@ def check_outputs(
     """Each part's outputs against PyTorch on several shapes, with the precision's gate (precision.py)."""
     accept = get_precision(precision).accept
     rows, ok = [], True
+    emulated = False
     for part in parts_for(model, kv_cache):
-        sess = open_session(folder / part.filename, provider, entries)
+        with runnable(folder / part.filename, provider) as path:  # onnxruntime holds the graph once built
+            sess = open_session(path, provider, entries)
+            emulated |= path != folder / part.filename
         if provider == "cuda" and sess.get_providers()[0] != "CUDAExecutionProvider":
             return Check(f"outputs[{provider}]", "skipped", {"reason": "CUDA provider fell back to CPU"})
         for batch, seq, past in _cases(model):
@@ -172,7 +176,8 @@ def check_outputs(
                         **verdict,
                     }
                 )
-    return Check(f"outputs[{provider}]", "pass" if ok else "fail", {"rows": rows})
+    detail = {"rows": rows, **({"emulated": EMULATED} if emulated else {})}
+    return Check(f"outputs[{provider}]", "pass" if ok else "fail", detail)
 
 
 def unique_param_bytes(model) -> int:
@@ -282,8 +287,12 @@ VARIANT_NAMES = {
 }
 
 
-def _mb(x: float) -> str:
-    return f"{x / 2**20:.1f}"
+def _mb(x: float | None) -> str:
+    return "-" if x is None else f"{x / 2**20:.1f}"
+
+
+def _ms(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
 
 
 def _ratio(x) -> str:
@@ -308,7 +317,7 @@ def side_by_side_lines(table: dict) -> list[str]:
             f = r["figures"][variant]
             lines.append(
                 f"| {key} | {label} | {_mb(f['file_bytes'])} | {_mb(f['peak'])} | {_mb(f['steady'])} | "
-                f"{_mb(f['steady_trimmed'])} | {_mb(f['steady_recipe'])} | {f['latency_ms']:.2f} |"
+                f"{_mb(f['steady_trimmed'])} | {_mb(f['steady_recipe'])} | {_ms(f['latency_ms'])} |"
             )
     lines += [
         "",

@@ -22,6 +22,7 @@ import onnxruntime as ort
 
 from ..errors import CorruptModelError, InputError
 from ..runtime import MALLOC_RECIPE, PROVIDERS, SESSION_SETTINGS, check_loads, open_session, session_entries
+from .bf16 import is_bf16
 from .files import load_ir, sharing
 from .memprobe import measure
 from .passes import DetectShared, FoldWeightTransposes
@@ -173,7 +174,8 @@ def validate_graph(
         try:
             s = open_session(path, p, entries)
         except CorruptModelError as e:
-            checks.append(Check(f"load[{p}]", "fail", {"error": str(e)}))
+            hint = {"fix": "a bf16 graph runs on the CUDA provider only: --providers cuda"} if is_bf16(path) else {}
+            checks.append(Check(f"load[{p}]", "fail", {"error": str(e), **hint}))
             continue
         used = s.get_providers()[0]
         if p == "cuda" and used != PROVIDERS["cuda"]:

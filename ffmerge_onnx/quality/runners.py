@@ -14,6 +14,7 @@ from torch import nn
 
 from ..errors import InputError
 from ..families import task_of
+from ..onnx.bf16 import runnable
 from ..onnx.files import check_onnx
 from ..runtime import SESSION_SETTINGS, check_loads, open_session, session_entries
 
@@ -45,7 +46,8 @@ class OnnxRunner(Runner):
     def __init__(self, path, session_entries: dict[str, str] | None = None):
         check_onnx(path)
         check_loads(Path(path), session_entries or {})
-        self.session = open_session(Path(path), "cpu", session_entries or {})
+        with runnable(Path(path), "cpu") as runs:  # bf16: its CPU emulation
+            self.session = open_session(runs, "cpu", session_entries or {})
         self.inputs = {i.name: i for i in self.session.get_inputs()}
 
     def __call__(self, inputs):

@@ -1,0 +1,157 @@
+"""bf16 the way mixed-precision training runs it (torch autocast): matrix products in bf16, everything
+else in fp32. Weights that a MatMul, Gemm or Gather reads are stored once in bf16 (a merged tensor stays
+one tensor); activations are cast to bf16 in front of each product and its result back to fp32, so norms,
+softmax, activations and residual adds keep fp32, and only the kernels every GPU provider has in bf16
+(MatMul, Gemm, Gather, Cast) see it.
+
+onnxruntime's CPU provider has no bf16 MatMul or Gemm (1.32), so a bf16 graph runs on CUDA only. For
+checks on a CPU, `emulate` writes a copy whose products compute in fp32 on bf16-rounded inputs and round
+their results to bf16: what a GPU's bf16 GEMM does (bf16 operands, fp32 accumulation, bf16 result), up to
+the order of the sums. Its memory and speed say nothing about bf16's; only its outputs are used."""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from pathlib import Path
+
+# inputs of these ops that take bf16: all of a product's, a Gather's table (not its indices)
+LOW_INPUTS = {"MatMul": (0, 1), "Gemm": (0, 1, 2), "Gather": (0,)}
+PRODUCTS = ("MatMul", "Gemm")
+EMULATED = ("bf16 on onnxruntime's CPU provider, emulated: products in fp32 on bf16 operands, results rounded to "
+            "bf16 (outputs only; memory and latency need the CUDA provider)")  # fmt: skip
+
+
+def _float(v) -> bool:
+    import onnx_ir as ir
+
+    return v is not None and v.dtype == ir.DataType.FLOAT
+
+
+def _replace(graph, old, new_node, out) -> None:
+    """Put `new_node` (already inserted, result `out`) in place of `old`, keeping graph output names."""
+    import onnx_ir as ir
+
+    if old.outputs[0].is_graph_output():
+        index = list(graph.outputs).index(old.outputs[0])
+        graph.outputs[index] = out
+        out.name, old.outputs[0].name = old.outputs[0].name, None
+    ir.convenience.replace_all_uses_with(old.outputs[0], out)
+    graph.remove(old, safe=True)
+
+
+def _cast(graph, value, to, before, cache: dict):
+    """`value` cast to `to`, one Cast per value, placed before the first node that needs it."""
+    import onnx_ir as ir
+
+    if value not in cache:
+        node = ir.node("Cast", [value], {"to": to}, name=f"{value.name}.to_{to.name.lower()}")
+        node.outputs[0].dtype, node.outputs[0].shape = to, value.shape
+        graph.insert_before(before, node)
+        cache[value] = node.outputs[0]
+    return cache[value]
+
+
+def _store_low(graph) -> None:
+    """Every fp32 initializer a product or Gather table reads, stored in bf16 in place (same name); its
+    other readers, if any, read it through one Cast back to fp32."""
+    import ml_dtypes
+    import onnx_ir as ir
+
+    first = next(iter(graph))
+    for v in list(graph.initializers.values()):
+        if not _float(v) or v.const_value is None or v.is_graph_input():
+            continue
+        uses = list(v.uses())
+        low = [(n, i) for n, i in uses if i in LOW_INPUTS.get(n.op_type, ())]
+        if not low:
+            continue
+        v.const_value = ir.tensor(v.const_value.numpy().astype(ml_dtypes.bfloat16), name=v.name)
+        v.dtype = ir.DataType.BFLOAT16
+        high = [(n, i) for n, i in uses if (n, i) not in low]
+        if high:
+            back = _cast(graph, v, ir.DataType.FLOAT, first, {})
+            for n, i in high:
+                n.replace_input_with(i, back)
+
+
+def to_bf16(model):
+    """The onnx-ir model with its products in bf16 (see the module's docstring); graph inputs and outputs
+    keep their types."""
+    import onnx_ir as ir
+    from onnx_ir.passes.common import ShapeInferencePass
+
+    model = ShapeInferencePass()(model).model  # every value's type: a product casts its fp32 operands
+    graph = model.graph
+    _store_low(graph)
+    low: dict = {}
+    for node in list(graph):
+        slots = LOW_INPUTS.get(node.op_type)
+        if not slots:
+            continue
+        inputs = list(node.inputs)
+        kinds = {inputs[i].dtype for i in slots if i < len(inputs) and inputs[i] is not None}
+        if ir.DataType.BFLOAT16 not in kinds and (node.op_type not in PRODUCTS or ir.DataType.FLOAT not in kinds):
+            continue  # a Gather on activations or integers, a product of integers
+        if node.op_type in PRODUCTS:
+            for i in slots:
+                if i < len(inputs) and _float(inputs[i]):
+                    inputs[i] = _cast(graph, inputs[i], ir.DataType.BFLOAT16, node, low)
+        attrs = {k: a.value for k, a in node.attributes.items()}
+        new = ir.node(node.op_type, inputs, attrs, name=f"{node.name}.bf16")
+        new.outputs[0].dtype, new.outputs[0].shape = ir.DataType.BFLOAT16, node.outputs[0].shape
+        graph.insert_before(node, new)
+        back = ir.node("Cast", [new.outputs[0]], {"to": ir.DataType.FLOAT}, name=f"{node.name}.to_float")
+        back.outputs[0].dtype, back.outputs[0].shape = ir.DataType.FLOAT, node.outputs[0].shape
+        graph.insert_before(node, back)
+        _replace(graph, node, back, back.outputs[0])
+    return model
+
+
+def emulate(src: Path, dst: Path) -> list[str]:
+    """A copy of bf16 graph `src` that onnxruntime's CPU provider runs: each bf16 product computes in fp32
+    on its (bf16) operands and rounds its result to bf16. Returns the files written."""
+    import onnx_ir as ir
+
+    from .files import save
+
+    model = ir.load(src)
+    graph = model.graph
+    high: dict = {}
+    for node in list(graph):
+        if node.op_type not in PRODUCTS or node.outputs[0].dtype != ir.DataType.BFLOAT16:
+            continue
+        inputs = [None if v is None else _cast(graph, v, ir.DataType.FLOAT, node, high) for v in node.inputs]
+        attrs = {k: a.value for k, a in node.attributes.items()}
+        wide = ir.node(node.op_type, inputs, attrs, name=f"{node.name}.fp32")
+        wide.outputs[0].dtype, wide.outputs[0].shape = ir.DataType.FLOAT, node.outputs[0].shape
+        graph.insert_before(node, wide)
+        rounded = ir.node("Cast", [wide.outputs[0]], {"to": ir.DataType.BFLOAT16}, name=f"{node.name}.round")
+        rounded.outputs[0].dtype, rounded.outputs[0].shape = ir.DataType.BFLOAT16, node.outputs[0].shape
+        graph.insert_before(node, rounded)
+        _replace(graph, node, rounded, rounded.outputs[0])
+    return save(model, dst, False)
+
+
+def is_bf16(path: Path) -> bool:
+    """Whether a graph computes a product in bf16 (so onnxruntime's CPU provider cannot run it)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    bf16 = {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.BFLOAT16}
+    bf16 |= {n.output[0] for n in model.graph.node if n.op_type == "Cast"
+             and any(a.name == "to" and a.i == onnx.TensorProto.BFLOAT16 for a in n.attribute)}  # fmt: skip
+    return any(n.op_type in PRODUCTS and any(i in bf16 for i in n.input) for n in model.graph.node)
+
+
+@contextlib.contextmanager
+def runnable(path: Path, provider: str):
+    """`path`, or where the provider cannot run it (a bf16 graph on CPU) its emulated copy, kept in a temporary
+    folder while the context lasts."""
+    path = Path(path)
+    if provider != "cpu" or not is_bf16(path):
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix=".ffmerge-bf16-emulated-", dir=path.parent) as tmp:
+        emulate(path, Path(tmp) / path.name)
+        yield Path(tmp) / path.name
