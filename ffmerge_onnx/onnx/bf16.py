@@ -1,11 +1,15 @@
-"""bf16 the way mixed-precision training runs it (torch autocast): matrix products in bf16, everything
-else in fp32. Weights that a MatMul, Gemm or Gather reads are stored once in bf16 (a merged tensor stays
-one tensor); activations are cast to bf16 in front of each product and its result back to fp32, so norms,
-softmax, activations and residual adds keep fp32, and only the kernels every GPU provider has in bf16
-(MatMul, Gemm, Gather, Cast) see it.
+"""bf16 for GPUs: every weight matrix stored once in bf16 (a merged tensor stays one tensor), and the
+products that read one (linear layers, the LM head) computed in bf16; everything else stays fp32. So
+norms, softmax, activations and residual adds keep fp32 as torch autocast keeps them, and only the bf16
+kernels every CUDA build has are needed (MatMul, Gemm, Gather, Cast). Unlike autocast, products of two
+activations (attention scores, the rotary angles positions x frequencies) stay fp32: bf16 holds integers
+exactly only up to 256, so an angle computed in bf16 past position 256 is off.
+
+A weight is a 2-D fp32 initializer a MatMul or Gemm reads as its second operand, or a Gather's table
+(embeddings); such a product's other operands are cast to bf16 in front of it and its result back to fp32.
 
 onnxruntime's CPU provider has no bf16 MatMul or Gemm (1.32), so a bf16 graph runs on CUDA only. For
-checks on a CPU, `emulate` writes a copy whose products compute in fp32 on bf16-rounded inputs and round
+checks on a CPU, `emulate` writes a copy whose products compute in fp32 on their bf16 operands and round
 their results to bf16: what a GPU's bf16 GEMM does (bf16 operands, fp32 accumulation, bf16 result), up to
 the order of the sums. Its memory and speed say nothing about bf16's; only its outputs are used."""
 
@@ -15,8 +19,6 @@ import contextlib
 import tempfile
 from pathlib import Path
 
-# inputs of these ops that take bf16: all of a product's, a Gather's table (not its indices)
-LOW_INPUTS = {"MatMul": (0, 1), "Gemm": (0, 1, 2), "Gather": (0,)}
 PRODUCTS = ("MatMul", "Gemm")
 EMULATED = ("bf16 on onnxruntime's CPU provider, emulated: products in fp32 on bf16 operands, results rounded to "
             "bf16 (outputs only; memory and latency need the CUDA provider)")  # fmt: skip
@@ -52,32 +54,69 @@ def _cast(graph, value, to, before, cache: dict):
     return cache[value]
 
 
+def _table(v) -> bool:
+    return _float(v) and v.is_initializer() and v.const_value is not None and not v.is_graph_input() and len(
+        v.const_value.shape) == 2  # fmt: skip
+
+
+def _weight(node):
+    """The initializer `node` reads as a weight, or None: a product's 2-D second operand, as it is or through a
+    Transpose (a tied LM head reads its embedding table so); a Gather's table (embeddings)."""
+    if node.op_type == "Gather":
+        return node.inputs[0] if _table(node.inputs[0]) else None
+    if node.op_type not in PRODUCTS or len(node.inputs) < 2 or node.inputs[1] is None:
+        return None
+    v = node.inputs[1]
+    if _table(v):
+        return v
+    producer = v.producer()
+    if producer is not None and producer.op_type == "Transpose" and _table(producer.inputs[0]):
+        return producer.inputs[0]
+    return None
+
+
 def _store_low(graph) -> None:
-    """Every fp32 initializer a product or Gather table reads, stored in bf16 in place (same name); its
-    other readers, if any, read it through one Cast back to fp32."""
+    """Every weight (see `_weight`), and the bias of a Gemm that reads one, stored in bf16 in place (same
+    name); a Transpose between a weight and its product passes bf16 on; other readers of those tensors, if
+    any, read them through one Cast back to fp32."""
     import ml_dtypes
     import onnx_ir as ir
 
+    low = set()  # (tensor, node that reads it in bf16)
+    for node in graph:
+        w = _weight(node)
+        if w is None:
+            continue
+        reader = node if node.op_type == "Gather" or node.inputs[1] is w else node.inputs[1].producer()
+        low.add((w, reader))
+        if node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
+            c = node.inputs[2]
+            if _float(c) and c.is_initializer() and c.const_value is not None:
+                low.add((c, node))
     first = next(iter(graph))
-    for v in list(graph.initializers.values()):
-        if not _float(v) or v.const_value is None or v.is_graph_input():
-            continue
-        uses = list(v.uses())
-        low = [(n, i) for n, i in uses if i in LOW_INPUTS.get(n.op_type, ())]
-        if not low:
-            continue
+    for v in {v for v, _ in low}:
         v.const_value = ir.tensor(v.const_value.numpy().astype(ml_dtypes.bfloat16), name=v.name)
         v.dtype = ir.DataType.BFLOAT16
-        high = [(n, i) for n, i in uses if (n, i) not in low]
+        high = [(n, i) for n, i in v.uses() if (v, n) not in low]
         if high:
             back = _cast(graph, v, ir.DataType.FLOAT, first, {})
             for n, i in high:
                 n.replace_input_with(i, back)
+    for v, node in low:
+        if node.op_type == "Transpose":
+            node.outputs[0].dtype = ir.DataType.BFLOAT16
+            high = [(n, i) for n, i in node.outputs[0].uses() if n.op_type not in PRODUCTS or i != 1]
+            if high:
+                cast = ir.node("Cast", [node.outputs[0]], {"to": ir.DataType.FLOAT}, name=f"{node.name}.to_float")
+                cast.outputs[0].dtype, cast.outputs[0].shape = ir.DataType.FLOAT, node.outputs[0].shape
+                graph.insert_after(node, cast)
+                for n, i in high:
+                    n.replace_input_with(i, cast.outputs[0])
 
 
 def to_bf16(model):
-    """The onnx-ir model with its products in bf16 (see the module's docstring); graph inputs and outputs
-    keep their types."""
+    """The onnx-ir model with its weights and weight products in bf16 (see the module's docstring); graph
+    inputs and outputs keep their types."""
     import onnx_ir as ir
     from onnx_ir.passes.common import ShapeInferencePass
 
@@ -86,17 +125,14 @@ def to_bf16(model):
     _store_low(graph)
     low: dict = {}
     for node in list(graph):
-        slots = LOW_INPUTS.get(node.op_type)
-        if not slots:
+        if node.op_type not in ("MatMul", "Gemm", "Gather"):
             continue
+        slot = 0 if node.op_type == "Gather" else 1
+        if len(node.inputs) <= slot or node.inputs[slot] is None or node.inputs[slot].dtype != ir.DataType.BFLOAT16:
+            continue  # reads no bf16 weight: stays fp32
         inputs = list(node.inputs)
-        kinds = {inputs[i].dtype for i in slots if i < len(inputs) and inputs[i] is not None}
-        if ir.DataType.BFLOAT16 not in kinds and (node.op_type not in PRODUCTS or ir.DataType.FLOAT not in kinds):
-            continue  # a Gather on activations or integers, a product of integers
         if node.op_type in PRODUCTS:
-            for i in slots:
-                if i < len(inputs) and _float(inputs[i]):
-                    inputs[i] = _cast(graph, inputs[i], ir.DataType.BFLOAT16, node, low)
+            inputs = [_cast(graph, v, ir.DataType.BFLOAT16, node, low) if _float(v) else v for v in inputs]
         attrs = {k: a.value for k, a in node.attributes.items()}
         new = ir.node(node.op_type, inputs, attrs, name=f"{node.name}.bf16")
         new.outputs[0].dtype, new.outputs[0].shape = ir.DataType.BFLOAT16, node.outputs[0].shape

@@ -92,23 +92,26 @@ def _fp16(src: Path, dst: Path, options: PrecisionOptions, external: bool) -> li
 def _bf16(src: Path, dst: Path, options: PrecisionOptions, external: bool) -> list[str]:
     from .bf16 import to_bf16
 
-    return save(to_bf16(_matmul_weights(src)), dst, external)
+    # Gemm + bias unfused: the bias add stays fp32; a tied head keeps reading its one table through Transpose
+    return save(to_bf16(_matmul_weights(src, fold_transposes=False)), dst, external)
 
 
-def _matmul_weights(src: Path):
+def _matmul_weights(src: Path, fold_transposes: bool = True):
     """The model with every constant weight a MatMul can read as such, for the weight quantizers (which read
     MatMul weights only). Exact:
     - Gemm(A, W, C) with a constant W read as is becomes MatMul + Add (Conv1D FFs, e.g. GPT-2's), with a
       Transpose of A for transA (mode gather's output projections);
-    - Transpose(W) of a tied embedding feeding the LM head's MatMul becomes the constant W.T (the quantizers
-      skip a MatMul whose weight is computed, leaving the largest tensor of a small LM in fp32)."""
+    - with `fold_transposes`, Transpose(W) of a tied embedding feeding the LM head's MatMul becomes the constant
+      W.T (the quantizers skip a MatMul whose weight is computed, leaving the largest tensor of a small LM in
+      fp32; quantized, W.T and the int8 table are different tensors anyway)."""
     import onnx_ir as ir
 
     model = ir.load(src)
     graph = model.graph
     for node in list(graph):
         attrs = {k: a.value for k, a in node.attributes.items()}
-        if node.op_type == "Transpose" and node.inputs[0].is_initializer() and len(node.inputs[0].shape) == 2:
+        if fold_transposes and node.op_type == "Transpose" and node.inputs[0].is_initializer() and len(
+                node.inputs[0].shape) == 2:  # fmt: skip
             readers = [n for n, i in node.outputs[0].uses()]
             if readers and all(n.op_type == "MatMul" and n.inputs[1] is node.outputs[0] for n in readers):
                 source = node.inputs[0]

@@ -1,4 +1,4 @@
-"""bf16 (bf16.py): products in bf16 with every merged tensor stored once in bf16, a graph whose types check,
+"""bf16 (bf16.py): weight products in bf16 with every merged tensor stored once in bf16, a graph whose types check,
 a CPU emulation that computes what the bf16 graph computes, and a clear refusal to run it on CPU."""
 
 from __future__ import annotations
@@ -47,7 +47,17 @@ def test_bf16_stores_each_merged_tensor_once_and_types_check(tmp_path):
     bf16 = {n for n, t in dtype.items() if t == onnx.TensorProto.BFLOAT16}
     weighted = [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in dtype]
     assert weighted and all(n.input[1] in bf16 for n in weighted)  # every weight a product reads
+    tied = [n for n in graph.node if n.op_type == "Transpose" and n.input[0] in dtype]  # the tied LM head's
+    assert all(dtype[n.input[0]] == onnx.TensorProto.BFLOAT16 for n in tied)  # one bf16 table, no W.T copy
+    assert not [n for n in dtype if n.endswith(".T") and n.removesuffix(".T") in dtype]
     assert sharing(path)["duplicated_tensors"] == 0 and is_bf16(path)
+    # products of two activations (attention, rotary angles from positions) stay fp32: bf16 rounds positions > 256
+    typed = onnx.shape_inference.infer_shapes(onnx.load(str(path))).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in list(typed.value_info) + list(typed.input)}
+    weights = set(dtype) | {n.output[0] for n in graph.node if n.op_type == "Transpose" and n.input[0] in dtype}
+    activations = [n for n in graph.node if n.op_type == "MatMul" and not set(n.input) & weights]
+    assert len(activations) >= 2 * result.model.config.num_hidden_layers  # attention scores and values
+    assert all(types[i] == onnx.TensorProto.FLOAT for n in activations for i in n.input)
     (outputs,) = [c for c in report["checks"] if c["name"] == "outputs[cpu]"]
     assert outputs["detail"]["emulated"] and all(r["ok"] for r in outputs["detail"]["rows"])
     assert max(r["max_rel"] for r in outputs["detail"]["rows"]) < 3e-2
