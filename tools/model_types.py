@@ -3,7 +3,7 @@ families, the types whose adapter is inferred, the refused ones) merged (window 
 exported, shared, simplified and validated with fold and gather permutations, and with the KV cache
 for decoders. Prints the table and writes it.
 
-    .venv/bin/python tools/model_types.py [--types olmo,t5] [--out docs/model_types.md]
+    .venv/bin/python tools/model_types.py [--types olmo,t5] [--precision bf16] [--out docs/model_types.md]
 """
 
 from __future__ import annotations
@@ -25,14 +25,15 @@ from ffmerge_onnx.families.adapter import registered
 from ffmerge_onnx.pipeline import ExportOptions, export
 
 
-def variants(task: str) -> list[tuple[str, ExportOptions]]:
-    out = [("fold", ExportOptions(compare=False)), ("gather", ExportOptions(mode="gather", compare=False))]
+def variants(task: str, precision: str = "fp32") -> list[tuple[str, ExportOptions]]:
+    out = [("fold", ExportOptions(precision=precision, compare=False)),
+           ("gather", ExportOptions(precision=precision, mode="gather", compare=False))]  # fmt: skip
     if task in ("causal-lm", "seq2seq-lm", "speech-seq2seq"):
-        out.append(("fold + KV cache", ExportOptions(kv_cache=True, compare=False)))
+        out.append(("fold + KV cache", ExportOptions(precision=precision, kv_cache=True, compare=False)))
     return out
 
 
-def run(model_type: str) -> dict:
+def run(model_type: str, precision: str = "fp32") -> dict:
     model = tm.build(model_type)
     row = {"type": model.config.model_type, "name": model_type, "class": type(model).__name__}
     try:
@@ -44,7 +45,7 @@ def run(model_type: str) -> dict:
     result = merge(model, [Window(s, 1, 2) for s in adapter.stack_names()], calibration=tm.calibration(model),
                    progress=False)  # fmt: skip
     row["status"] = {}
-    for name, options in variants(row["task"]):
+    for name, options in variants(row["task"], precision):
         with tempfile.TemporaryDirectory(prefix="ffmerge-types-") as tmp:
             try:
                 report = export(result, Path(tmp) / "out", options, log=lambda s: None)
@@ -62,16 +63,22 @@ def run(model_type: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--types", default=None, help="comma-separated names in tests/tiny_models.py (default: all)")
-    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "model_types.md")
+    ap.add_argument("--precision", default="fp32", help="every variant at this precision (precision.py)")
+    ap.add_argument(
+        "--out", type=Path, default=None, help="default docs/model_types.md (fp32), else with the precision"
+    )
     a = ap.parse_args()
+    if a.out is None:
+        a.out = ROOT / "docs" / ("model_types.md" if a.precision == "fp32" else f"model_types_{a.precision}.md")
     names = a.types.split(",") if a.types else [*tm.TINY, *tm.INFERRED, *tm.REFUSED]
     rows = []
     for name in names:
         start = time.time()
-        rows.append(run(name))
+        rows.append(run(name, a.precision))
         print(f"{name}: {rows[-1]['status']} ({time.time() - start:.0f} s)", file=sys.stderr, flush=True)
+    at = "" if a.precision == "fp32" else f" at {a.precision}"
     lines = [
-        "# Model types taken through merge -> ONNX -> validate",
+        f"# Model types taken through merge -> ONNX -> validate{at}",
         "",
         (
             "Written by `tools/model_types.py` (tiny random models from their transformers config classes, "
@@ -94,7 +101,7 @@ def main() -> None:
                      f"{r['gated'] if r['gated'] == 'fused' else 'yes' if r['gated'] else 'no'} | {s.get('fold', '-')} | {s.get('gather', '-')} | "
                      f"{s.get('fold + KV cache', '-')} |")  # fmt: skip
     passing = {r["type"] for r in rows if r["adapter"] != "refused" and r["status"].get("fold") == "pass"}
-    lines += ["", f"{len(passing)} model types pass with fold permutations.", ""]
+    lines += ["", f"{len(passing)} model types pass with fold permutations{at}.", ""]
     lines += ["## Refused, with the reason the CLI gives before any work", "", "| model type | class | reason |",
               "|---|---|---|", *refused, ""]  # fmt: skip
     text = "\n".join(lines)

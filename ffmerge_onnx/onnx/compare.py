@@ -36,7 +36,7 @@ from .build import BuildOptions, build, part_stacks, targets, untied_copy
 from .export import Part, export_part, parts_for
 from .files import save
 from .memprobe import measure
-from .precision import RELATIVE, PrecisionOptions, ToPrecision, derived, get_precision
+from .precision import FLOAT_PRECISIONS, PrecisionOptions, ToPrecision, derived, get_precision
 
 MIN_MEASURABLE_BYTES = 4 * 2**20  # below this, page granularity and allocator noise swamp RSS
 BASELINE = "unmerged_defaults"
@@ -248,7 +248,7 @@ def checks(table: dict) -> list[tuple[str, str, dict]]:
     """(name, status, detail) of the size, memory and latency checks against the baseline."""
     rows = table["rows"]
     precision = get_precision(table.get("precision", "fp32"))
-    share = 0.99 if precision.name in RELATIVE else 0.95  # quantized: scales, rounding
+    share = 0.99 if precision.name in FLOAT_PRECISIONS else 0.95  # quantized: scales, rounding
     size_ok, mem_ok, measurable = True, True, False
     for r in rows.values():
         away, f = r["merged_away_bytes"], r["figures"]

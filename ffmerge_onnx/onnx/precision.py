@@ -23,12 +23,14 @@ model; file against fp32; prefill 4 x 128 latency against fp32): int8 0.9993, 0.
 embedding tables alone: 0.9997).
 
 Quality gates against the fp32 merged reference (validate): fp32 max abs 1e-4 + 1e-5 max|ref|; fp16
-max abs 1e-2 max|ref|; int8, int8-dynamic and int4 mean cosine 0.50 over output rows on validate's random
-inputs (top-1 agreement reported): sanity floors that catch broken graphs (random token ids are far from real
-text: SmolLM2-135M's int8 logits on them fall below a 0.90 floor while its BBC perplexity rises by 0.7 %).
-On real text (the built-in BBC test split), below fp32: causal LMs' perplexity may rise by at most 1 % (fp16), 3 % (int8), 5 % (int8-dynamic),
-10 % (int4) over the fp32 reference's; encoders' pooled embeddings keep a mean cosine to the reference of
-0.999, 0.99, 0.98, 0.95.
+max abs 1e-2 max|ref|; bf16 mean cosine 0.99 over output rows (its max abs error on random tiny models
+reaches 0.2 max|ref| on an outlier logit while rows stay above 0.998); int8, int8-dynamic and int4 mean
+cosine 0.50 over output rows on validate's random inputs (top-1 agreement reported): sanity floors that
+catch broken graphs (random token ids are far from real text: SmolLM2-135M's int8 logits on them fall
+below a 0.90 floor while its BBC perplexity rises by 0.7 %). On real text (the built-in BBC test split),
+below fp32: causal LMs' perplexity may rise by at most 1 % (fp16), 2 % (bf16), 3 % (int8), 5 %
+(int8-dynamic), 10 % (int4) over the fp32 reference's; encoders' pooled embeddings keep a mean cosine to
+the reference of 0.999, 0.998, 0.99, 0.98, 0.95.
 
 int4 on SmolLM2-135M with FF 11-21 merged (sequential), BBC test perplexity over 4,000 tokens, fp32 merged 131.50:
 symmetric round-to-nearest 386.46 (+194 %), asymmetric 268.76, HQQ 158.38, round-to-nearest with the merged tensors
@@ -53,7 +55,8 @@ from .files import EXTERNAL_DATA_THRESHOLD, save, sharing
 from .passes.base import PostconditionError
 
 FP32_ATOL, FP32_RTOL = 1e-4, 1e-5
-RELATIVE = {"fp32": FP32_RTOL, "fp16": 1e-2, "bf16": 3e-2}  # max abs gates: atol + this x max|ref|
+RELATIVE = {"fp32": FP32_RTOL, "fp16": 1e-2}  # max abs gates: atol + this x max|ref|
+FLOAT_PRECISIONS = ("fp32", "fp16", "bf16")  # no scales or zero points: the file saves what the merge removes
 # int4: a tensor merged from this many layers or more stays in 8 bits. Its rounding error is the same in each
 # of the k layers, so it adds up (k e) where separate layers' errors partly cancel (sqrt(k) e); 8 bits cost
 # 0.375 bytes per merged parameter more than HQQ's 4 (0.75 with scales and zero points), which leaves
@@ -252,6 +255,9 @@ class Precision:
     perplexity_rise: float = 0.0  # causal LMs: BBC test perplexity at most (1 + this) x the fp32 reference's
     text_cosine: float = 1.0  # encoders: mean pooled-embedding cosine to the fp32 reference on BBC test articles
     cpu: bool = True  # onnxruntime's CPU provider runs it (bf16: checked through bf16.emulate, not timed)
+    # row-cosine gates (all but fp32, fp16): for quantized weights a sanity floor, as quality is judged on real
+    # text (validate's text_quality check); bf16 rows on random inputs stay above 0.998 (62 tiny model types)
+    cosine_floor: float = 0.50
 
     def accept(self, ref: np.ndarray, got: np.ndarray) -> dict:
         """The output check for this precision: {"ok", "max_abs", "tolerance" or "cosine", ...}."""
@@ -266,7 +272,7 @@ class Precision:
         y = got.reshape(-1, got.shape[-1]) if got.ndim else got.reshape(1, 1)
         norms = np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1)
         cosine = float(np.mean(np.where(norms > 0, (x * y).sum(1) / np.maximum(norms, 1e-30), 1.0)))
-        floor = 0.50  # a sanity floor; quality is judged on real text (validate's text_quality check)
+        floor = self.cosine_floor
         return {**row, "cosine": cosine, "tolerance": floor, "top1_agreement": float((x.argmax(1) == y.argmax(1)).mean()),
                 "ok": bool(np.isfinite(got).all() and cosine >= floor)}  # fmt: skip
 
@@ -279,7 +285,7 @@ PRECISIONS: dict[str, Precision] = {
                   "max abs <= 1e-2 max|ref|", 0.01, 0.999),
         Precision("bf16", "bf16 weights and matrix products (GPUs; autocast's split: norms, softmax and adds "
                   "stay fp32); the CPU provider has no bf16 products, so CPU checks run an emulation", _bf16,
-                  "max abs <= 3e-2 max|ref|", 0.02, 0.998, cpu=False),
+                  "mean row cosine >= 0.99", 0.02, 0.998, cpu=False, cosine_floor=0.99),
         Precision("int8", "8-bit blockwise MatMul weights (MatMulNBits), int8 embedding tables (CPUs)", _int8,
                   "mean row cosine >= 0.50", 0.03, 0.99),
         Precision("int8-dynamic", "int8 weights per channel and activations per tensor (quantize_dynamic; "

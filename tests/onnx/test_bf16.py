@@ -60,7 +60,7 @@ def test_bf16_stores_each_merged_tensor_once_and_types_check(tmp_path):
     assert all(types[i] == onnx.TensorProto.FLOAT for n in activations for i in n.input)
     (outputs,) = [c for c in report["checks"] if c["name"] == "outputs[cpu]"]
     assert outputs["detail"]["emulated"] and all(r["ok"] for r in outputs["detail"]["rows"])
-    assert max(r["max_rel"] for r in outputs["detail"]["rows"]) < 3e-2
+    assert min(r["cosine"] for r in outputs["detail"]["rows"]) >= 0.99  # the gate (measured: above 0.9998)
 
 
 @pytest.mark.parametrize(
