@@ -397,3 +397,15 @@ def word_tokenizer():
 def word_text(n: int, seed: int = 0) -> str:
     g = torch.Generator().manual_seed(seed)
     return " ".join(f"w{int(i)}" for i in torch.randint(3, VOCAB, (n,), generator=g))
+
+
+def converted(tmp_path, model_type: str = "gpt2", layers: str = "1-2"):
+    """`convert --no-compare` of a tiny model saved as the original (tmp_path/MODEL_TYPE), with a random
+    calibration file: the folder tmp_path/out, for quantize and validate."""
+    from ffmerge_onnx.cli import main
+
+    build(model_type).save_pretrained(tmp_path / model_type)
+    torch.save(torch.randint(3, VOCAB, (16, 16), generator=torch.Generator().manual_seed(0)), tmp_path / "cal.pt")
+    assert main(["convert", str(tmp_path / model_type), "-o", str(tmp_path / "out"), "--layers", layers,
+                 "--calibration", str(tmp_path / "cal.pt"), "--calibration-tokens", "200", "--no-compare"]) == 0  # fmt: skip
+    return tmp_path / "out"

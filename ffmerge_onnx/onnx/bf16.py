@@ -30,8 +30,21 @@ def _float(v) -> bool:
     return v is not None and v.dtype == ir.DataType.FLOAT
 
 
-def _replace(graph, old, new_node, out) -> None:
-    """Put `new_node` (already inserted, result `out`) in place of `old`, keeping graph output names."""
+def _swap(graph, old, inputs, inner, outer) -> None:
+    """Replace node `old` by the same op on `inputs` computing in dtype `inner`, its result cast to `outer`."""
+    import onnx_ir as ir
+
+    attrs = {k: a.value for k, a in old.attributes.items()}
+    op = ir.node(old.op_type, inputs, attrs, name=f"{old.name}.{inner.name.lower()}")
+    cast = ir.node("Cast", [op.outputs[0]], {"to": outer}, name=f"{old.name}.to_{outer.name.lower()}")
+    for node, dtype in ((op, inner), (cast, outer)):
+        node.outputs[0].dtype, node.outputs[0].shape = dtype, old.outputs[0].shape
+        graph.insert_before(old, node)
+    _replace(graph, old, cast.outputs[0])
+
+
+def _replace(graph, old, out) -> None:
+    """Put value `out` in place of node `old`'s result, keeping graph output names; `old` goes."""
     import onnx_ir as ir
 
     if old.outputs[0].is_graph_output():
@@ -133,14 +146,7 @@ def to_bf16(model):
         inputs = list(node.inputs)
         if node.op_type in PRODUCTS:
             inputs = [_cast(graph, v, ir.DataType.BFLOAT16, node, low) if _float(v) else v for v in inputs]
-        attrs = {k: a.value for k, a in node.attributes.items()}
-        new = ir.node(node.op_type, inputs, attrs, name=f"{node.name}.bf16")
-        new.outputs[0].dtype, new.outputs[0].shape = ir.DataType.BFLOAT16, node.outputs[0].shape
-        graph.insert_before(node, new)
-        back = ir.node("Cast", [new.outputs[0]], {"to": ir.DataType.FLOAT}, name=f"{node.name}.to_float")
-        back.outputs[0].dtype, back.outputs[0].shape = ir.DataType.FLOAT, node.outputs[0].shape
-        graph.insert_before(node, back)
-        _replace(graph, node, back, back.outputs[0])
+        _swap(graph, node, inputs, ir.DataType.BFLOAT16, ir.DataType.FLOAT)
     return model
 
 
@@ -158,14 +164,7 @@ def emulate(src: Path, dst: Path) -> list[str]:
         if node.op_type not in PRODUCTS or node.outputs[0].dtype != ir.DataType.BFLOAT16:
             continue
         inputs = [None if v is None else _cast(graph, v, ir.DataType.FLOAT, node, high) for v in node.inputs]
-        attrs = {k: a.value for k, a in node.attributes.items()}
-        wide = ir.node(node.op_type, inputs, attrs, name=f"{node.name}.fp32")
-        wide.outputs[0].dtype, wide.outputs[0].shape = ir.DataType.FLOAT, node.outputs[0].shape
-        graph.insert_before(node, wide)
-        rounded = ir.node("Cast", [wide.outputs[0]], {"to": ir.DataType.BFLOAT16}, name=f"{node.name}.round")
-        rounded.outputs[0].dtype, rounded.outputs[0].shape = ir.DataType.BFLOAT16, node.outputs[0].shape
-        graph.insert_before(node, rounded)
-        _replace(graph, node, rounded, rounded.outputs[0])
+        _swap(graph, node, inputs, ir.DataType.FLOAT, ir.DataType.BFLOAT16)
     return save(model, dst, False)
 
 

@@ -105,13 +105,7 @@ def test_a_bf16_folder_is_refused_on_cpu_with_what_to_do(tmp_path):
 def test_quantize_to_bf16_reports_sizes_and_skips_runtime_figures(tmp_path):
     """quantize --precision bf16 on a convert folder: the size gate against the original at bf16 holds, memory
     and latency say why they were not measured, and validate passes the folder again."""
-    import torch
-
-    model = tm.build("gpt2")
-    model.save_pretrained(tmp_path / "gpt2")
-    torch.save(torch.randint(3, tm.VOCAB, (16, 16), generator=torch.Generator().manual_seed(0)), tmp_path / "cal.pt")
-    assert main(["convert", str(tmp_path / "gpt2"), "-o", str(tmp_path / "out"), "--layers", "1-2",
-                 "--calibration", str(tmp_path / "cal.pt"), "--calibration-tokens", "200", "--no-compare"]) == 0  # fmt: skip
+    tm.converted(tmp_path, "gpt2", "1-2")
     assert main(["quantize", str(tmp_path / "out"), "-o", str(tmp_path / "q"), "--precision", "bf16"]) == 0
     report = json.loads((tmp_path / "q" / "report.json").read_text())
     checks = {c["name"]: c for c in report["checks"]}

@@ -130,11 +130,7 @@ def test_int4_keeps_a_long_windows_merged_tensors_in_8_bits(tmp_path):
 @pytest.mark.slow
 def test_quantize_command_and_validate_on_a_convert_folder(tmp_path):
     """quantize: int4 from a convert folder's reference, measured against the original at int4."""
-    model = tm.build("gpt2")
-    model.save_pretrained(tmp_path / "gpt2")
-    torch.save(torch.randint(3, tm.VOCAB, (16, 16), generator=torch.Generator().manual_seed(0)), tmp_path / "cal.pt")
-    assert main(["convert", str(tmp_path / "gpt2"), "-o", str(tmp_path / "out"), "--layers", "1-2",
-                 "--calibration", str(tmp_path / "cal.pt"), "--calibration-tokens", "200", "--no-compare"]) == 0  # fmt: skip
+    tm.converted(tmp_path, "gpt2", "1-2")
     assert main(["quantize", str(tmp_path / "out"), "-o", str(tmp_path / "q"), "--precision", "int4"]) == 0
     report = json.loads((tmp_path / "q" / "report.json").read_text())
     assert report["precision"] == "int4" and report["side_by_side"]["precision"] == "int4"
