@@ -131,9 +131,7 @@ def to_bf16(model):
     """The onnx-ir model with its weights and weight products in bf16 (see the module's docstring); graph
     inputs and outputs keep their types."""
     import onnx_ir as ir
-    from onnx_ir.passes.common import ShapeInferencePass
 
-    model = ShapeInferencePass()(model).model  # every value's type: a product casts its fp32 operands
     graph = model.graph
     _store_low(graph)
     low: dict = {}
@@ -144,8 +142,9 @@ def to_bf16(model):
         if len(node.inputs) <= slot or node.inputs[slot] is None or node.inputs[slot].dtype != ir.DataType.BFLOAT16:
             continue  # reads no bf16 weight: stays fp32
         inputs = list(node.inputs)
-        if node.op_type in PRODUCTS:
-            inputs = [_cast(graph, v, ir.DataType.BFLOAT16, node, low) if _float(v) else v for v in inputs]
+        if node.op_type in PRODUCTS:  # its weight was fp32, so are its other operands (one type T), typed or not
+            inputs = [v if v is None or v.dtype == ir.DataType.BFLOAT16 else _cast(graph, v, ir.DataType.BFLOAT16,
+                                                                                  node, low) for v in inputs]  # fmt: skip
         _swap(graph, node, inputs, ir.DataType.BFLOAT16, ir.DataType.FLOAT)
     return model
 

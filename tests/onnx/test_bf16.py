@@ -115,3 +115,35 @@ def test_quantize_to_bf16_reports_sizes_and_skips_runtime_figures(tmp_path):
     for name in ("memory_vs_unmerged", "latency_vs_unmerged"):
         assert checks[name]["status"] == "skipped" and "CUDA" in checks[name]["detail"]["reason"]
     assert main(["validate", str(tmp_path / "q"), "--no-compare"]) == 0
+
+
+def test_untyped_and_sequence_values_keep_their_types(tmp_path):
+    """A product whose activation operand carries no type info is still cast to bf16 (one type T per product),
+    and sequence values (wavlm's SplitToSequence) are left as they are: both graphs load and match."""
+    import onnx_ir as ir
+    import onnxruntime as ort
+    from onnx import TensorProto as T
+    from onnx import helper, numpy_helper
+
+    from ffmerge_onnx.onnx.bf16 import to_bf16
+
+    w = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
+    nodes = [
+        helper.make_node("SplitToSequence", ["x"], ["seq"], axis=0, keepdims=1),
+        helper.make_node("SequenceAt", ["seq", "zero"], ["first"]),
+        helper.make_node("Relu", ["first"], ["h"]),  # no value_info: h is untyped
+        helper.make_node("MatMul", ["h", "w"], ["y"]),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", T.FLOAT, [2, 4])],
+                              [helper.make_tensor_value_info("y", T.FLOAT, [1, 3])],
+                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array(0), "zero")])  # fmt: skip
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), str(tmp_path / "fp32.onnx"))
+    ir.save(to_bf16(ir.load(tmp_path / "fp32.onnx")), tmp_path / "bf16.onnx")
+    onnx.checker.check_model(onnx.load(str(tmp_path / "bf16.onnx")), full_check=True)
+    assert is_bf16(tmp_path / "bf16.onnx")
+    emulate(tmp_path / "bf16.onnx", tmp_path / "emulated.onnx")
+    x = np.random.default_rng(1).standard_normal((2, 4)).astype(np.float32)
+    (got,) = ort.InferenceSession(str(tmp_path / "emulated.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x}
+    )
+    assert np.allclose(got, np.maximum(x[:1], 0) @ w, rtol=2 * BF16_ULP, atol=1e-6)
