@@ -701,7 +701,7 @@ def quantize_cmd(
     ] = False,
     overwrite: OverwriteOpt = False,
 ):
-    """A convert folder at another precision (fp16, int8, int4), every merged FF still stored once; validated
+    """A convert folder at another precision (fp16, bf16, int8, int4), every merged FF still stored once; validated
     against the fp32 merged reference and measured against the original at the same precision."""
     from .pipeline import ExportOptions, run_quantize
     from .runtime import parse_providers
